@@ -1,0 +1,42 @@
+# edgecascade: one image for every tier (region / edge / device).
+# The tier is chosen by the command (python -m tier2_region | tier1_edge | tier0_device);
+# all settings come from EDGECASCADE_<SECTION>__<KEY> environment variables.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1
+
+RUN groupadd --system --gid 10001 edgecascade \
+ && useradd --system --uid 10001 --gid edgecascade --create-home --home-dir /home/edgecascade \
+        --shell /usr/sbin/nologin edgecascade
+
+WORKDIR /opt/edgecascade/src
+COPY . .
+
+# Install the package, then place the committed demo models into per-role repositories:
+#   device-models  <- examples/models/charlm-device.int8.onnx
+#   edge-models    <- examples/models/charlm-edge.onnx
+#   region-models  <- examples/models/charlm-edge.onnx   (the region serves the edge model too)
+RUN pip install --no-cache-dir . \
+ && edgecascade repo add --repo /var/lib/edgecascade/device-models --name charlm --version 1 \
+        examples/models/charlm-device.int8.onnx \
+ && edgecascade repo add --repo /var/lib/edgecascade/edge-models --name charlm --version 1 \
+        examples/models/charlm-edge.onnx \
+ && edgecascade repo add --repo /var/lib/edgecascade/region-models --name charlm --version 1 \
+        examples/models/charlm-edge.onnx \
+ && chown -R edgecascade:edgecascade /var/lib/edgecascade
+
+USER edgecascade
+WORKDIR /home/edgecascade
+
+# Defaults run the region; compose overrides command/env per tier.
+ENV EDGECASCADE_SERVER__HOST=0.0.0.0 \
+    EDGECASCADE_SERVER__PORT=8001 \
+    EDGECASCADE_SERVER__NODE_ID=region-1 \
+    EDGECASCADE_REPOSITORY__PATH=/var/lib/edgecascade/region-models
+
+EXPOSE 8001
+
+CMD ["python", "-m", "tier2_region"]

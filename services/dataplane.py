@@ -1,0 +1,247 @@
+"""The transport-neutral data plane every tier runs.
+
+For each request it decides where the answer comes from: this node's own
+model, or the next tier up (the same call, forwarded with the remaining
+deadline). It validates request parameters, derives the deadline (the tightest
+of the gRPC deadline, the ``timeout`` parameter and the configured default),
+runs local inference and token-by-token generation, and labels every answer
+with the node that computed it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from services.errors import (
+    DeadlineExceededError,
+    InvalidArgumentError,
+    ModelNotFoundError,
+    ModelNotReadyError,
+)
+from services.generation import (
+    GENERATION_PARAMETERS,
+    INPUT_IDS,
+    TEXT_INPUT,
+    TEXT_OUTPUT,
+    GenerationParams,
+    GenerationSummary,
+    decode_prompt,
+    generate,
+)
+from services.inference import (
+    FINAL_RESPONSE,
+    SERVED_BY,
+    TOKEN_PROBABILITY,
+    InferRequest,
+    InferResult,
+    NodeIdentity,
+    ParamValue,
+)
+from services.model_store import LoadedModel, ModelStore
+
+# Request parameters every model accepts. Triton clients send the last one on
+# streams that want an empty final response.
+COMMON_PARAMETERS = frozenset({"priority", "timeout", "triton_enable_empty_final_response"})
+
+
+class FallbackReason:
+    """Values of ``edgecascade.fallback_reason``."""
+
+    MODEL_NOT_HELD = "model_not_held"
+    MODEL_UNAVAILABLE = "model_unavailable"
+
+
+@dataclass(frozen=True)
+class Forward:
+    """The decision to send a request to the next tier up."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Bounds on what a request may ask for."""
+
+    default_timeout_us: int = 60_000_000
+    max_timeout_us: int = 3_600_000_000
+
+
+class Dataplane:
+    """Routes, validates and answers inference requests for one node.
+
+    Args:
+        identity: This node, for ``edgecascade.served_by``.
+        store: The node's models.
+        has_upstream: Whether a next tier exists to forward to.
+        limits: Request bounds.
+    """
+
+    def __init__(self, identity: NodeIdentity, store: ModelStore, has_upstream: bool, limits: RequestLimits) -> None:
+        self.identity = identity
+        self.store = store
+        self.has_upstream = has_upstream
+        self.limits = limits
+
+    async def route(self, name: str, version: str = "") -> LoadedModel | Forward:
+        """Returns the local model that answers, or a :class:`Forward` decision.
+
+        Raises:
+            ModelNotFoundError: Nobody here or above holds the model.
+            ModelNotReadyError: The model is here but cannot load, and there is no upstream.
+        """
+        if not name:
+            raise InvalidArgumentError("model name is empty")
+        try:
+            return await self.store.get(name, version)
+        except ModelNotFoundError as exc:
+            if self.has_upstream:
+                return Forward(FallbackReason.MODEL_NOT_HELD)
+            what = f"model '{name}'" + (f" version {version}" if version else "")
+            raise ModelNotFoundError(
+                f"{what} is not held by {self.identity.served_by}, the top of the chain"
+            ) from exc
+        except ModelNotReadyError:
+            if self.has_upstream:
+                return Forward(FallbackReason.MODEL_UNAVAILABLE)
+            raise
+
+    def deadline(self, parameters: Mapping[str, ParamValue], grpc_remaining: float | None) -> float:
+        """Returns the absolute ``loop.time()`` deadline of a request.
+
+        Args:
+            parameters: Request parameters (``timeout`` in microseconds, 0 = none).
+            grpc_remaining: Seconds left of the gRPC deadline, None if none was set.
+
+        Raises:
+            InvalidArgumentError: ``timeout`` is not a non-negative integer within the limit.
+        """
+        timeout = parameters.get("timeout", 0)
+        if isinstance(timeout, bool) or not isinstance(timeout, int):
+            raise InvalidArgumentError(f"parameter 'timeout' must be an integer number of microseconds, got {timeout!r}")
+        if timeout < 0:
+            raise InvalidArgumentError(f"parameter 'timeout' must not be negative, got {timeout} µs")
+        if timeout > self.limits.max_timeout_us:
+            raise InvalidArgumentError(
+                f"parameter 'timeout' of {timeout} µs exceeds the limit of {self.limits.max_timeout_us} µs"
+            )
+        candidates = [self.limits.default_timeout_us / 1e6]
+        if timeout:
+            candidates.append(timeout / 1e6)
+        if grpc_remaining is not None:
+            candidates.append(grpc_remaining)
+        return asyncio.get_running_loop().time() + min(candidates)
+
+    def check_parameters(self, parameters: Mapping[str, ParamValue], model: LoadedModel | None) -> None:
+        """Rejects request parameters the target does not understand.
+
+        Raises:
+            InvalidArgumentError: A parameter is unknown, or ``priority`` is not a non-negative integer.
+        """
+        allowed = COMMON_PARAMETERS | (GENERATION_PARAMETERS if model is None or model.tokenizer else frozenset())
+        for key in parameters:
+            if key not in allowed:
+                raise InvalidArgumentError(
+                    f"request parameter '{key}' is not supported here; supported: {', '.join(sorted(allowed))}"
+                )
+        priority = parameters.get("priority", 0)
+        if isinstance(priority, bool) or not isinstance(priority, int) or priority < 0:
+            raise InvalidArgumentError(f"parameter 'priority' must be a non-negative integer, got {priority!r}")
+
+    async def infer(self, model: LoadedModel, request: InferRequest, deadline: float) -> InferResult:
+        """Answers one request with a local model.
+
+        A generator also accepts a ``text_input`` prompt instead of ``input_ids``
+        and answers the next-character distribution after it.
+
+        Raises:
+            InvalidArgumentError: The inputs do not fit the model.
+            DeadlineExceededError: The deadline passed.
+        """
+        self.check_parameters(request.parameters, model)
+        inputs = dict(request.inputs)
+        if model.tokenizer is not None and TEXT_INPUT in inputs and INPUT_IDS not in inputs:
+            prompt = self._prompt(inputs.pop(TEXT_INPUT))
+            inputs[INPUT_IDS] = model.tokenizer.window(model.tokenizer.encode(prompt))
+        model.session.validate(inputs, request.requested_outputs)
+        outputs = await self.store.run(model, inputs, request.requested_outputs, deadline)
+        return InferResult(
+            model_name=model.name,
+            model_version=model.version,
+            request_id=request.request_id,
+            outputs=outputs,
+            parameters={SERVED_BY: self.identity.served_by},
+        )
+
+    async def generate(self, model: LoadedModel, request: InferRequest, deadline: float) -> AsyncIterator[InferResult]:
+        """Streams a generation: one result per token, then a final result.
+
+        The final result carries no outputs and the parameters
+        ``triton_final_response``, ``edgecascade.tokens``,
+        ``edgecascade.finish_reason`` and ``edgecascade.confidence`` (mean token
+        probability).
+
+        Raises:
+            InvalidArgumentError: The model is not a generator, or the prompt or parameters are bad.
+            DeadlineExceededError: The deadline passed between tokens.
+        """
+        if model.tokenizer is None:
+            raise InvalidArgumentError(f"model '{model.name}' is not a generator; use ModelInfer")
+        self.check_parameters(request.parameters, model)
+        if set(request.inputs) != {TEXT_INPUT}:
+            raise InvalidArgumentError(f"generation takes exactly one input, '{TEXT_INPUT}' (BYTES, shape [1])")
+        prompt = self._prompt(request.inputs[TEXT_INPUT])
+        params = GenerationParams.from_parameters(request.parameters)
+        loop = asyncio.get_running_loop()
+
+        async def step(ids: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+            return (await self.store.run(model, {INPUT_IDS: ids}, (), deadline))["probs"]
+
+        summary: list[GenerationSummary] = []
+        async for token in generate(model.tokenizer, step, prompt, params, summary):
+            yield self._result(
+                model,
+                request,
+                {TEXT_OUTPUT: np.array([token.text.encode("utf-8")], dtype=object)},
+                {TOKEN_PROBABILITY: token.probability},
+            )
+            if loop.time() >= deadline:
+                raise DeadlineExceededError(f"generation with model '{model.name}' ran past its deadline")
+        done = summary[0]
+        yield self._result(
+            model,
+            request,
+            {},
+            {
+                FINAL_RESPONSE: True,
+                "edgecascade.tokens": done.tokens,
+                "edgecascade.finish_reason": done.finish_reason,
+                "edgecascade.confidence": done.mean_probability,
+                "edgecascade.min_token_probability": done.min_probability,
+            },
+        )
+
+    def _result(
+        self,
+        model: LoadedModel,
+        request: InferRequest,
+        outputs: Mapping[str, np.ndarray[Any, Any]],
+        parameters: Mapping[str, ParamValue],
+    ) -> InferResult:
+        return InferResult(
+            model_name=model.name,
+            model_version=model.version,
+            request_id=request.request_id,
+            outputs=outputs,
+            parameters={SERVED_BY: self.identity.served_by, **parameters},
+        )
+
+    @staticmethod
+    def _prompt(array: np.ndarray[Any, Any]) -> str:
+        if array.dtype != object or array.size != 1:
+            raise InvalidArgumentError(f"input '{TEXT_INPUT}' must be BYTES with exactly one element")
+        return decode_prompt(bytes(array.reshape(-1)[0]))

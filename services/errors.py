@@ -1,0 +1,87 @@
+"""The one error tree of edgecascade.
+
+Every failure that crosses a component boundary is one of these. Their messages
+are written for the person who gets them: they name the model, input or
+setting at fault and say what would be accepted instead, and they are safe to
+send to a client. ``services.rpc.status_table`` maps each class to exactly one
+gRPC status code (and back, for clients); nothing else in the code base decides
+status codes.
+"""
+
+from __future__ import annotations
+
+
+class EdgecascadeError(Exception):
+    """Base of every error edgecascade raises on purpose."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class NotFoundError(EdgecascadeError):
+    """Something named in a request does not exist here."""
+
+
+class ModelNotFoundError(NotFoundError):
+    """No tier of the chain holds the requested model (or version)."""
+
+
+class InvalidArgumentError(EdgecascadeError):
+    """The request itself is wrong: datatype, shape, size, parameter, encoding."""
+
+
+class CapacityError(EdgecascadeError):
+    """The request is valid but this node lacks the capacity to take it now."""
+
+
+class UnavailableError(EdgecascadeError):
+    """A dependency is not reachable or not ready; retrying later may succeed."""
+
+
+class ModelNotReadyError(UnavailableError):
+    """The model exists here but is not loaded and ready."""
+
+
+class UpstreamUnavailableError(UnavailableError):
+    """The next tier up could not be reached."""
+
+
+class DeadlineExceededError(EdgecascadeError):
+    """The request's deadline passed before an answer was ready."""
+
+
+class RequestCancelledError(EdgecascadeError):
+    """The caller cancelled the request."""
+
+
+class IntegrityError(EdgecascadeError):
+    """Bytes do not match what was signed or declared (digest, length, signature)."""
+
+
+class PreconditionError(EdgecascadeError):
+    """The system is not in a state that allows the operation."""
+
+
+class StaleVersionError(PreconditionError):
+    """A version older than (or equal to) the one already trusted was offered."""
+
+
+class UnauthenticatedError(EdgecascadeError):
+    """The caller did not prove who it is."""
+
+
+class PermissionDeniedError(EdgecascadeError):
+    """The caller is known but not allowed to do this."""
+
+
+class UnimplementedError(EdgecascadeError):
+    """The operation is part of the protocol but not offered by this node."""
+
+
+class InternalError(EdgecascadeError):
+    """A bug or an unexpected failure; details go to the log, not to the caller."""
+
+
+class ConfigError(EdgecascadeError):
+    """A configuration value is missing or invalid; start-up stops."""

@@ -1,0 +1,77 @@
+"""Transport-neutral inference types.
+
+These frozen dataclasses are what the cores take and return; the gRPC adapters
+in ``services.rpc.converters`` translate them from and to protobuf.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+# A request or response parameter value, as the protocol's InferParameter holds it.
+ParamValue = bool | int | float | str
+
+# Response parameter names the mesh sets (DESIGN.md §3).
+SERVED_BY = "edgecascade.served_by"
+FALLBACK_REASON = "edgecascade.fallback_reason"
+ROUTE = "edgecascade.route"
+TOKEN_PROBABILITY = "edgecascade.token_probability"
+# Triton's flag on the last response of a decoupled (streamed) request.
+FINAL_RESPONSE = "triton_final_response"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, protocol datatype and shape of a model input or output (-1 = any size)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ModelSignature:
+    """The inputs and outputs of a model."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    """One decoded inference request."""
+
+    model_name: str
+    model_version: str
+    request_id: str
+    inputs: Mapping[str, np.ndarray[Any, Any]]
+    requested_outputs: tuple[str, ...] = ()
+    parameters: Mapping[str, ParamValue] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class InferResult:
+    """The outputs of one inference, plus response parameters."""
+
+    model_name: str
+    model_version: str
+    request_id: str
+    outputs: Mapping[str, np.ndarray[Any, Any]]
+    parameters: Mapping[str, ParamValue] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NodeIdentity:
+    """Which tier and node this process is, as reported in ``edgecascade.served_by``."""
+
+    tier: str
+    node_id: str
+
+    @property
+    def served_by(self) -> str:
+        """The value of the ``edgecascade.served_by`` response parameter, e.g. ``tier0:device-1``."""
+        return f"{self.tier}:{self.node_id}"

@@ -1,0 +1,108 @@
+"""The gRPC server every tier runs on.
+
+One builder for all tiers: ``grpc.aio``, the standard health service (every
+registered service and the overall ``""`` status), server reflection,
+message-size limits, OpenTelemetry server spans and the error interceptor.
+Shutdown is graceful: health turns NOT_SERVING first so load balancers stop
+sending, then calls in flight get ``grace_seconds`` to finish.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
+from opentelemetry.instrumentation.grpc.filters import negate, service_prefix
+from opentelemetry.sdk.trace import TracerProvider
+
+from services.errors import ConfigError
+from services.rpc.status_table import ErrorInterceptor
+
+
+@dataclass(frozen=True)
+class ServiceBinding:
+    """A service to serve: its full name and how to add it to a server."""
+
+    name: str
+    register: Callable[[aio.Server], None]
+
+
+class GrpcServer:
+    """A started-on-demand gRPC server with health and reflection.
+
+    Args:
+        host: Address to bind.
+        port: Port to bind; 0 picks a free one (see :attr:`port` after :meth:`start`).
+        bindings: The services to serve.
+        max_message_bytes: Largest message received or sent.
+        grace_seconds: Time calls in flight get to finish on :meth:`stop`.
+        tracer_provider: The node's tracer provider, or None for no server spans.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        bindings: Sequence[ServiceBinding],
+        max_message_bytes: int,
+        grace_seconds: float,
+        tracer_provider: TracerProvider | None,
+    ) -> None:
+        self._address = f"{host}:{port}"
+        self._bindings = bindings
+        self._grace = grace_seconds
+        interceptors: list[aio.ServerInterceptor] = []
+        if tracer_provider is not None:
+            # Health probes every few seconds would bury the traces that matter.
+            interceptors.append(
+                aio_server_interceptor(tracer_provider=tracer_provider, filter_=negate(service_prefix("grpc.health")))
+            )
+        interceptors.append(ErrorInterceptor())
+        self._server = aio.server(
+            interceptors=interceptors,
+            options=[
+                ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.max_send_message_length", max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        self._health = health.aio.HealthServicer()
+        self.port = 0
+
+    async def start(self) -> int:
+        """Binds, starts serving and reports every service SERVING; returns the bound port.
+
+        Raises:
+            ConfigError: The address cannot be bound.
+        """
+        for binding in self._bindings:
+            binding.register(self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        names = [b.name for b in self._bindings]
+        reflection.enable_server_reflection(
+            (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self._server,
+        )
+        try:
+            self.port = self._server.add_insecure_port(self._address)
+        except RuntimeError as exc:
+            raise ConfigError(f"cannot listen on {self._address}: {exc}") from None
+        if self.port == 0:
+            raise ConfigError(f"cannot listen on {self._address}: address in use or not available")
+        await self._server.start()
+        for name in ("", *names):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return self.port
+
+    async def stop(self) -> None:
+        """Reports NOT_SERVING, then stops after the grace period."""
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(self._grace)
+
+    async def wait(self) -> None:
+        """Returns when the server has terminated."""
+        await self._server.wait_for_termination()

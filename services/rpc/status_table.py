@@ -1,0 +1,148 @@
+"""The one table between domain errors and gRPC status codes, and the interceptor that applies it.
+
+Servers: :class:`ErrorInterceptor` wraps every handler; a domain error becomes
+its status code with its message; anything else becomes INTERNAL with a fixed
+message that carries only the trace id, and the traceback goes to the log.
+Clients: :func:`error_from_rpc` turns a failed call back into the domain error
+for its status, so cores never see ``grpc`` types.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+from opentelemetry import trace
+
+from services import errors
+
+log = logging.getLogger("edgecascade.rpc")
+
+# Most specific first: the first matching row wins.
+STATUS_TABLE: tuple[tuple[type[errors.EdgecascadeError], grpc.StatusCode], ...] = (
+    (errors.NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (errors.InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.CapacityError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.UnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (errors.DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (errors.RequestCancelledError, grpc.StatusCode.CANCELLED),
+    (errors.IntegrityError, grpc.StatusCode.DATA_LOSS),
+    (errors.PreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
+    (errors.PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
+    (errors.UnimplementedError, grpc.StatusCode.UNIMPLEMENTED),
+    (errors.InternalError, grpc.StatusCode.INTERNAL),
+    (errors.ConfigError, grpc.StatusCode.INTERNAL),
+)
+
+# Status codes a client may see that have no row of their own above.
+_EXTRA_CODES: dict[grpc.StatusCode, type[errors.EdgecascadeError]] = {
+    grpc.StatusCode.OUT_OF_RANGE: errors.InvalidArgumentError,
+    grpc.StatusCode.ABORTED: errors.UnavailableError,
+    grpc.StatusCode.ALREADY_EXISTS: errors.PreconditionError,
+    grpc.StatusCode.UNKNOWN: errors.InternalError,
+}
+
+_ERROR_FOR_CODE: dict[grpc.StatusCode, type[errors.EdgecascadeError]] = {
+    **_EXTRA_CODES,
+    **{code: cls for cls, code in reversed(STATUS_TABLE)},
+}
+
+
+def status_for(exc: errors.EdgecascadeError) -> grpc.StatusCode:
+    """Returns the status code of a domain error (INTERNAL if no row matches)."""
+    for cls, code in STATUS_TABLE:
+        if isinstance(exc, cls):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def error_from_rpc(exc: aio.AioRpcError, what: str) -> errors.EdgecascadeError:
+    """Returns the domain error for a failed call.
+
+    Args:
+        exc: The failed call.
+        what: Who was called, e.g. ``upstream 127.0.0.1:8002``; used when the
+            peer sent no message of its own and for transport failures.
+    """
+    code = exc.code()
+    details = exc.details() or ""
+    cls = _ERROR_FOR_CODE.get(code, errors.InternalError)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        # Transport failures carry gRPC's own wording; say what was unreachable instead.
+        return errors.UpstreamUnavailableError(f"{what} is unavailable")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "message larger than max" in details:
+        return errors.CapacityError(f"{what} refused a message larger than its limit")
+    return cls(details or f"{what} answered {code.name}")
+
+
+def _trace_id() -> str:
+    context = trace.get_current_span().get_span_context()
+    return f"{context.trace_id:032x}" if context.is_valid else "none"
+
+
+async def _abort(context: aio.ServicerContext[Any, Any], exc: BaseException, method: str) -> None:
+    if isinstance(exc, errors.EdgecascadeError):
+        await context.abort(status_for(exc), exc.message)
+    trace_id = _trace_id()
+    log.error("unexpected error in %s (trace id %s)", method, trace_id, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error; reported with trace id {trace_id}")
+
+
+class ErrorInterceptor(aio.ServerInterceptor):
+    """Maps exceptions raised by any handler to gRPC statuses through :data:`STATUS_TABLE`."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap(handler.unary_unary, method), handler.request_deserializer, handler.response_serializer
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap(handler.unary_stream, method), handler.request_deserializer, handler.response_serializer
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                _wrap(handler.stream_unary, method), handler.request_deserializer, handler.response_serializer
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            _wrap(handler.stream_stream, method), handler.request_deserializer, handler.response_serializer
+        )
+
+
+def _wrap(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+    if inspect.isasyncgenfunction(behavior):
+
+        async def stream(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            try:
+                async for response in behavior(request, context):
+                    yield response
+            except (aio.AbortError, asyncio.CancelledError):
+                raise
+            except Exception as exc:
+                await _abort(context, exc, method)
+
+        return stream
+
+    async def call(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            return await behavior(request, context)
+        except (aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            await _abort(context, exc, method)
+
+    return call

@@ -1,0 +1,132 @@
+"""The configuration every tier shares.
+
+Sections and their environment variables (``EDGECASCADE_<SECTION>__<KEY>``):
+
+``[server]``
+    ``host`` (default ``127.0.0.1``: loopback unless told otherwise), ``port``
+    (0 = any free port), ``node_id`` (default ``<tier>-<hostname>``),
+    ``max_message_bytes``, ``grace_seconds`` for graceful shutdown, and
+    ``port_file``: a JSON file written once the node serves, saying where.
+``[repository]``
+    ``path`` of the model repository and ``preload`` (load every model at start).
+``[upstream]``
+    ``address`` (``host:port``) of the next tier up; empty at the top.
+``[runtime]``
+    ``intra_op_threads`` per onnxruntime run and ``max_concurrent_runs``
+    (0 = cores ÷ intra_op_threads); their product may not exceed the cores.
+``[requests]``
+    ``default_timeout_us`` applied when a client sets no deadline, and
+    ``max_timeout_us``, the largest ``timeout`` parameter accepted.
+``[log]``
+    ``level`` of the process log.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ServerSection:
+    """Where and how the node serves."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    node_id: str = ""
+    max_message_bytes: int = 64 * 1024 * 1024
+    grace_seconds: float = 5.0
+    port_file: str = ""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"[server] port must be between 0 and 65535, got {self.port}")
+        if self.max_message_bytes < 1024:
+            raise ConfigError(f"[server] max_message_bytes must be at least 1024, got {self.max_message_bytes}")
+        if self.grace_seconds < 0:
+            raise ConfigError(f"[server] grace_seconds must not be negative, got {self.grace_seconds}")
+
+
+@dataclass(frozen=True)
+class RepositorySection:
+    """The node's model repository."""
+
+    path: Path = Path("models")
+    preload: bool = True
+
+
+@dataclass(frozen=True)
+class UpstreamSection:
+    """The next tier up."""
+
+    address: str = ""
+
+    def __post_init__(self) -> None:
+        if self.address and (":" not in self.address or not self.address.rsplit(":", 1)[1].isdigit()):
+            raise ConfigError(f"[upstream] address must be host:port, got {self.address!r}")
+
+
+@dataclass(frozen=True)
+class RuntimeSection:
+    """onnxruntime's share of the CPU."""
+
+    intra_op_threads: int = 1
+    max_concurrent_runs: int = 0
+
+    def __post_init__(self) -> None:
+        cores = os.cpu_count() or 1
+        if self.intra_op_threads < 1:
+            raise ConfigError(f"[runtime] intra_op_threads must be at least 1, got {self.intra_op_threads}")
+        if self.max_concurrent_runs < 0:
+            raise ConfigError(f"[runtime] max_concurrent_runs must not be negative, got {self.max_concurrent_runs}")
+        if self.intra_op_threads * self.concurrent_runs > cores:
+            raise ConfigError(
+                f"[runtime] intra_op_threads × max_concurrent_runs = "
+                f"{self.intra_op_threads * self.concurrent_runs} exceeds the {cores} cores of this machine"
+            )
+
+    @property
+    def concurrent_runs(self) -> int:
+        """Runs allowed at once, with 0 resolved against the cores."""
+        return self.max_concurrent_runs or max(1, (os.cpu_count() or 1) // self.intra_op_threads)
+
+
+@dataclass(frozen=True)
+class RequestsSection:
+    """Bounds on requests."""
+
+    default_timeout_us: int = 60_000_000
+    max_timeout_us: int = 3_600_000_000
+
+    def __post_init__(self) -> None:
+        if self.default_timeout_us <= 0:
+            raise ConfigError(f"[requests] default_timeout_us must be positive, got {self.default_timeout_us}")
+        if self.max_timeout_us < self.default_timeout_us:
+            raise ConfigError("[requests] max_timeout_us must be at least default_timeout_us")
+
+
+@dataclass(frozen=True)
+class LogSection:
+    """Process logging."""
+
+    level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if logging.getLevelName(self.level.upper()) not in (10, 20, 30, 40, 50):
+            raise ConfigError(f"[log] level must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {self.level!r}")
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    """The whole configuration of one tier process."""
+
+    server: ServerSection = field(default_factory=ServerSection)
+    repository: RepositorySection = field(default_factory=RepositorySection)
+    upstream: UpstreamSection = field(default_factory=UpstreamSection)
+    runtime: RuntimeSection = field(default_factory=RuntimeSection)
+    requests: RequestsSection = field(default_factory=RequestsSection)
+    log: LogSection = field(default_factory=LogSection)

@@ -1,0 +1,72 @@
+"""Small ONNX models the tests build on the fly (nothing is downloaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+IR_VERSION = 9
+
+
+def _save(graph: onnx.GraphProto, path: Path, properties: dict[str, str] | None = None) -> Path:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edgecascade-tests")
+    model.ir_version = IR_VERSION
+    for key, value in (properties or {}).items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def linear_model(path: Path, in_dim: int = 4, out_dim: int = 3, seed: int = 0) -> Path:
+    """``y = softmax(x @ W + b)`` with x FP32 ``[batch, in_dim]`` and y FP32 ``[batch, out_dim]``."""
+    rng = np.random.default_rng(seed)
+    weight = numpy_helper.from_array(rng.standard_normal((in_dim, out_dim)).astype(np.float32), "W")
+    bias = numpy_helper.from_array(rng.standard_normal(out_dim).astype(np.float32), "b")
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "W"], ["xw"]),
+            helper.make_node("Add", ["xw", "b"], ["logits"]),
+            helper.make_node("Softmax", ["logits"], ["y"], axis=-1),
+        ],
+        "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", in_dim])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", out_dim])],
+        initializer=[weight, bias],
+    )
+    return _save(graph, path)
+
+
+_ONNX_TYPES = {
+    "BOOL": TensorProto.BOOL,
+    "UINT8": TensorProto.UINT8,
+    "UINT16": TensorProto.UINT16,
+    "UINT32": TensorProto.UINT32,
+    "UINT64": TensorProto.UINT64,
+    "INT8": TensorProto.INT8,
+    "INT16": TensorProto.INT16,
+    "INT32": TensorProto.INT32,
+    "INT64": TensorProto.INT64,
+    "FP16": TensorProto.FLOAT16,
+    "FP32": TensorProto.FLOAT,
+    "FP64": TensorProto.DOUBLE,
+    "BYTES": TensorProto.STRING,
+}
+
+
+def identity_model(path: Path, datatype: str) -> Path:
+    """``out = Identity(inp)`` for one protocol datatype, shape ``[batch, -1]``."""
+    onnx_type = _ONNX_TYPES[datatype]
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["inp"], ["out"])],
+        f"identity_{datatype.lower()}",
+        [helper.make_tensor_value_info("inp", onnx_type, ["batch", "n"])],
+        [helper.make_tensor_value_info("out", onnx_type, ["batch", "n"])],
+    )
+    return _save(graph, path)
