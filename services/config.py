@@ -128,9 +128,7 @@ def _build_section(section: str, section_cls: type[Any], values: Mapping[str, tu
     kwargs: dict[str, Any] = {}
     for key, (origin, value) in values.items():
         if key not in known:
-            raise ConfigError(
-                f"{origin}: unknown setting [{section}] {key}; known: {', '.join(sorted(known))}"
-            )
+            raise ConfigError(f"{origin}: unknown setting [{section}] {key}; known: {', '.join(sorted(known))}")
         kwargs[key] = _coerce(value, hints[key], f"{origin}: [{section}] {key} ({env_name(section, key)})")
     try:
         return section_cls(**kwargs)

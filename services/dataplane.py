@@ -102,9 +102,7 @@ class Dataplane:
             if self.has_upstream:
                 return Forward(FallbackReason.MODEL_NOT_HELD)
             what = f"model '{name}'" + (f" version {version}" if version else "")
-            raise ModelNotFoundError(
-                f"{what} is not held by {self.identity.served_by}, the top of the chain"
-            ) from exc
+            raise ModelNotFoundError(f"{what} is not held by {self.identity.served_by}, the top of the chain") from exc
         except ModelNotReadyError:
             if self.has_upstream:
                 return Forward(FallbackReason.MODEL_UNAVAILABLE)
@@ -122,7 +120,9 @@ class Dataplane:
         """
         timeout = parameters.get("timeout", 0)
         if isinstance(timeout, bool) or not isinstance(timeout, int):
-            raise InvalidArgumentError(f"parameter 'timeout' must be an integer number of microseconds, got {timeout!r}")
+            raise InvalidArgumentError(
+                f"parameter 'timeout' must be an integer number of microseconds, got {timeout!r}"
+            )
         if timeout < 0:
             raise InvalidArgumentError(f"parameter 'timeout' must not be negative, got {timeout} µs")
         if timeout > self.limits.max_timeout_us:

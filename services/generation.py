@@ -108,10 +108,14 @@ class GenerationParams:
         """
         max_tokens = _int(params, "max_tokens", cls.max_tokens)
         if not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
-            raise InvalidArgumentError(f"parameter 'max_tokens' must be between 1 and {MAX_TOKENS_LIMIT}, got {max_tokens}")
+            raise InvalidArgumentError(
+                f"parameter 'max_tokens' must be between 1 and {MAX_TOKENS_LIMIT}, got {max_tokens}"
+            )
         temperature = params.get("temperature", cls.temperature)
         if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not 0 <= temperature <= 10:
-            raise InvalidArgumentError(f"parameter 'temperature' must be a number between 0 and 10, got {temperature!r}")
+            raise InvalidArgumentError(
+                f"parameter 'temperature' must be a number between 0 and 10, got {temperature!r}"
+            )
         top_k = _int(params, "top_k", cls.top_k)
         if top_k < 0:
             raise InvalidArgumentError(f"parameter 'top_k' must be 0 (no limit) or positive, got {top_k}")

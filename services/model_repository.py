@@ -42,7 +42,8 @@ def check_model_name(name: str) -> str:
     """
     if not _NAME.match(name) or ".." in name:
         raise InvalidArgumentError(
-            f"model name {name!r} is not valid: use 1-128 letters, digits, '_', '.' or '-', starting with a letter or digit"
+            f"model name {name!r} is not valid: use 1-128 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit"
         )
     return name
 
@@ -108,9 +109,7 @@ class ModelRepository:
         model_dir = self.root / name
         if not _NAME.match(name) or not model_dir.is_dir():
             return []
-        versions = [
-            self._read(name, p) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()
-        ]
+        versions = [self._read(name, p) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
         return sorted((e for e in versions if e is not None), key=lambda e: int(e.version))
 
     def resolve(self, name: str, version: str = "") -> ModelEntry:

@@ -191,7 +191,9 @@ class ModelStore:
             elif key in self._loading:
                 rows.append(IndexEntry(entry.name, entry.version, ModelState.LOADING))
             else:
-                rows.append(IndexEntry(entry.name, entry.version, ModelState.UNAVAILABLE, self._failed.get(key, "unloaded")))
+                rows.append(
+                    IndexEntry(entry.name, entry.version, ModelState.UNAVAILABLE, self._failed.get(key, "unloaded"))
+                )
         return rows
 
     def loaded(self) -> list[LoadedModel]:

@@ -145,7 +145,8 @@ def _decode_bytes(name: str, shape: Sequence[int], count: int, raw: bytes) -> np
         offset += 4
         if offset + length > len(raw):
             raise InvalidArgumentError(
-                f"input '{name}': BYTES element {len(items)} declares {length} bytes but only {len(raw) - offset} remain"
+                f"input '{name}': BYTES element {len(items)} declares {length} bytes "
+                f"but only {len(raw) - offset} remain"
             )
         items.append(bytes(view[offset : offset + length]))
         offset += length
@@ -178,12 +179,12 @@ def decode_typed(name: str, datatype_name: str, shape: Sequence[int], values: Se
         array = np.empty(count, dtype=object)
         array[:] = list(values)
         return array.reshape(tuple(shape))
-    wide = np.asarray(values)
-    if dt.dtype.kind in "iu" and wide.size:
+    if dt.dtype.kind in "iu" and count:
+        # Checked on Python ints: a numpy round trip would pass through float64 for UINT64.
         info = np.iinfo(dt.dtype)
-        if wide.min() < info.min or wide.max() > info.max:
+        if min(values) < info.min or max(values) > info.max:
             raise InvalidArgumentError(f"input '{name}': a value does not fit {dt.name}")
-    return wide.astype(dt.dtype).reshape(tuple(shape))
+    return np.array(values, dtype=dt.dtype).reshape(tuple(shape))
 
 
 def encode_raw(array: np.ndarray[Any, Any]) -> bytes:

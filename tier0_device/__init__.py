@@ -1,1 +1,3 @@
-"""Tier 0, the agent on each device: serves local apps over the Open Inference Protocol with onnxruntime and forwards what it cannot answer to its edge."""
+"""Tier 0, the agent on each device: serves local apps over the Open Inference Protocol with
+onnxruntime and forwards what it cannot answer to its edge.
+"""

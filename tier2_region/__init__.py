@@ -1,1 +1,3 @@
-"""Tier 2, the regional service: the top of the chain and the last fallback (registry, rollouts and inventory arrive in later work)."""
+"""Tier 2, the regional service: the top of the chain and the last fallback (registry, rollouts and
+inventory arrive in later work).
+"""

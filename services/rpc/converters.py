@@ -9,6 +9,7 @@ duplicate names, empty parameters) and raises
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -135,7 +136,9 @@ def mark_forwarded(response: pb.ModelInferResponse, reason: str, identity: NodeI
 
 def tensor_metadata(specs: tuple[TensorSpec, ...]) -> list[pb.ModelMetadataResponse.TensorMetadata]:
     """Tensor specs as ModelMetadata entries."""
-    return [pb.ModelMetadataResponse.TensorMetadata(name=s.name, datatype=s.datatype, shape=list(s.shape)) for s in specs]
+    return [
+        pb.ModelMetadataResponse.TensorMetadata(name=s.name, datatype=s.datatype, shape=list(s.shape)) for s in specs
+    ]
 
 
 def metadata_to_proto(model: LoadedModel, versions: list[str]) -> pb.ModelMetadataResponse:
@@ -150,9 +153,24 @@ def metadata_to_proto(model: LoadedModel, versions: list[str]) -> pb.ModelMetada
     )
 
 
-_CONFIG_TYPES = {name: getattr(config_pb, f"TYPE_{'STRING' if name == 'BYTES' else name}") for name in (
-    "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES"
-)}
+_CONFIG_TYPES = {
+    name: getattr(config_pb, f"TYPE_{'STRING' if name == 'BYTES' else name}")
+    for name in (
+        "BOOL",
+        "UINT8",
+        "UINT16",
+        "UINT32",
+        "UINT64",
+        "INT8",
+        "INT16",
+        "INT32",
+        "INT64",
+        "FP16",
+        "FP32",
+        "FP64",
+        "BYTES",
+    )
+}
 
 
 def config_to_proto(model: LoadedModel) -> config_pb.ModelConfig:
@@ -166,11 +184,21 @@ def config_to_proto(model: LoadedModel) -> config_pb.ModelConfig:
         name=model.name,
         platform=model.entry.platform,
         max_batch_size=max_batch,
-        input=[config_pb.ModelInput(name=s.name, data_type=_CONFIG_TYPES[s.datatype], dims=dims(s)) for s in model.signature.inputs],
-        output=[config_pb.ModelOutput(name=s.name, data_type=_CONFIG_TYPES[s.datatype], dims=dims(s)) for s in model.signature.outputs],
+        input=[
+            config_pb.ModelInput(name=s.name, data_type=_CONFIG_TYPES[s.datatype], dims=dims(s))
+            for s in model.signature.inputs
+        ],
+        output=[
+            config_pb.ModelOutput(name=s.name, data_type=_CONFIG_TYPES[s.datatype], dims=dims(s))
+            for s in model.signature.outputs
+        ],
     )
     if model.entry.task:
         config.parameters["edgecascade.task"].string_value = model.entry.task
+    if model.tokenizer is not None:
+        # Clients need the vocabulary to read a next-character distribution.
+        config.parameters["edgecascade.vocab"].string_value = json.dumps(model.tokenizer.vocab)
+        config.parameters["edgecascade.context_length"].string_value = str(model.tokenizer.context_length)
     return config
 
 

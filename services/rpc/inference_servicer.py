@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from grpc import aio
 
@@ -27,7 +28,7 @@ from services.rpc.telemetry import annotate_span
 SERVER_NAME = "edgecascade"
 EXTENSIONS = ["model_repository", "statistics", "edgecascade"]
 
-Context = aio.ServicerContext[object, object]
+Context = aio.ServicerContext[Any, Any]
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 from protos.edgecascade.v1 import mesh_pb2, mesh_pb2_grpc
 from protos.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from services import __version__
@@ -105,7 +104,8 @@ class Node:
             cfg.server.port,
             [
                 ServiceBinding(
-                    INFERENCE_SERVICE, lambda s: grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(inference, s)
+                    INFERENCE_SERVICE,
+                    lambda s: grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(inference, s),
                 ),
                 ServiceBinding(MESH_SERVICE, lambda s: mesh_pb2_grpc.add_MeshServiceServicer_to_server(mesh, s)),
             ],
@@ -122,7 +122,13 @@ class Node:
             log.info("model %s version %s: %s %s", row.name, row.version, row.state.value, row.reason)
         if cfg.server.port_file:
             _write_port_file(Path(cfg.server.port_file), self._port_record())
-        log.info("%s %s serving on %s (upstream: %s)", self.spec.role, self.identity.node_id, self.address, cfg.upstream.address or "none")
+        log.info(
+            "%s %s serving on %s (upstream: %s)",
+            self.spec.role,
+            self.identity.node_id,
+            self.address,
+            cfg.upstream.address or "none",
+        )
         return self.address
 
     def _port_record(self) -> dict[str, Any]:
@@ -173,7 +179,9 @@ def main(spec: TierSpec, defaults: Mapping[str, Mapping[str, Any]], argv: Sequen
         epilog="Every setting can also be given as EDGECASCADE_<SECTION>__<KEY>, e.g. EDGECASCADE_SERVER__PORT=8001; "
         "the environment wins over the file. Traces are exported by OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set.",
     )
-    parser.add_argument("--config", type=Path, help="TOML file with [server], [repository], [upstream], [runtime], [requests], [log]")
+    parser.add_argument(
+        "--config", type=Path, help="TOML file with [server], [repository], [upstream], [runtime], [requests], [log]"
+    )
     args = parser.parse_args(argv)
     try:
         config = load_config(TierConfig, args.config, overrides=defaults)

@@ -99,9 +99,9 @@ class ErrorInterceptor(aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
@@ -118,6 +118,7 @@ class ErrorInterceptor(aio.ServerInterceptor):
             return grpc.stream_unary_rpc_method_handler(
                 _wrap(handler.stream_unary, method), handler.request_deserializer, handler.response_serializer
             )
+        assert handler.stream_stream is not None
         return grpc.stream_stream_rpc_method_handler(
             _wrap(handler.stream_stream, method), handler.request_deserializer, handler.response_serializer
         )

@@ -70,3 +70,40 @@ def identity_model(path: Path, datatype: str) -> Path:
         [helper.make_tensor_value_info("out", onnx_type, ["batch", "n"])],
     )
     return _save(graph, path)
+
+
+def tiny_char_lm(path: Path, vocab: list[str] | None = None, context: int = 4, seed: int = 0) -> Path:
+    """A randomly initialised char-LM with the demo models' contract.
+
+    ``input_ids`` INT64 ``[batch, context]`` → ``probs`` FP32 ``[batch, V]``, with
+    the tokenizer in the ``edgecascade.*`` metadata properties.
+    """
+    import json
+
+    vocab = vocab or ["", "", *"abcdefgh ."]
+    size = len(vocab)
+    rng = np.random.default_rng(seed)
+    embed = numpy_helper.from_array(rng.standard_normal((size, 3)).astype(np.float32), "E")
+    weight = numpy_helper.from_array(rng.standard_normal((context * 3, size)).astype(np.float32), "W")
+    shape = numpy_helper.from_array(np.array([-1, context * 3], dtype=np.int64), "flat_shape")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gather", ["E", "input_ids"], ["emb"]),
+            helper.make_node("Reshape", ["emb", "flat_shape"], ["flat"]),
+            helper.make_node("MatMul", ["flat", "W"], ["logits"]),
+            helper.make_node("Softmax", ["logits"], ["probs"], axis=-1),
+        ],
+        "tiny_char_lm",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", context])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", size])],
+        initializer=[embed, weight, shape],
+    )
+    return _save(
+        graph,
+        path,
+        {
+            "edgecascade.task": "char-lm",
+            "edgecascade.vocab": json.dumps(vocab),
+            "edgecascade.context_length": str(context),
+        },
+    )

@@ -1,0 +1,43 @@
+# The two commands of the README:
+#   make up    — install into .venv and run the whole mesh on this machine
+#   make test  — install what the tests need and run ruff, mypy and the full test suite
+# Everything else here is what those two need.
+
+PYTHON ?= python3
+VENV := .venv
+TRITON_VENV := .venv-triton
+# tritonclient pins protobuf below 7 and registers the same `inference.*` names,
+# so the stock client lives in a virtualenv of its own and tests call it in a subprocess.
+TRITONCLIENT := tritonclient[grpc]==2.73.0
+
+.PHONY: up test lint protos demo-models clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+$(TRITON_VENV)/.installed:
+	$(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install --quiet "$(TRITONCLIENT)"
+	touch $@
+
+up: $(VENV)/.installed
+	$(VENV)/bin/edgecascade up
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+test: $(VENV)/.installed $(TRITON_VENV)/.installed lint
+	EDGECASCADE_TRITON_PYTHON=$(abspath $(TRITON_VENV))/bin/python $(VENV)/bin/python -m pytest
+
+protos: $(VENV)/.installed
+	$(VENV)/bin/python -m protos.regenerate
+
+demo-models: $(VENV)/.installed
+	$(VENV)/bin/python -m examples.charlm.train --size all --out examples/models
+
+clean:
+	rm -rf $(VENV) $(TRITON_VENV) .edgecascade .pytest_cache .mypy_cache .ruff_cache

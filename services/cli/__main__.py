@@ -1,0 +1,149 @@
+"""``edgecascade``: run the mesh on this machine and talk to it.
+
+Commands::
+
+    edgecascade up [--devices N] [--state-dir DIR]   start region, edge and N devices
+    edgecascade status                               what every node reports
+    edgecascade generate "prompt"                    stream text from a device
+    edgecascade infer "prompt"                       next-character distribution from a device
+    edgecascade repo add --repo DIR --name NAME FILE.onnx
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from services import __version__
+from services.cli import client_commands
+from services.cli.demo_models import DEFAULT_MODELS_DIR, DEVICE_MODEL
+from services.cli.mesh_launcher import Mesh, run_until_signal
+from services.errors import EdgecascadeError
+from services.model_repository import ModelRepository
+
+DEFAULT_STATE_DIR = Path(".edgecascade")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgecascade",
+        description="edgecascade: run ML models on fleets of edge devices and keep them running.",
+    )
+    parser.add_argument("--version", action="version", version=f"edgecascade {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser(
+        "up",
+        help="start the whole mesh (region, edge, devices) on this machine",
+        description="Start Tier 2 (region), one Tier 1 (edge) and N Tier 0 (device) processes on loopback, "
+        "place the demo models on first start, print the endpoints and write <state-dir>/endpoints.json once "
+        "every node reports SERVING. Ctrl-C or SIGTERM stops every node cleanly. Settings in the environment "
+        "(EDGECASCADE_<SECTION>__<KEY>, OTEL_*) are passed to every node.",
+    )
+    up.add_argument("--devices", type=int, default=2, help="number of device nodes (default 2)")
+    up.add_argument(
+        "--state-dir",
+        type=Path,
+        default=DEFAULT_STATE_DIR,
+        help="where configs, models, logs go (default ./.edgecascade)",
+    )
+    up.add_argument(
+        "--models-dir",
+        type=Path,
+        default=DEFAULT_MODELS_DIR,
+        help="where the demo ONNX models are (default: examples/models of this checkout)",
+    )
+
+    for name, helptext in (
+        ("generate", "stream generated text from a device (Tier 0) and show which tier served it"),
+        ("infer", "ask a device for the next-character distribution after a prompt"),
+    ):
+        cmd = sub.add_parser(name, help=helptext, description=helptext)
+        cmd.add_argument("prompt", help="the text to continue")
+        cmd.add_argument("--model", default=DEVICE_MODEL, help=f"model name (default {DEVICE_MODEL})")
+        cmd.add_argument("--address", help="host:port to send to (default: the first device in endpoints.json)")
+        cmd.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, help="where endpoints.json is")
+        cmd.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds (default 30)")
+        if name == "generate":
+            cmd.add_argument("--max-tokens", type=int, default=80)
+            cmd.add_argument("--temperature", type=float, default=0.7)
+            cmd.add_argument("--top-k", type=int, default=0)
+            cmd.add_argument("--seed", type=int, help="make the sampling repeatable")
+            cmd.add_argument("--stop", help="stop after this string")
+        else:
+            cmd.add_argument("--top", type=int, default=5, help="candidates to show (default 5)")
+
+    status = sub.add_parser("status", help="show what every node of the running mesh reports")
+    status.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
+    status.add_argument("--timeout", type=float, default=5.0)
+
+    repo = sub.add_parser("repo", help="manage a model repository directory")
+    repo_sub = repo.add_subparsers(dest="repo_command", required=True)
+    add = repo_sub.add_parser("add", help="copy an ONNX file into a repository as a new model version")
+    add.add_argument("file", type=Path, help="the .onnx file")
+    add.add_argument("--repo", type=Path, required=True, help="repository directory")
+    add.add_argument("--name", required=True, help="model name")
+    add.add_argument("--version", default="", help="version (default: next free integer)")
+    return parser
+
+
+def _up(console: Console, args: argparse.Namespace) -> int:
+    mesh = Mesh(args.state_dir, args.devices, args.models_dir, console.print)
+    mesh.place_models()
+
+    def on_ready(endpoints: dict[str, Any]) -> None:
+        table = Table(title="edgecascade mesh is up")
+        table.add_column("tier")
+        table.add_column("node")
+        table.add_column("address")
+        table.add_row("tier2 (region)", mesh.region.name, endpoints["region"])
+        table.add_row("tier1 (edge)", mesh.edge.name, endpoints["edge"])
+        for device in mesh.devices:
+            table.add_row("tier0 (device)", device.name, device.address)
+        console.print(table)
+        console.print(f"endpoints written to {mesh.endpoints_file}")
+        console.print('try: [bold]edgecascade generate "The module"[/bold]   ·   Ctrl-C stops the mesh')
+
+    return run_until_signal(mesh, on_ready)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``edgecascade`` console script."""
+    args = _parser().parse_args(argv)
+    console = Console(highlight=False)
+    try:
+        if args.command == "up":
+            return _up(console, args)
+        if args.command == "status":
+            return client_commands.status(console, args.state_dir, args.timeout)
+        if args.command == "infer":
+            address = client_commands.device_address(args.state_dir, args.address)
+            return client_commands.infer(console, address, args.model, args.prompt, args.top, args.timeout)
+        if args.command == "generate":
+            address = client_commands.device_address(args.state_dir, args.address)
+            params: dict[str, Any] = {
+                "max_tokens": args.max_tokens,
+                "temperature": args.temperature,
+                "top_k": args.top_k,
+            }
+            if args.seed is not None:
+                params["seed"] = args.seed
+            if args.stop:
+                params["stop"] = args.stop
+            return client_commands.generate(console, address, args.model, args.prompt, params, args.timeout)
+        entry = ModelRepository(args.repo).add(args.name, args.file, args.version)
+        console.print(f"added {entry.name} version {entry.version} at {entry.path}")
+        return 0
+    except EdgecascadeError as exc:
+        console.print(f"[red]error:[/red] {exc.message}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""``edgecascade infer``, ``generate`` and ``status``: talk to a running mesh."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from protos.edgecascade.v1 import mesh_pb2, mesh_pb2_grpc
+from protos.inference import grpc_service_pb2 as pb
+from protos.inference import grpc_service_pb2_grpc as pb_grpc
+from services.errors import ConfigError
+from services.generation import TEXT_INPUT, TEXT_OUTPUT
+from services.inference import FALLBACK_REASON, FINAL_RESPONSE, ROUTE, SERVED_BY, TOKEN_PROBABILITY
+from services.rpc.converters import params_from_proto, set_param
+from services.tensors import encode_raw
+
+
+def read_endpoints(state_dir: Path) -> dict[str, Any]:
+    """Reads ``<state-dir>/endpoints.json``.
+
+    Raises:
+        ConfigError: The file is missing (the mesh is not up) or malformed.
+    """
+    path = state_dir / "endpoints.json"
+    try:
+        endpoints: dict[str, Any] = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path} not found: start the mesh with `edgecascade up` first, or pass --address") from None
+    except ValueError:
+        raise ConfigError(f"{path} is not valid JSON") from None
+    return endpoints
+
+
+def device_address(state_dir: Path, address: str | None) -> str:
+    """The address to send to: ``address`` if given, else the first device of the running mesh."""
+    if address:
+        return address
+    devices = read_endpoints(state_dir).get("devices") or []
+    if not devices:
+        raise ConfigError("endpoints.json lists no devices")
+    return str(devices[0])
+
+
+def _text_request(model: str, prompt: str, parameters: dict[str, Any]) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=model)
+    request.inputs.add(name=TEXT_INPUT, datatype="BYTES", shape=[1])
+    request.raw_input_contents.append(encode_raw(np.array([prompt.encode("utf-8")], dtype=object)))
+    for key, value in parameters.items():
+        set_param(request.parameters[key], value)
+    return request
+
+
+def _describe(params: dict[str, Any]) -> str:
+    text = f"served by [bold]{params.get(SERVED_BY, '?')}[/bold]"
+    if FALLBACK_REASON in params:
+        text += f" (forwarded: {params[FALLBACK_REASON]}; route {params.get(ROUTE, '?')})"
+    return text
+
+
+def infer(console: Console, address: str, model: str, prompt: str, top: int, timeout: float) -> int:
+    """Asks for the next-character distribution after ``prompt`` and prints the top candidates."""
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        try:
+            config = stub.ModelConfig(pb.ModelConfigRequest(name=model), timeout=timeout).config
+            response = stub.ModelInfer(_text_request(model, prompt, {}), timeout=timeout)
+        except grpc.RpcError as exc:
+            console.print(f"[red]{exc.code().name}[/red]: {exc.details()}")
+            return 1
+    probs = np.frombuffer(response.raw_output_contents[0], dtype="<f4")
+    vocab: list[str] = json.loads(config.parameters["edgecascade.vocab"].string_value or "[]")
+    table = Table(title=f"next character after {prompt!r} ({model} v{response.model_version})")
+    table.add_column("rank")
+    table.add_column("next")
+    table.add_column("probability", justify="right")
+    for rank, index in enumerate(np.argsort(probs)[::-1][:top], start=1):
+        label = repr(vocab[index]) if index < len(vocab) else f"id {int(index)}"
+        table.add_row(str(rank), label, f"{probs[index]:.3f}")
+    console.print(table)
+    console.print(_describe(params_from_proto(response.parameters)))
+    return 0
+
+
+def _stream(
+    stub: pb_grpc.GRPCInferenceServiceStub, request: pb.ModelInferRequest, timeout: float
+) -> Iterator[pb.ModelStreamInferResponse]:
+    return stub.ModelStreamInfer(iter([request]), timeout=timeout)  # type: ignore[no-any-return]
+
+
+def generate(
+    console: Console, address: str, model: str, prompt: str, parameters: dict[str, Any], timeout: float
+) -> int:
+    """Streams a generation and prints tokens as they arrive."""
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        console.print(f"[dim]{prompt}[/dim]", end="")
+        final: dict[str, Any] = {}
+        probabilities: list[float] = []
+        try:
+            for message in _stream(stub, _text_request(model, prompt, parameters), timeout):
+                if message.error_message:
+                    console.print(f"\n[red]error[/red]: {message.error_message}")
+                    return 1
+                response = message.infer_response
+                params = params_from_proto(response.parameters)
+                if params.get(FINAL_RESPONSE):
+                    final = params
+                    break
+                names = [o.name for o in response.outputs]
+                raw = response.raw_output_contents[names.index(TEXT_OUTPUT)]
+                console.print(raw[4:].decode("utf-8", errors="replace"), end="", markup=False, highlight=False)
+                probabilities.append(float(params.get(TOKEN_PROBABILITY, 0.0)))
+        except grpc.RpcError as exc:
+            console.print(f"\n[red]{exc.code().name}[/red]: {exc.details()}")
+            return 1
+    console.print()
+    console.print(
+        f"{_describe(final)} · {final.get('edgecascade.tokens', len(probabilities))} tokens · "
+        f"mean token probability {final.get('edgecascade.confidence', 0.0):.2f} · "
+        f"finish: {final.get('edgecascade.finish_reason', '?')}"
+    )
+    return 0
+
+
+def status(console: Console, state_dir: Path, timeout: float) -> int:
+    """Prints what every node of the running mesh reports about itself."""
+    endpoints = read_endpoints(state_dir)
+    addresses = [endpoints["region"], endpoints["edge"], *endpoints["devices"]]
+    table = Table(title="edgecascade mesh")
+    for column in ("address", "tier", "node", "upstream", "models"):
+        table.add_column(column)
+    failures = 0
+    for address in addresses:
+        with grpc.insecure_channel(address) as channel:
+            try:
+                info = mesh_pb2_grpc.MeshServiceStub(channel).GetTierInfo(
+                    mesh_pb2.GetTierInfoRequest(), timeout=timeout
+                )
+            except grpc.RpcError as exc:
+                table.add_row(address, "?", "?", "?", f"[red]{exc.code().name}[/red]")
+                failures += 1
+                continue
+        models = ", ".join(f"{m.name} v{m.version} {m.state}" for m in info.models) or "-"
+        table.add_row(address, info.tier_name, info.node_id, info.upstream or "-", models)
+    console.print(table)
+    return 1 if failures else 0

@@ -1,0 +1,96 @@
+"""Enforces the layering of DESIGN.md §4 by walking every first-party import.
+
+* ``tierN_*`` → ``services`` → ``protos``; tiers never import each other, and
+  ``services`` and ``protos`` never import a tier.
+* Domain cores (modules directly in ``services/`` and tier modules other than
+  ``app.py``, ``__main__.py`` and servicers) import neither ``grpc``, ``protos``,
+  ``opentelemetry`` nor ``tenacity``.
+* Nothing is built at import time: no module-level ``asyncio.run`` or server.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TIERS = ("tier0_device", "tier1_edge", "tier2_region")
+TRANSPORT_ONLY = ("grpc", "grpc_health", "grpc_reflection", "protos", "opentelemetry", "tenacity")
+ADAPTER_FILES = {"app.py", "__main__.py"}
+
+
+def _modules(package: str) -> list[Path]:
+    return sorted(p for p in (ROOT / package).rglob("*.py") if not p.name.endswith(("_pb2.py", "_pb2_grpc.py")))
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+    return found
+
+
+def _top(name: str) -> str:
+    return name.split(".")[0]
+
+
+def _is_core(path: Path) -> bool:
+    rel = path.relative_to(ROOT)
+    if rel.parts[0] == "services":
+        return len(rel.parts) == 2  # directly in services/, not rpc/ or cli/
+    if rel.parts[0] in TIERS:
+        return path.name not in ADAPTER_FILES and "servicer" not in path.name
+    return False
+
+
+ALL = [p for pkg in ("services", "protos", *TIERS) for p in _modules(pkg)]
+
+
+def test_the_walk_sees_every_layer() -> None:
+    packages = {p.relative_to(ROOT).parts[0] for p in ALL}
+    assert packages == {"services", "protos", *TIERS}
+    assert any(_is_core(p) for p in ALL)
+
+
+@pytest.mark.parametrize("path", ALL, ids=lambda p: str(p.relative_to(ROOT)))
+def test_layering(path: Path) -> None:
+    rel = path.relative_to(ROOT)
+    package = rel.parts[0]
+    tops = {_top(n) for n in _imports(path)}
+    if package in TIERS:
+        others = tops & (set(TIERS) - {package})
+        assert not others, f"{rel} imports another tier: {others}; tiers talk over gRPC"
+    else:
+        assert not tops & set(TIERS), f"{rel} imports a tier; {package} must not depend on tiers"
+    if package == "protos":
+        assert not tops & {"services"}, f"{rel}: contracts must not import services"
+    if _is_core(path):
+        bad = tops & set(TRANSPORT_ONLY)
+        assert not bad, f"{rel} is a domain core but imports {bad}; move transport code to services/rpc"
+
+
+@pytest.mark.parametrize("path", ALL, ids=lambda p: str(p.relative_to(ROOT)))
+def test_nothing_runs_at_import_time(path: Path) -> None:
+    tree = ast.parse(path.read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call):
+            func = ast.unparse(node.value.func)
+            assert func in {"sys.exit"} or func.endswith("__doc__"), f"{path.name} calls {func} at import time"
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call):
+            func = ast.unparse(node.value.func)
+            assert not func.startswith(("asyncio.", "aio.server", "grpc.aio.server")), f"{path.name} builds {func} at import"
+
+
+def test_the_core_rule_can_fail(tmp_path: Path) -> None:
+    bad = ROOT / "services" / "dataplane.py"
+    assert _is_core(bad)
+    assert "grpc" not in {_top(n) for n in _imports(bad)}
+    probe = tmp_path / "probe.py"
+    probe.write_text("import grpc\nfrom protos.inference import grpc_service_pb2\n")
+    assert {_top(n) for n in _imports(probe)} & set(TRANSPORT_ONLY) == {"grpc", "protos"}

@@ -1,0 +1,64 @@
+"""One table maps the error tree to gRPC status codes, both ways."""
+
+from __future__ import annotations
+
+import inspect
+
+import grpc
+import pytest
+
+from services import errors
+from services.rpc.status_table import STATUS_TABLE, error_from_rpc, status_for
+
+ERROR_CLASSES = [
+    cls
+    for _, cls in inspect.getmembers(errors, inspect.isclass)
+    if issubclass(cls, errors.EdgecascadeError) and cls is not errors.EdgecascadeError
+]
+
+EXPECTED = {
+    errors.ModelNotFoundError: grpc.StatusCode.NOT_FOUND,
+    errors.InvalidArgumentError: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.CapacityError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.ModelNotReadyError: grpc.StatusCode.UNAVAILABLE,
+    errors.UpstreamUnavailableError: grpc.StatusCode.UNAVAILABLE,
+    errors.DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.RequestCancelledError: grpc.StatusCode.CANCELLED,
+    errors.IntegrityError: grpc.StatusCode.DATA_LOSS,
+    errors.StaleVersionError: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
+    errors.PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
+}
+
+
+def test_every_error_class_has_a_row() -> None:
+    assert len(ERROR_CLASSES) >= 15
+    for cls in ERROR_CLASSES:
+        assert cls.__name__.endswith("Error")
+        assert any(issubclass(cls, row) for row, _ in STATUS_TABLE), f"{cls.__name__} has no status"
+
+
+@pytest.mark.parametrize(("cls", "code"), list(EXPECTED.items()), ids=lambda v: getattr(v, "__name__", str(v)))
+def test_design_mapping(cls: type[errors.EdgecascadeError], code: grpc.StatusCode) -> None:
+    assert status_for(cls("x")) == code
+
+
+class _FakeRpcError(grpc.aio.AioRpcError):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+
+
+@pytest.mark.parametrize("code", [c for c in grpc.StatusCode if c != grpc.StatusCode.OK])
+def test_every_status_maps_back_to_a_domain_error(code: grpc.StatusCode) -> None:
+    error = error_from_rpc(_FakeRpcError(code, "peer said so"), "upstream 127.0.0.1:1")
+    assert isinstance(error, errors.EdgecascadeError)
+    assert error.message
+
+
+def test_round_trip_keeps_class_family_and_message() -> None:
+    back = error_from_rpc(_FakeRpcError(grpc.StatusCode.NOT_FOUND, "model 'm' is not here"), "upstream")
+    assert isinstance(back, errors.NotFoundError)
+    assert back.message == "model 'm' is not here"
+    unavailable = error_from_rpc(_FakeRpcError(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses"), "upstream 127.0.0.1:9")
+    assert isinstance(unavailable, errors.UpstreamUnavailableError)
+    assert unavailable.message == "upstream 127.0.0.1:9 is unavailable"
