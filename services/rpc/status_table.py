@@ -23,6 +23,10 @@ from services import errors
 
 log = logging.getLogger("edgecascade.rpc")
 
+# Trailing metadata key naming the domain error class a node raised, so that a
+# client one tier down can tell a peer's own UNAVAILABLE from a broken connection.
+ERROR_CLASS_KEY = "edgecascade-error"
+
 # Most specific first: the first matching row wins.
 STATUS_TABLE: tuple[tuple[type[errors.EdgecascadeError], grpc.StatusCode], ...] = (
     (errors.NotFoundError, grpc.StatusCode.NOT_FOUND),
@@ -73,12 +77,25 @@ def error_from_rpc(exc: aio.AioRpcError, what: str) -> errors.EdgecascadeError:
     code = exc.code()
     details = exc.details() or ""
     cls = _ERROR_FOR_CODE.get(code, errors.InternalError)
+    sent = _sent_error_class(exc)
+    if sent is not None and issubclass(sent, cls):
+        # Our own peer named the exact class; its message is already meant for people.
+        return sent(details)
     if code == grpc.StatusCode.UNAVAILABLE:
         # Transport failures carry gRPC's own wording; say what was unreachable instead.
         return errors.UpstreamUnavailableError(f"{what} is unavailable")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "message larger than max" in details:
         return errors.CapacityError(f"{what} refused a message larger than its limit")
     return cls(details or f"{what} answered {code.name}")
+
+
+def _sent_error_class(exc: aio.AioRpcError) -> type[errors.EdgecascadeError] | None:
+    for key, value in exc.trailing_metadata() or ():
+        if key == ERROR_CLASS_KEY and isinstance(value, str):
+            cls = getattr(errors, value, None)
+            if isinstance(cls, type) and issubclass(cls, errors.EdgecascadeError):
+                return cls
+    return None
 
 
 def _trace_id() -> str:
@@ -88,7 +105,7 @@ def _trace_id() -> str:
 
 async def _abort(context: aio.ServicerContext[Any, Any], exc: BaseException, method: str) -> None:
     if isinstance(exc, errors.EdgecascadeError):
-        await context.abort(status_for(exc), exc.message)
+        await context.abort(status_for(exc), exc.message, trailing_metadata=((ERROR_CLASS_KEY, type(exc).__name__),))
     trace_id = _trace_id()
     log.error("unexpected error in %s (trace id %s)", method, trace_id, exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error; reported with trace id {trace_id}")
