@@ -143,7 +143,8 @@ class Node:
             await self._upstream.close()
         if self._store is not None:
             self._store.close()
-        self._tracer_provider.shutdown()
+        # Flushing spans is blocking I/O; the loop must stay free (an in-process collector may need it).
+        await asyncio.to_thread(self._tracer_provider.shutdown)
 
 
 def _write_port_file(path: Path, record: Mapping[str, Any]) -> None:
