@@ -31,7 +31,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/mypy
 
 test: $(VENV)/.installed $(TRITON_VENV)/.installed lint
-	EDGECASCADE_TRITON_PYTHON=$(abspath $(TRITON_VENV))/bin/python $(VENV)/bin/python -m pytest
+	TRITONCLIENT_PYTHON=$(abspath $(TRITON_VENV))/bin/python $(VENV)/bin/python -m pytest
 
 protos: $(VENV)/.installed
 	$(VENV)/bin/python -m protos.regenerate
