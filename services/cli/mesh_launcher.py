@@ -59,6 +59,15 @@ class Child:
         return self.directory / "models"
 
 
+def _die_with_parent() -> None:
+    """Asks Linux to SIGTERM the child if the launcher itself is killed (no orphaned nodes)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def _toml_string(value: str) -> str:
     return json.dumps(value)  # a JSON string literal is a valid TOML basic string
 
@@ -155,6 +164,7 @@ class Mesh:
             stderr=subprocess.STDOUT,
             # Ctrl-C in the terminal goes to the launcher only; it stops the children in order.
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         if wait:
             self._await_port(child)
@@ -223,6 +233,10 @@ class StopRequested(BaseException):
 
 
 def _raise_stop(signum: int, frame: FrameType | None) -> None:
+    # Ignore repeats first: a second Ctrl-C (or a supervisor's SIGTERM after
+    # ours) must not cut the orderly stop short.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     raise StopRequested(signum)
 
 
@@ -249,7 +263,6 @@ def run_until_signal(mesh: Mesh, on_ready: Callable[[dict[str, Any]], None]) -> 
     except StopRequested:
         return 0
     finally:
-        # A second Ctrl-C must not cut the orderly stop short.
         for sig in previous:
             signal.signal(sig, signal.SIG_IGN)
         mesh.say("stopping the mesh")
