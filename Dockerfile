@@ -15,17 +15,15 @@ RUN groupadd --system --gid 10001 edgecascade \
 WORKDIR /opt/edgecascade/src
 COPY . .
 
-# Install the package, then place the committed demo models into per-role repositories:
-#   device-models  <- examples/models/charlm-device.int8.onnx
-#   edge-models    <- examples/models/charlm-edge.onnx
-#   region-models  <- examples/models/charlm-edge.onnx   (the region serves the edge model too)
+# Install the package, then place the committed demo models into per-role repositories
+# with the same placement `edgecascade up` uses:
+#   device-models  <- examples/models/charlm-device.int8.onnx   (as charlm-device)
+#   edge-models    <- examples/models/charlm-edge.onnx          (as charlm-edge)
+#   region-models  <- examples/models/charlm-device.onnx and examples/models/charlm-edge.onnx
 RUN pip install --no-cache-dir . \
- && edgecascade repo add --repo /var/lib/edgecascade/device-models --name charlm --version 1 \
-        examples/models/charlm-device.int8.onnx \
- && edgecascade repo add --repo /var/lib/edgecascade/edge-models --name charlm --version 1 \
-        examples/models/charlm-edge.onnx \
- && edgecascade repo add --repo /var/lib/edgecascade/region-models --name charlm --version 1 \
-        examples/models/charlm-edge.onnx \
+ && for role in device edge region; do \
+        edgecascade repo demo --role "$role" --repo "/var/lib/edgecascade/$role-models" --models-dir examples/models; \
+    done \
  && chown -R edgecascade:edgecascade /var/lib/edgecascade
 
 USER edgecascade

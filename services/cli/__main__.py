@@ -7,6 +7,7 @@ Commands::
     edgecascade generate "prompt"                    stream text from a device
     edgecascade infer "prompt"                       next-character distribution from a device
     edgecascade repo add --repo DIR --name NAME FILE.onnx
+    edgecascade repo demo --role device|edge|region --repo DIR
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from rich.table import Table
 
 from services import __version__
 from services.cli import client_commands
-from services.cli.demo_models import DEFAULT_MODELS_DIR, DEVICE_MODEL
+from services.cli.demo_models import DEFAULT_MODELS_DIR, DEVICE_MODEL, place_demo_models
 from services.cli.mesh_launcher import Mesh, run_until_signal
 from services.errors import EdgecascadeError
 from services.model_repository import ModelRepository
@@ -90,6 +91,10 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--repo", type=Path, required=True, help="repository directory")
     add.add_argument("--name", required=True, help="model name")
     add.add_argument("--version", default="", help="version (default: next free integer)")
+    demo = repo_sub.add_parser("demo", help="place the demo models meant for one role into a repository")
+    demo.add_argument("--role", required=True, choices=["device", "edge", "region"])
+    demo.add_argument("--repo", type=Path, required=True, help="repository directory")
+    demo.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR, help="where the demo ONNX models are")
     return parser
 
 
@@ -137,6 +142,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.stop:
                 params["stop"] = args.stop
             return client_commands.generate(console, address, args.model, args.prompt, params, args.timeout)
+        if args.repo_command == "demo":
+            for placement in place_demo_models(args.repo, args.role, args.models_dir):
+                console.print(f"placed {placement.name} ({placement.file}) in {args.repo}")
+            return 0
         entry = ModelRepository(args.repo).add(args.name, args.file, args.version)
         console.print(f"added {entry.name} version {entry.version} at {entry.path}")
         return 0

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.errors import ConfigError
+from services.model_repository import ModelRepository
 
 DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[2] / "examples" / "models"
 
@@ -47,3 +48,24 @@ def demo_file(models_dir: Path, placement: Placement) -> Path:
             "(rebuild with: python -m examples.charlm.train --size all --out examples/models)"
         )
     return path
+
+
+def place_demo_models(repository: Path, role: str, models_dir: Path = DEFAULT_MODELS_DIR) -> list[Placement]:
+    """Adds the demo models meant for ``role`` to a repository, unless already there.
+
+    Returns:
+        The placements made (empty when everything was already placed).
+
+    Raises:
+        ConfigError: Unknown role or a missing demo model file.
+    """
+    roles = {p.role for p in PLACEMENTS}
+    if role not in roles:
+        raise ConfigError(f"unknown role {role!r}; expected one of {', '.join(sorted(roles))}")
+    repo = ModelRepository(repository)
+    placed = []
+    for placement in PLACEMENTS:
+        if placement.role == role and not repo.versions(placement.name):
+            repo.add(placement.name, demo_file(models_dir, placement))
+            placed.append(placement)
+    return placed

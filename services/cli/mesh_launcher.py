@@ -27,9 +27,8 @@ from typing import IO, Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.cli.demo_models import PLACEMENTS, demo_file
+from services.cli.demo_models import place_demo_models
 from services.errors import ConfigError, UnavailableError
-from services.model_repository import ModelRepository
 
 START_TIMEOUT_S = 60.0
 STOP_GRACE_S = 10.0
@@ -109,11 +108,8 @@ class Mesh:
             ConfigError: A demo model file is missing.
         """
         for child in self.children:
-            repository = ModelRepository(child.repository)
-            for placement in PLACEMENTS:
-                if placement.role == child.role and not repository.versions(placement.name):
-                    repository.add(placement.name, demo_file(self.models_dir, placement))
-                    self.say(f"placed {placement.name} ({placement.file}) on {child.name}")
+            for placement in place_demo_models(child.repository, child.role, self.models_dir):
+                self.say(f"placed {placement.name} ({placement.file}) on {child.name}")
 
     def start(self) -> dict[str, Any]:
         """Starts every child in chain order and returns the endpoints once all serve.
@@ -164,7 +160,8 @@ class Mesh:
             stderr=subprocess.STDOUT,
             # Ctrl-C in the terminal goes to the launcher only; it stops the children in order.
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            # No threads exist yet when children are spawned (health checks come after).
+            preexec_fn=_die_with_parent,  # noqa: PLW1509
         )
         if wait:
             self._await_port(child)

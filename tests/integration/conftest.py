@@ -40,9 +40,7 @@ class Chain:
     models: Path
 
 
-async def start_node(
-    spec: TierSpec, repository: Path, node_id: str, upstream: str = "", **server: Any
-) -> Node:
+async def start_node(spec: TierSpec, repository: Path, node_id: str, upstream: str = "", **server: Any) -> Node:
     """Starts one node on a free loopback port."""
     overrides: Mapping[str, Mapping[str, Any]] = {
         "server": {"node_id": node_id, "grace_seconds": 0.5, **server},

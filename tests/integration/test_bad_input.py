@@ -26,7 +26,9 @@ def good() -> pb.ModelInferRequest:
     return infer_request("lin", {"x": X})
 
 
-def with_(change: Callable[[pb.ModelInferRequest], None], base: Callable[[], pb.ModelInferRequest] = good) -> pb.ModelInferRequest:
+def with_(
+    change: Callable[[pb.ModelInferRequest], None], base: Callable[[], pb.ModelInferRequest] = good
+) -> pb.ModelInferRequest:
     request = base()
     change(request)
     return request
@@ -34,6 +36,11 @@ def with_(change: Callable[[pb.ModelInferRequest], None], base: Callable[[], pb.
 
 def _both_contents(r: pb.ModelInferRequest) -> None:
     r.inputs[0].contents.fp32_contents.extend([1.0] * 4)
+
+
+def _duplicate_input(r: pb.ModelInferRequest) -> None:
+    r.inputs.append(r.inputs[0])
+    r.raw_input_contents.append(r.raw_input_contents[0])
 
 
 def _set_shape(shape: list[int]) -> Callable[[pb.ModelInferRequest], None]:
@@ -63,28 +70,128 @@ class Case:
 
 
 CASES = [
-    Case("unknown model", lambda: infer_request("ghost", {"x": X}), grpc.StatusCode.NOT_FOUND, "model 'ghost' is not held"),
-    Case("unknown datatype", lambda: with_(lambda r: setattr(r.inputs[0], "datatype", "FLOAT32")), INVALID, "input 'x': unknown datatype 'FLOAT32'"),
-    Case("raw length vs shape", lambda: with_(_set_shape([1, 5])), INVALID, "input 'x': shape [1, 5] of FP32 needs 20 bytes"),
-    Case("shape does not fit", lambda: infer_request("lin", {"x": np.ones((1, 5), np.float32)}), INVALID, "input 'x': shape [1, 5] does not fit the model's [-1, 4]"),
-    Case("rank does not fit", lambda: infer_request("lin", {"x": np.ones(4, np.float32)}), INVALID, "input 'x': shape [4] does not fit"),
-    Case("wrong datatype", lambda: infer_request("lin", {"x": np.ones((1, 4), np.int64)}), INVALID, "input 'x' must be FP32, got INT64"),
+    Case(
+        "unknown model",
+        lambda: infer_request("ghost", {"x": X}),
+        grpc.StatusCode.NOT_FOUND,
+        "model 'ghost' is not held",
+    ),
+    Case(
+        "unknown datatype",
+        lambda: with_(lambda r: setattr(r.inputs[0], "datatype", "FLOAT32")),
+        INVALID,
+        "input 'x': unknown datatype 'FLOAT32'",
+    ),
+    Case(
+        "raw length vs shape",
+        lambda: with_(_set_shape([1, 5])),
+        INVALID,
+        "input 'x': shape [1, 5] of FP32 needs 20 bytes",
+    ),
+    Case(
+        "shape does not fit",
+        lambda: infer_request("lin", {"x": np.ones((1, 5), np.float32)}),
+        INVALID,
+        "input 'x': shape [1, 5] does not fit the model's [-1, 4]",
+    ),
+    Case(
+        "rank does not fit",
+        lambda: infer_request("lin", {"x": np.ones(4, np.float32)}),
+        INVALID,
+        "input 'x': shape [4] does not fit",
+    ),
+    Case(
+        "wrong datatype",
+        lambda: infer_request("lin", {"x": np.ones((1, 4), np.int64)}),
+        INVALID,
+        "input 'x' must be FP32, got INT64",
+    ),
     Case("raw and typed contents", lambda: with_(_both_contents), INVALID, "input 'x' has both raw and typed contents"),
     Case("missing required input", lambda: infer_request("lin", {}), INVALID, "required input 'x' is missing"),
-    Case("unknown input", lambda: infer_request("lin", {"x": X, "z": X}), INVALID, "input 'z' is not an input of this model"),
-    Case("raw count mismatch", lambda: with_(lambda r: r.raw_input_contents.append(b"")), INVALID, "raw_input_contents has 2 entries for 1 inputs"),
-    Case("duplicate input", lambda: with_(lambda r: (r.inputs.append(r.inputs[0]), r.raw_input_contents.append(r.raw_input_contents[0]))), INVALID, "input 'x' appears more than once"),
-    Case("unknown output", lambda: with_(lambda r: r.outputs.add(name="nope")), INVALID, "requested output 'nope' is not an output"),
-    Case("non-UTF-8 text", lambda: text_request("lm", b"ok \xff\xfe"), INVALID, "input 'text_input' element 0 is not valid UTF-8"),
-    Case("token id out of range", lambda: infer_request("lm", {"input_ids": np.full((1, 4), 999, np.int64)}), INVALID, "the model rejected the input values"),
-    Case("negative timeout", lambda: with_(_set_param("timeout", -5)), INVALID, "parameter 'timeout' must not be negative"),
-    Case("absurd timeout", lambda: with_(_set_param("timeout", 10**15)), INVALID, "parameter 'timeout' of 1000000000000000 µs exceeds the limit"),
-    Case("timeout as text", lambda: with_(_set_param("timeout", "soon")), INVALID, "parameter 'timeout' must be an integer"),
-    Case("negative priority", lambda: with_(_set_param("priority", -1)), INVALID, "parameter 'priority' must be a non-negative integer"),
-    Case("unknown parameter", lambda: with_(_set_param("sequence_id", 7)), INVALID, "request parameter 'sequence_id' is not supported"),
-    Case("empty parameter", lambda: with_(lambda r: r.parameters["priority"].Clear()), INVALID, "request parameter 'priority' has no value"),
-    Case("sampling parameter on a classifier", lambda: with_(_set_param("max_tokens", 5)), INVALID, "request parameter 'max_tokens' is not supported"),
-    Case("bad input relayed from the edge", lambda: infer_request("edge-only", {"x": np.ones((1, 9), np.float32)}), INVALID, "input 'x': shape [1, 9] does not fit"),
+    Case(
+        "unknown input",
+        lambda: infer_request("lin", {"x": X, "z": X}),
+        INVALID,
+        "input 'z' is not an input of this model",
+    ),
+    Case(
+        "raw count mismatch",
+        lambda: with_(lambda r: r.raw_input_contents.append(b"")),
+        INVALID,
+        "raw_input_contents has 2 entries for 1 inputs",
+    ),
+    Case(
+        "duplicate input",
+        lambda: with_(_duplicate_input),
+        INVALID,
+        "input 'x' appears more than once",
+    ),
+    Case(
+        "unknown output",
+        lambda: with_(lambda r: r.outputs.add(name="nope")),
+        INVALID,
+        "requested output 'nope' is not an output",
+    ),
+    Case(
+        "non-UTF-8 text",
+        lambda: text_request("lm", b"ok \xff\xfe"),
+        INVALID,
+        "input 'text_input' element 0 is not valid UTF-8",
+    ),
+    Case(
+        "token id out of range",
+        lambda: infer_request("lm", {"input_ids": np.full((1, 4), 999, np.int64)}),
+        INVALID,
+        "the model rejected the input values",
+    ),
+    Case(
+        "negative timeout",
+        lambda: with_(_set_param("timeout", -5)),
+        INVALID,
+        "parameter 'timeout' must not be negative",
+    ),
+    Case(
+        "absurd timeout",
+        lambda: with_(_set_param("timeout", 10**15)),
+        INVALID,
+        "parameter 'timeout' of 1000000000000000 µs exceeds the limit",
+    ),
+    Case(
+        "timeout as text",
+        lambda: with_(_set_param("timeout", "soon")),
+        INVALID,
+        "parameter 'timeout' must be an integer",
+    ),
+    Case(
+        "negative priority",
+        lambda: with_(_set_param("priority", -1)),
+        INVALID,
+        "parameter 'priority' must be a non-negative integer",
+    ),
+    Case(
+        "unknown parameter",
+        lambda: with_(_set_param("sequence_id", 7)),
+        INVALID,
+        "request parameter 'sequence_id' is not supported",
+    ),
+    Case(
+        "empty parameter",
+        lambda: with_(lambda r: r.parameters["priority"].Clear()),
+        INVALID,
+        "request parameter 'priority' has no value",
+    ),
+    Case(
+        "sampling parameter on a classifier",
+        lambda: with_(_set_param("max_tokens", 5)),
+        INVALID,
+        "request parameter 'max_tokens' is not supported",
+    ),
+    Case(
+        "bad input relayed from the edge",
+        lambda: infer_request("edge-only", {"x": np.ones((1, 9), np.float32)}),
+        INVALID,
+        "input 'x': shape [1, 9] does not fit",
+    ),
     Case("empty model name", lambda: infer_request("", {"x": X}), INVALID, "model name is empty"),
 ]
 
@@ -118,7 +225,9 @@ async def test_oversized_message_is_resource_exhausted_and_the_server_keeps_serv
         await node.stop()
 
 
-async def test_unexpected_errors_are_internal_with_a_fixed_message(chain: Chain, device_stub: pb_grpc.GRPCInferenceServiceStub, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_unexpected_errors_are_internal_with_a_fixed_message(
+    chain: Chain, device_stub: pb_grpc.GRPCInferenceServiceStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from services.dataplane import Dataplane
 
     async def explode(*args: object, **kwargs: object) -> None:

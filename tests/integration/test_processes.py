@@ -43,7 +43,9 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.parametrize("module", TIER_MODULES)
 def test_tier_help_documents_config_and_environment(module: str) -> None:
-    result = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=60, check=False
+    )
     assert result.returncode == 0
     assert "--config" in result.stdout and "EDGECASCADE_<SECTION>__<KEY>" in result.stdout
 
@@ -52,12 +54,18 @@ def test_bad_configuration_exits_2_with_a_message(tmp_path: Path) -> None:
     config = tmp_path / "bad.toml"
     config.write_text("[server]\nport = -1\n")
     result = subprocess.run(
-        [sys.executable, "-m", "tier1_edge", "--config", str(config)], capture_output=True, text=True, timeout=60, check=False
+        [sys.executable, "-m", "tier1_edge", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode == 2
     assert "configuration error: [server] port must be between 0 and 65535, got -1" in result.stderr
     env = {**os.environ, "EDGECASCADE_UPSTREAM__ADDRESS": "127.0.0.1:1"}
-    result = subprocess.run([sys.executable, "-m", "tier2_region"], capture_output=True, text=True, timeout=60, check=False, env=env)
+    result = subprocess.run(
+        [sys.executable, "-m", "tier2_region"], capture_output=True, text=True, timeout=60, check=False, env=env
+    )
     assert result.returncode == 2
     assert "the region is the top of the chain" in result.stderr
 
@@ -83,7 +91,9 @@ def test_a_tier_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
 
 
 def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(BIN / "edgecascade"), *args], capture_output=True, text=True, timeout=timeout, check=False)
+    return subprocess.run(
+        [str(BIN / "edgecascade"), *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
 
 
 @pytest.mark.slow

@@ -26,7 +26,8 @@ X = np.arange(8, dtype=np.float32).reshape(2, 4) / 10
 
 def reference(path: Path, x: np.ndarray) -> np.ndarray:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(["y"], {"x": x})[0]
+    result: np.ndarray = session.run(["y"], {"x": x})[0]
+    return result
 
 
 async def test_health_is_serving_on_every_tier_and_reflection_lists_services(chain: Chain) -> None:
@@ -37,12 +38,19 @@ async def test_health_is_serving_on_every_tier_and_reflection_lists_services(cha
                 reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
                 assert reply.status == health_pb2.HealthCheckResponse.SERVING
             stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-            replies = [r async for r in stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))]
+            replies = [
+                r
+                async for r in stub.ServerReflectionInfo(
+                    iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+                )
+            ]
             names = {s.name for s in replies[0].list_services_response.service}
             assert {"inference.GRPCInferenceService", "edgecascade.v1.MeshService", "grpc.health.v1.Health"} <= names
 
 
-async def test_local_inference_matches_onnxruntime_and_names_the_server(chain: Chain, device_stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+async def test_local_inference_matches_onnxruntime_and_names_the_server(
+    chain: Chain, device_stub: pb_grpc.GRPCInferenceServiceStub
+) -> None:
     response = await device_stub.ModelInfer(infer_request("lin", {"x": X}))
     np.testing.assert_allclose(output(response, "y"), reference(chain.models / "lin.onnx", X), rtol=1e-6)
     assert params(response) == {"edgecascade.served_by": "tier0:device-1"}
@@ -76,13 +84,17 @@ async def test_missing_models_climb_the_chain(
     np.testing.assert_allclose(output(response, "y"), reference(file, X), rtol=1e-6)
 
 
-async def test_a_model_that_cannot_load_is_forwarded_with_its_reason(device_stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+async def test_a_model_that_cannot_load_is_forwarded_with_its_reason(
+    device_stub: pb_grpc.GRPCInferenceServiceStub,
+) -> None:
     response = await device_stub.ModelInfer(infer_request("flaky", {"x": X}))
     assert params(response)["edgecascade.served_by"] == "tier1:edge-1"
     assert params(response)["edgecascade.fallback_reason"] == "model_unavailable"
 
 
-async def test_unknown_model_at_the_top_is_not_found_with_a_clear_message(device_stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+async def test_unknown_model_at_the_top_is_not_found_with_a_clear_message(
+    device_stub: pb_grpc.GRPCInferenceServiceStub,
+) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await device_stub.ModelInfer(infer_request("no-such-model", {"x": X}))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
@@ -105,7 +117,9 @@ async def test_metadata_config_and_ready_follow_the_chain(device_stub: pb_grpc.G
     assert server.name == "edgecascade" and "model_repository" in server.extensions
 
 
-async def test_repository_index_statistics_load_and_unload(chain: Chain, device_stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+async def test_repository_index_statistics_load_and_unload(
+    chain: Chain, device_stub: pb_grpc.GRPCInferenceServiceStub
+) -> None:
     index = await device_stub.RepositoryIndex(pb.RepositoryIndexRequest())
     states = {(m.name, m.version): (m.state, m.reason) for m in index.models}
     assert states[("lin", "1")] == ("READY", "")
@@ -125,7 +139,9 @@ async def test_repository_index_statistics_load_and_unload(chain: Chain, device_
     await device_stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="lin"))
     assert not (await device_stub.ModelReady(pb.ModelReadyRequest(name="lin"))).ready
     # A new version on disk is picked up by an explicit load and becomes current once warm.
-    ModelRepository(Path(chain.device.config.repository.path)).add("lin", linear_model(chain.models / "lin2.onnx", seed=9))
+    ModelRepository(Path(chain.device.config.repository.path)).add(
+        "lin", linear_model(chain.models / "lin2.onnx", seed=9)
+    )
     await device_stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="lin"))
     response = await device_stub.ModelInfer(infer_request("lin", {"x": X}))
     assert response.model_version == "2"
@@ -142,7 +158,9 @@ async def test_tier_info(chain: Chain) -> None:
     assert {m.name for m in info.models} == {"lin", "lm", "flaky"}
 
 
-async def test_forwarding_uses_the_remaining_deadline(chain: Chain, device_stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+async def test_forwarding_uses_the_remaining_deadline(
+    chain: Chain, device_stub: pb_grpc.GRPCInferenceServiceStub
+) -> None:
     # The region is stopped: the edge cannot reach it, and the device's caller gets
     # UNAVAILABLE naming the unreachable tier well inside its own deadline.
     await chain.region.stop()
@@ -151,18 +169,26 @@ async def test_forwarding_uses_the_remaining_deadline(chain: Chain, device_stub:
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert caught.value.details() == f"upstream {chain.region.address} is unavailable"
     # Models held below keep being served: failure stays local.
-    assert params(await device_stub.ModelInfer(infer_request("edge-only", {"x": X})))["edgecascade.served_by"] == "tier1:edge-1"
-    assert params(await device_stub.ModelInfer(infer_request("lin", {"x": X})))["edgecascade.served_by"] == "tier0:device-1"
+    assert (
+        params(await device_stub.ModelInfer(infer_request("edge-only", {"x": X})))["edgecascade.served_by"]
+        == "tier1:edge-1"
+    )
+    assert (
+        params(await device_stub.ModelInfer(infer_request("lin", {"x": X})))["edgecascade.served_by"]
+        == "tier0:device-1"
+    )
 
 
 async def test_timeout_parameter_and_grpc_deadline_cut_a_forwarded_call_short(tmp_path: Path) -> None:
     # An upstream that never answers: a bare server with a handler that sleeps.
-    async def hang(request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+    async def hang(
+        request: pb.ModelInferRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.ModelInferResponse:
         await asyncio.sleep(30)
         return pb.ModelInferResponse()
 
     class Hanging(pb_grpc.GRPCInferenceServiceServicer):
-        ModelInfer = staticmethod(hang)  # type: ignore[assignment]
+        ModelInfer = staticmethod(hang)
 
     server = grpc.aio.server()
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(Hanging(), server)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-import grpc
 import numpy as np
 import pytest
 
@@ -20,11 +19,15 @@ async def requests(*items: pb.ModelInferRequest) -> AsyncIterator[pb.ModelInferR
         yield item
 
 
-async def collect(stub: pb_grpc.GRPCInferenceServiceStub, *items: pb.ModelInferRequest) -> list[pb.ModelStreamInferResponse]:
+async def collect(
+    stub: pb_grpc.GRPCInferenceServiceStub, *items: pb.ModelInferRequest
+) -> list[pb.ModelStreamInferResponse]:
     return [r async for r in stub.ModelStreamInfer(requests(*items))]
 
 
-async def test_generation_streams_one_response_per_token_then_a_final_one(device_stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+async def test_generation_streams_one_response_per_token_then_a_final_one(
+    device_stub: pb_grpc.GRPCInferenceServiceStub,
+) -> None:
     replies = await collect(device_stub, text_request("lm", "abc", max_tokens=12, temperature=0.0))
     assert not any(r.error_message for r in replies)
     tokens, final = replies[:-1], replies[-1]
@@ -56,7 +59,9 @@ async def test_same_seed_same_text_and_stop_strings_end_early(device_stub: pb_gr
     assert params(stopped[-1].infer_response)["edgecascade.finish_reason"] == "stop"
 
 
-async def test_a_bad_request_is_an_error_message_and_the_stream_goes_on(device_stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+async def test_a_bad_request_is_an_error_message_and_the_stream_goes_on(
+    device_stub: pb_grpc.GRPCInferenceServiceStub,
+) -> None:
     replies = await collect(
         device_stub,
         text_request("lm", b"\xff"),
@@ -77,7 +82,9 @@ async def test_plain_inference_over_the_stream(device_stub: pb_grpc.GRPCInferenc
     assert [output(r.infer_response, "y").shape for r in replies] == [(3, 3), (1, 3)]
 
 
-async def test_generation_is_forwarded_when_the_model_is_upstream(device_stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+async def test_generation_is_forwarded_when_the_model_is_upstream(
+    device_stub: pb_grpc.GRPCInferenceServiceStub,
+) -> None:
     replies = await collect(device_stub, text_request("edge-lm", "abc", max_tokens=5, temperature=0.0))
     assert len(replies) == 6
     for reply in replies:

@@ -20,7 +20,9 @@ from tier2_region.app import SPEC as REGION
 SERVER, CLIENT = 2, 3  # OTLP SpanKind values
 
 
-async def test_a_forwarded_request_is_one_trace_across_three_tiers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_forwarded_request_is_one_trace_across_three_tiers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     receiver = OtlpReceiver()
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", await receiver.start())
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")

@@ -29,7 +29,11 @@ def main() -> int:
     metadata = client.get_model_metadata(infer_model, as_json=True)
     out["metadata"] = {"name": metadata["name"], "inputs": metadata["inputs"], "outputs": metadata["outputs"]}
     config = client.get_model_config(infer_model, as_json=True)["config"]
-    out["config"] = {"name": config["name"], "max_batch_size": config.get("max_batch_size", 0), "input": config["input"]}
+    out["config"] = {
+        "name": config["name"],
+        "max_batch_size": config.get("max_batch_size", 0),
+        "input": config["input"],
+    }
     out["index"] = sorted(m["name"] for m in client.get_model_repository_index(as_json=True).get("models", []))
     out["server"] = client.get_server_metadata(as_json=True)["name"]
 

@@ -36,7 +36,9 @@ class OtlpReceiver(trace_grpc.TraceServiceServicer):
         self._server: grpc.aio.Server | None = None
         self.port = 0
 
-    async def Export(self, request: trace_pb.ExportTraceServiceRequest, context: Any) -> trace_pb.ExportTraceServiceResponse:  # noqa: N802
+    async def Export(
+        self, request: trace_pb.ExportTraceServiceRequest, context: Any
+    ) -> trace_pb.ExportTraceServiceResponse:
         for resource_spans in request.resource_spans:
             resource = {a.key: _value(a.value) for a in resource_spans.resource.attributes}
             for scope in resource_spans.scope_spans:
@@ -49,7 +51,10 @@ class OtlpReceiver(trace_grpc.TraceServiceServicer):
                             trace_id=span.trace_id.hex(),
                             span_id=span.span_id.hex(),
                             parent_span_id=span.parent_span_id.hex(),
-                            attributes={**{f"resource.{k}": v for k, v in resource.items()}, **{a.key: _value(a.value) for a in span.attributes}},
+                            attributes={
+                                **{f"resource.{k}": v for k, v in resource.items()},
+                                **{a.key: _value(a.value) for a in span.attributes},
+                            },
                         )
                     )
         return trace_pb.ExportTraceServiceResponse()

@@ -37,7 +37,7 @@ def _imports(path: Path) -> set[str]:
 
 
 def _top(name: str) -> str:
-    return name.split(".")[0]
+    return name.split(".", maxsplit=1)[0]
 
 
 def _is_core(path: Path) -> bool:
@@ -84,7 +84,9 @@ def test_nothing_runs_at_import_time(path: Path) -> None:
             assert func in {"sys.exit"} or func.endswith("__doc__"), f"{path.name} calls {func} at import time"
         if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call):
             func = ast.unparse(node.value.func)
-            assert not func.startswith(("asyncio.", "aio.server", "grpc.aio.server")), f"{path.name} builds {func} at import"
+            assert not func.startswith(("asyncio.", "aio.server", "grpc.aio.server")), (
+                f"{path.name} builds {func} at import"
+            )
 
 
 def test_the_core_rule_can_fail(tmp_path: Path) -> None:

@@ -51,9 +51,7 @@ def _check_jsonschema_exe() -> str:
         return str(candidate)
     found = shutil.which("check-jsonschema")
     if found is None:
-        pytest.fail(
-            "check-jsonschema executable not found next to sys.executable or on PATH"
-        )
+        pytest.fail("check-jsonschema executable not found next to sys.executable or on PATH")
     return found
 
 
@@ -108,9 +106,7 @@ def _published_ports(service: dict[str, Any]) -> list[tuple[str | None, str, str
             if published is None:
                 result.append((entry.get("host_ip"), "", str(entry.get("target"))))
             else:
-                result.append(
-                    (entry.get("host_ip"), str(published), str(entry.get("target")))
-                )
+                result.append((entry.get("host_ip"), str(published), str(entry.get("target"))))
             continue
         spec = str(entry).split("/", 1)[0]
         if spec.startswith("["):  # [ipv6]:host:container
@@ -148,8 +144,7 @@ def services(compose: dict[str, Any]) -> dict[str, Any]:
 def test_compose_validates_against_compose_spec() -> None:
     proc = _validate(COMPOSE)
     assert proc.returncode == 0, (
-        f"check-jsonschema rejected compose.yaml (rc={proc.returncode}):\n"
-        f"{proc.stdout}\n{proc.stderr}"
+        f"check-jsonschema rejected compose.yaml (rc={proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     )
 
 
@@ -197,9 +192,7 @@ def test_services_exist(services: dict[str, Any]) -> None:
 
 def test_single_image_built_once(services: dict[str, Any]) -> None:
     builders = [name for name in MESH_SERVICES if "build" in services[name]]
-    assert len(builders) == 1, (
-        f"exactly one mesh service should build the image, got {builders}"
-    )
+    assert len(builders) == 1, f"exactly one mesh service should build the image, got {builders}"
     image = services[builders[0]].get("image")
     assert image == "edgecascade:dev"
     for name in MESH_SERVICES:
@@ -218,12 +211,8 @@ def test_node_ids_and_server_env(services: dict[str, Any]) -> None:
         assert env.get("EDGECASCADE_SERVER__NODE_ID") == node_id, name
         assert env.get("EDGECASCADE_SERVER__HOST") == "0.0.0.0", name
         assert env.get("EDGECASCADE_SERVER__PORT", "").isdigit(), name
-        assert env.get("EDGECASCADE_REPOSITORY__PATH", "").startswith(
-            "/var/lib/edgecascade/"
-        ), name
-        assert "OTEL_SERVICE_NAME" not in env, (
-            f"{name}: OTEL_SERVICE_NAME is set by the code"
-        )
+        assert env.get("EDGECASCADE_REPOSITORY__PATH", "").startswith("/var/lib/edgecascade/"), name
+        assert "OTEL_SERVICE_NAME" not in env, f"{name}: OTEL_SERVICE_NAME is set by the code"
 
 
 def test_upstream_chain(services: dict[str, Any]) -> None:
@@ -254,33 +243,21 @@ def test_every_tier_has_healthcheck(services: dict[str, Any]) -> None:
         test = hc["test"]
         joined = " ".join(test) if isinstance(test, list) else str(test)
         assert "grpc_health" in joined, f"{name}: healthcheck should use grpc.health.v1"
-        if (
-            isinstance(test, list)
-            and test[0] == "CMD"
-            and test[1:3] == ["python", "-c"]
-        ):
-            compile(
-                test[3], f"{name}-healthcheck", "exec"
-            )  # the one-liner must be valid Python
+        if isinstance(test, list) and test[0] == "CMD" and test[1:3] == ["python", "-c"]:
+            compile(test[3], f"{name}-healthcheck", "exec")  # the one-liner must be valid Python
 
 
 def test_every_tier_exports_to_jaeger(services: dict[str, Any]) -> None:
     for name in MESH_SERVICES:
         endpoint = _env(services[name]).get("OTEL_EXPORTER_OTLP_ENDPOINT", "")
-        assert endpoint == "http://jaeger:4317", (
-            f"{name}: OTLP endpoint is {endpoint!r}"
-        )
-        assert "jaeger" in _depends_on(services[name]), (
-            f"{name} should start after jaeger"
-        )
+        assert endpoint == "http://jaeger:4317", f"{name}: OTLP endpoint is {endpoint!r}"
+        assert "jaeger" in _depends_on(services[name]), f"{name} should start after jaeger"
 
 
 def test_jaeger_service(services: dict[str, Any]) -> None:
     jaeger = services["jaeger"]
     image = str(jaeger.get("image", ""))
-    assert image.startswith(("jaegertracing/all-in-one:", "jaegertracing/jaeger:")), (
-        image
-    )
+    assert image.startswith(("jaegertracing/all-in-one:", "jaegertracing/jaeger:")), image
     tag = image.rsplit(":", 1)[1]
     assert tag and tag != "latest", "pin the Jaeger image tag"
     if "all-in-one" in image:
@@ -294,15 +271,11 @@ def test_host_ports_bind_loopback_only(services: dict[str, Any]) -> None:
     published: dict[str, list[tuple[str | None, str, str]]] = {}
     for name, service in services.items():
         for host_ip, host_port, target in _published_ports(service):
-            assert host_ip == "127.0.0.1", (
-                f"{name}: port {host_port}:{target} must bind 127.0.0.1, got {host_ip!r}"
-            )
+            assert host_ip == "127.0.0.1", f"{name}: port {host_port}:{target} must bind 127.0.0.1, got {host_ip!r}"
             published.setdefault(name, []).append((host_ip, host_port, target))
     assert ("127.0.0.1", "8001", "8001") in published.get("device-1", [])
     assert ("127.0.0.1", "16686", "16686") in published.get("jaeger", [])
-    assert set(published) == {"device-1", "jaeger"}, (
-        f"unexpected published services: {published}"
-    )
+    assert set(published) == {"device-1", "jaeger"}, f"unexpected published services: {published}"
 
 
 # ------------------------------------------------------------------ Dockerfile checks
@@ -310,41 +283,30 @@ def test_host_ports_bind_loopback_only(services: dict[str, Any]) -> None:
 
 def test_dockerfile_basics() -> None:
     text = DOCKERFILE.read_text(encoding="utf-8")
-    instructions = [
-        line.strip()
-        for line in text.splitlines()
-        if line.strip() and not line.lstrip().startswith("#")
-    ]
+    instructions = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     assert any(line.startswith("FROM python:3.11-slim") for line in instructions)
     assert "pip install --no-cache-dir ." in text
-    users = [
-        line.split(None, 1)[1]
-        for line in instructions
-        if line.upper().startswith("USER ")
-    ]
-    assert users and users[-1] not in ("root", "0", "0:0"), (
-        "image must run as a non-root user"
-    )
+    users = [line.split(None, 1)[1] for line in instructions if line.upper().startswith("USER ")]
+    assert users and users[-1] not in ("root", "0", "0:0"), "image must run as a non-root user"
     assert any(line.split()[:2] == ["EXPOSE", "8001"] for line in instructions)
-    assert any(
-        line.startswith("CMD") and "tier2_region" in line for line in instructions
-    )
+    assert any(line.startswith("CMD") and "tier2_region" in line for line in instructions)
 
 
 @pytest.mark.parametrize("model", DEMO_MODELS)
 def test_dockerfile_places_demo_models(model: str) -> None:
     text = DOCKERFILE.read_text(encoding="utf-8")
     assert model in text, f"Dockerfile does not place {model}"
-    assert "edgecascade repo add" in text
+    assert "edgecascade repo demo" in text
 
 
 def test_compose_repository_paths_match_dockerfile(services: dict[str, Any]) -> None:
     text = DOCKERFILE.read_text(encoding="utf-8")
+    assert "for role in device edge region" in text
+    assert '--repo "/var/lib/edgecascade/$role-models"' in text
     for name in MESH_SERVICES:
+        role = name.split("-")[0]
         repo = _env(services[name])["EDGECASCADE_REPOSITORY__PATH"]
-        assert f"--repo {repo} " in text, (
-            f"{name}: {repo} is not populated in the Dockerfile"
-        )
+        assert repo == f"/var/lib/edgecascade/{role}-models", f"{name}: {repo} is not populated in the Dockerfile"
 
 
 def test_dockerignore_excludes_local_state() -> None:
@@ -363,6 +325,4 @@ def test_dockerignore_excludes_local_state() -> None:
         ".ruff_cache",
     ):
         assert required in patterns, f".dockerignore should exclude {required}"
-    assert not any(p.startswith("examples") for p in patterns), (
-        "demo models must stay in the context"
-    )
+    assert not any(p.startswith("examples") for p in patterns), "demo models must stay in the context"

@@ -20,7 +20,9 @@ def test_defaults_are_loopback_and_sane() -> None:
 
 def test_file_beats_defaults_and_environment_beats_file(tmp_path: Path) -> None:
     path = tmp_path / "tier.toml"
-    path.write_text('[server]\nport = 9001\nnode_id = "from-file"\n[repository]\npath = "/srv/models"\npreload = false\n')
+    path.write_text(
+        '[server]\nport = 9001\nnode_id = "from-file"\n[repository]\npath = "/srv/models"\npreload = false\n'
+    )
     env = {"EDGECASCADE_SERVER__PORT": "9002", "EDGECASCADE_UPSTREAM__ADDRESS": "127.0.0.1:9100"}
     config = load_config(TierConfig, path, env=env, overrides={"server": {"port": 1234, "grace_seconds": 1.5}})
     assert config.server.port == 9002
@@ -51,7 +53,9 @@ def test_env_name_convention() -> None:
         ("[server\n", {}, "not valid TOML"),
     ],
 )
-def test_bad_configuration_stops_with_a_clear_message(tmp_path: Path, toml: str, env: dict[str, str], message: str) -> None:
+def test_bad_configuration_stops_with_a_clear_message(
+    tmp_path: Path, toml: str, env: dict[str, str], message: str
+) -> None:
     path = tmp_path / "tier.toml"
     path.write_text(toml)
     with pytest.raises(ConfigError) as caught:

@@ -59,6 +59,8 @@ def test_round_trip_keeps_class_family_and_message() -> None:
     back = error_from_rpc(_FakeRpcError(grpc.StatusCode.NOT_FOUND, "model 'm' is not here"), "upstream")
     assert isinstance(back, errors.NotFoundError)
     assert back.message == "model 'm' is not here"
-    unavailable = error_from_rpc(_FakeRpcError(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses"), "upstream 127.0.0.1:9")
+    unavailable = error_from_rpc(
+        _FakeRpcError(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses"), "upstream 127.0.0.1:9"
+    )
     assert isinstance(unavailable, errors.UpstreamUnavailableError)
     assert unavailable.message == "upstream 127.0.0.1:9 is unavailable"
