@@ -148,6 +148,11 @@ class ModelStore:
         if version and (name, version) in self._loaded:
             return self._loaded[(name, version)]
         entry = self.repository.resolve(name, version)
+        failure = self._failed.get((entry.name, entry.version))
+        if failure is not None:
+            # A version that failed to load is not retried on every request;
+            # RepositoryModelLoad (``load``) retries it explicitly.
+            raise ModelNotReadyError(failure)
         return await self._load(entry)
 
     async def load(self, name: str) -> LoadedModel:
