@@ -1,17 +1,15 @@
 """Composition root of the device tier.
 
-Everything is built inside the running event loop by :class:`services.rpc.node.Node`;
-this module only states what makes a device a device.
+Everything is built inside the running event loop by :class:`services.rpc.node.Node`
+from ``SPEC`` and the configuration; this module states what makes a device a device.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
 from typing import Any
 
-from services.rpc.node import Node, TierSpec, serve
-from services.tier_config import TierConfig
+from services.rpc.node import TierSpec
 
 SPEC = TierSpec(tier="tier0", role="device", service_name="edgecascade-tier0", top_of_chain=False)
 
@@ -21,12 +19,3 @@ DEFAULTS: Mapping[str, Mapping[str, Any]] = {
     "repository": {"path": "device-models"},
 }
 
-
-def build(config: TierConfig) -> Node:
-    """Returns a device node for ``config`` (not started)."""
-    return Node(SPEC, config)
-
-
-async def run(config: TierConfig, stop: asyncio.Event) -> None:
-    """Runs a device node until ``stop`` is set."""
-    await serve(SPEC, config, stop)
