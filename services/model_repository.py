@@ -116,8 +116,12 @@ class ModelRepository:
         """Returns the requested version, or the newest when ``version`` is empty.
 
         Raises:
+            InvalidArgumentError: The name or version is not valid at all.
             ModelNotFoundError: The model or version is not in this repository.
         """
+        check_model_name(name)
+        if version:
+            check_version(version)
         versions = self.versions(name)
         if not versions:
             raise ModelNotFoundError(f"model '{name}' is not in this repository")

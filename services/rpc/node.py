@@ -1,8 +1,9 @@
 """One running tier node: the shared composition every tier's ``app.py`` starts.
 
 Start order: tracer provider → repository and model store → data plane →
-upstream client → servicers → server; then the repository is preloaded, the
-node reports ready, and the port file is written. Stop order is the reverse,
+upstream client → servicers → server (live, health NOT_SERVING); then the
+repository is preloaded, health turns SERVING, ServerReady turns true, and the
+port file is written. Stop order is the reverse,
 with health NOT_SERVING first. Everything is built inside the running event
 loop; nothing happens at import time.
 """
@@ -113,10 +114,11 @@ class Node:
             cfg.server.grace_seconds,
             self._tracer_provider,
         )
-        if cfg.repository.preload:
-            await self._store.preload()
         port = await self._server.start()
         self.address = f"{cfg.server.host}:{port}"
+        if cfg.repository.preload:
+            await self._store.preload()
+        await self._server.set_serving(True)
         self._ready = True
         for row in self._store.index():
             log.info("model %s version %s: %s %s", row.name, row.version, row.state.value, row.reason)

@@ -74,7 +74,10 @@ class GrpcServer:
         self.port = 0
 
     async def start(self) -> int:
-        """Binds, starts serving and reports every service SERVING; returns the bound port.
+        """Binds and starts serving with health NOT_SERVING; returns the bound port.
+
+        The node reports SERVING with :meth:`set_serving` once it is ready, so
+        liveness answers while models are still loading.
 
         Raises:
             ConfigError: The address cannot be bound.
@@ -94,9 +97,14 @@ class GrpcServer:
         if self.port == 0:
             raise ConfigError(f"cannot listen on {self._address}: address in use or not available")
         await self._server.start()
-        for name in ("", *names):
-            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self.set_serving(False)
         return self.port
+
+    async def set_serving(self, serving: bool) -> None:
+        """Reports every service (and the overall status) SERVING or NOT_SERVING."""
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", *(b.name for b in self._bindings)):
+            await self._health.set(name, status)
 
     async def stop(self) -> None:
         """Reports NOT_SERVING, then stops after the grace period."""

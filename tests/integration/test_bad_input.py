@@ -193,6 +193,13 @@ CASES = [
         "input 'x': shape [1, 9] does not fit",
     ),
     Case("empty model name", lambda: infer_request("", {"x": X}), INVALID, "model name is empty"),
+    Case("path in model name", lambda: infer_request("../lin", {"x": X}), INVALID, "model name '../lin' is not valid"),
+    Case(
+        "bad version",
+        lambda: with_(lambda r: setattr(r, "model_version", "latest")),
+        INVALID,
+        "model version 'latest' is not valid",
+    ),
 ]
 
 

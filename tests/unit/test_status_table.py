@@ -68,7 +68,9 @@ def test_round_trip_keeps_class_family_and_message() -> None:
 
 def test_a_peer_named_class_survives_the_hop() -> None:
     trailing = grpc.aio.Metadata(("edgecascade-error", "ModelNotReadyError"))
-    exc = grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), trailing, "model 'm' failed its warm-up run")
+    exc = grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), trailing, "model 'm' failed its warm-up run"
+    )
     back = error_from_rpc(exc, "upstream 127.0.0.1:9")
     assert type(back) is errors.ModelNotReadyError
     assert back.message == "model 'm' failed its warm-up run"
