@@ -35,6 +35,14 @@ class CapacityError(EdgecascadeError):
     """The request is valid but this node lacks the capacity to take it now."""
 
 
+class QueueFullError(CapacityError):
+    """A model's queue is full; the request was refused without waiting."""
+
+
+class MemoryBudgetError(CapacityError):
+    """A model does not fit in the node's memory budget."""
+
+
 class UnavailableError(EdgecascadeError):
     """A dependency is not reachable or not ready; retrying later may succeed."""
 

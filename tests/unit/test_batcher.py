@@ -1,0 +1,220 @@
+"""The dynamic batcher, driven with a numpy stand-in for the model (the model is not what is under test)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import numpy as np
+import pytest
+
+from services.batcher import BatchingConfig, DynamicBatcher
+from services.errors import ConfigError, DeadlineExceededError, InvalidArgumentError, QueueFullError
+from services.model_stats import ModelStats
+from services.run_pool import RunPool
+
+
+class Model:
+    """Doubles its input; records every execution; can be held busy."""
+
+    def __init__(self) -> None:
+        self.executions: list[np.ndarray[Any, Any]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, inputs: Mapping[str, np.ndarray[Any, Any]]) -> dict[str, np.ndarray[Any, Any]]:
+        self.gate.wait(10)
+        x = inputs["x"]
+        if (x < 0).any():
+            raise InvalidArgumentError("negative values are not allowed")
+        self.executions.append(x.copy())
+        return {"y": x * 2, "z": x + 1}
+
+    def seen(self) -> set[float]:
+        return {float(v) for e in self.executions for v in e[:, 0]}
+
+
+@pytest.fixture
+async def pool() -> AsyncIterator[RunPool]:
+    pool = RunPool(1)
+    yield pool
+    pool.close()
+
+
+def make(pool: RunPool, model: Model, **config: Any) -> DynamicBatcher:
+    batcher = DynamicBatcher("m v1", BatchingConfig(**config), pool, model, batchable=True, stats=ModelStats())
+    batcher.start()
+    return batcher
+
+
+def x(value: float, width: int = 2, rows: int = 1) -> dict[str, np.ndarray[Any, Any]]:
+    return {"x": np.full((rows, width), value, dtype=np.float32)}
+
+
+def far() -> float:
+    return asyncio.get_running_loop().time() + 30
+
+
+async def hold_slot(batcher: DynamicBatcher, model: Model) -> asyncio.Task[Any]:
+    """Starts a request and keeps the only slot busy until ``model.gate`` is set."""
+    model.gate.clear()
+    task = asyncio.create_task(batcher.submit(x(-0.5 + 1000), (), far()))
+    while not model.executions and batcher.queue_depth:
+        await asyncio.sleep(0.001)
+    await asyncio.sleep(0.02)
+    return task
+
+
+async def test_requests_queued_behind_a_busy_slot_run_as_one_batch(pool: RunPool) -> None:
+    model = Model()
+    batcher = make(pool, model, max_batch_size=16)
+    first = await hold_slot(batcher, model)
+    waiting = [asyncio.create_task(batcher.submit(x(i), (), far())) for i in range(10)]
+    await asyncio.sleep(0.02)
+    model.gate.set()
+    results = await asyncio.gather(first, *waiting)
+    assert [float(r["y"][0, 0]) for r in results[1:]] == [2.0 * i for i in range(10)]
+    assert [len(e) for e in model.executions] == [1, 10]
+    assert batcher.stats.inference_count == 11 and batcher.stats.execution_count == 2
+    assert set(batcher.stats.batches) == {1, 10}
+    await batcher.close()
+
+
+async def test_requested_outputs_are_filtered_per_request(pool: RunPool) -> None:
+    batcher = make(pool, Model())
+    assert set(await batcher.submit(x(1), ("z",), far())) == {"z"}
+    assert set(await batcher.submit(x(1), (), far())) == {"y", "z"}
+    await batcher.close()
+
+
+async def test_expired_and_cancelled_requests_are_never_executed(pool: RunPool) -> None:
+    model = Model()
+    batcher = make(pool, model)
+    first = await hold_slot(batcher, model)
+    loop = asyncio.get_running_loop()
+    expiring = asyncio.create_task(batcher.submit(x(7), (), loop.time() + 0.01))
+    cancelled = asyncio.create_task(batcher.submit(x(8), (), far()))
+    survivor = asyncio.create_task(batcher.submit(x(9), (), far()))
+    await asyncio.sleep(0.05)
+    cancelled.cancel()
+    await asyncio.sleep(0.01)
+    model.gate.set()
+    await first
+    with pytest.raises(DeadlineExceededError, match="passed while it was queued"):
+        await expiring
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    assert float((await survivor)["y"][0, 0]) == 18.0
+    assert 7.0 not in model.seen() and 8.0 not in model.seen()
+    assert batcher.stats.shed["expired"] == 1 and batcher.stats.shed["cancelled"] == 1
+    await batcher.close()
+
+
+async def test_priority_order_is_respected_under_contention(pool: RunPool) -> None:
+    model = Model()
+    batcher = make(pool, model, max_batch_size=1, priority_levels=3)
+    first = await hold_slot(batcher, model)
+    order = [(0, 1.0), (3, 2.0), (2, 3.0), (1, 4.0), (1, 5.0)]  # (priority, value)
+    tasks = [asyncio.create_task(batcher.submit(x(v), (), far(), priority=p)) for p, v in order]
+    await asyncio.sleep(0.02)
+    model.gate.set()
+    await asyncio.gather(first, *tasks)
+    ran = [float(e[0, 0]) for e in model.executions[1:]]
+    assert ran == [4.0, 5.0, 3.0, 1.0, 2.0]  # level 1, then 2, then 3 (= default 0) in arrival order
+    with pytest.raises(InvalidArgumentError, match="priority"):
+        await batcher.submit(x(1), (), far(), priority=4)
+    await batcher.close()
+
+
+async def test_a_full_queue_refuses_at_once_and_counts(pool: RunPool) -> None:
+    model = Model()
+    batcher = make(pool, model, max_queue_size=3)
+    first = await hold_slot(batcher, model)
+    queued = [asyncio.create_task(batcher.submit(x(i), (), far())) for i in range(3)]
+    await asyncio.sleep(0.01)
+    with pytest.raises(QueueFullError, match="queue of model m v1 is full"):
+        await batcher.submit(x(99), (), far())
+    assert batcher.stats.shed["queue_full"] == 1
+    model.gate.set()
+    await asyncio.gather(first, *queued)
+    assert 99.0 not in model.seen()
+    await batcher.close()
+
+
+async def test_mixed_shapes_never_share_a_batch(pool: RunPool) -> None:
+    model = Model()
+    batcher = make(pool, model)
+    first = await hold_slot(batcher, model)
+    tasks = [asyncio.create_task(batcher.submit(x(i, width=2 + i % 2), (), far())) for i in range(8)]
+    await asyncio.sleep(0.02)
+    model.gate.set()
+    await asyncio.gather(first, *tasks)
+    assert sorted(e.shape for e in model.executions[1:]) == [(4, 2), (4, 3)]
+
+
+async def test_one_bad_request_does_not_fail_its_batch(pool: RunPool) -> None:
+    model = Model()
+    batcher = make(pool, model)
+    first = await hold_slot(batcher, model)
+    good = [asyncio.create_task(batcher.submit(x(i), (), far())) for i in (1, 2)]
+    bad = asyncio.create_task(batcher.submit(x(-1), (), far()))
+    await asyncio.sleep(0.02)
+    model.gate.set()
+    await asyncio.gather(first, *good)
+    with pytest.raises(InvalidArgumentError, match="negative"):
+        await bad
+    assert batcher.stats.fail.count == 1
+    await batcher.close()
+
+
+async def test_batching_off_runs_every_request_alone(pool: RunPool) -> None:
+    model = Model()
+    batcher = make(pool, model, max_batch_size=1)
+    first = await hold_slot(batcher, model)
+    tasks = [asyncio.create_task(batcher.submit(x(i, rows=2), (), far())) for i in range(4)]
+    await asyncio.sleep(0.02)
+    model.gate.set()
+    await asyncio.gather(first, *tasks)
+    assert [len(e) for e in model.executions] == [1, 2, 2, 2, 2]
+
+
+async def test_a_lone_request_does_not_wait_for_company(pool: RunPool) -> None:
+    batcher = make(pool, Model(), max_queue_delay_us=1_000_000)
+    started = time.monotonic()
+    await asyncio.wait_for(batcher.submit(x(1), (), far()), 5)
+    assert time.monotonic() - started < 0.5  # far below the 1 s delay it was allowed to wait
+    await batcher.close()
+
+
+async def test_close_drains_what_is_queued(pool: RunPool) -> None:
+    model = Model()
+    batcher = make(pool, model)
+    first = await hold_slot(batcher, model)
+    queued = [asyncio.create_task(batcher.submit(x(i), (), far())) for i in range(3)]
+    await asyncio.sleep(0.01)
+    closing = asyncio.create_task(batcher.close())
+    await asyncio.sleep(0.01)
+    model.gate.set()
+    await closing
+    assert len(await asyncio.gather(first, *queued)) == 4
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [("max_batch_size", 0), ("max_queue_delay_us", -1), ("max_queue_size", 0), ("priority_levels", 99), ("default_timeout_us", 5)],
+)
+def test_nonsense_batching_values_are_refused(setting: str, value: int) -> None:
+    with pytest.raises(ConfigError, match=rf"\[batching\] {setting} must be an integer"):
+        BatchingConfig(**{setting: value})
+
+
+def test_per_model_overrides() -> None:
+    base = BatchingConfig()
+    assert base.with_overrides({"max_batch_size": 4}, "model m").max_batch_size == 4
+    with pytest.raises(ConfigError, match="model m: unknown batching setting"):
+        base.with_overrides({"max_batchsize": 4}, "model m")
+    with pytest.raises(ConfigError, match="model m: \\[batching\\] max_queue_size"):
+        base.with_overrides({"max_queue_size": -3}, "model m")
