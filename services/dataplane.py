@@ -20,12 +20,15 @@ import numpy as np
 from services.errors import (
     DeadlineExceededError,
     InvalidArgumentError,
+    MemoryBudgetError,
     ModelNotFoundError,
     ModelNotReadyError,
+    QueueFullError,
 )
 from services.generation import (
     GENERATION_PARAMETERS,
     INPUT_IDS,
+    PROBS,
     TEXT_INPUT,
     TEXT_OUTPUT,
     GenerationParams,
@@ -42,7 +45,7 @@ from services.inference import (
     NodeIdentity,
     ParamValue,
 )
-from services.model_store import LoadedModel, ModelStore
+from services.model_cache import LoadedModel, ModelCache
 
 # Request parameters every model accepts. Triton clients send the last one on
 # streams that want an empty final response.
@@ -54,6 +57,8 @@ class FallbackReason:
 
     MODEL_NOT_HELD = "model_not_held"
     MODEL_UNAVAILABLE = "model_unavailable"
+    MEMORY = "memory"
+    QUEUE_FULL = "queue_full"
 
 
 @dataclass(frozen=True)
@@ -76,14 +81,14 @@ class Dataplane:
 
     Args:
         identity: This node, for ``edgecascade.served_by``.
-        store: The node's models.
+        cache: The node's loaded models.
         has_upstream: Whether a next tier exists to forward to.
         limits: Request bounds.
     """
 
-    def __init__(self, identity: NodeIdentity, store: ModelStore, has_upstream: bool, limits: RequestLimits) -> None:
+    def __init__(self, identity: NodeIdentity, cache: ModelCache, has_upstream: bool, limits: RequestLimits) -> None:
         self.identity = identity
-        self.store = store
+        self.cache = cache
         self.has_upstream = has_upstream
         self.limits = limits
 
@@ -93,11 +98,16 @@ class Dataplane:
         Raises:
             ModelNotFoundError: Nobody here or above holds the model.
             ModelNotReadyError: The model is here but cannot load, and there is no upstream.
+            MemoryBudgetError: The model does not fit in memory, and there is no upstream.
         """
         if not name:
             raise InvalidArgumentError("model name is empty")
         try:
-            return await self.store.get(name, version)
+            return await self.cache.get(name, version)
+        except MemoryBudgetError:
+            if self.has_upstream:
+                return Forward(FallbackReason.MEMORY)
+            raise
         except ModelNotFoundError as exc:
             if self.has_upstream:
                 return Forward(FallbackReason.MODEL_NOT_HELD)
@@ -152,8 +162,8 @@ class Dataplane:
         if isinstance(priority, bool) or not isinstance(priority, int) or priority < 0:
             raise InvalidArgumentError(f"parameter 'priority' must be a non-negative integer, got {priority!r}")
 
-    async def infer(self, model: LoadedModel, request: InferRequest, deadline: float) -> InferResult:
-        """Answers one request with a local model.
+    async def infer(self, model: LoadedModel, request: InferRequest, deadline: float) -> InferResult | Forward:
+        """Answers one request with a local model, or decides to forward it when the queue is full.
 
         A generator also accepts a ``text_input`` prompt instead of ``input_ids``
         and answers the next-character distribution after it.
@@ -161,6 +171,7 @@ class Dataplane:
         Raises:
             InvalidArgumentError: The inputs do not fit the model.
             DeadlineExceededError: The deadline passed.
+            QueueFullError: The model's queue is full and there is no upstream.
         """
         self.check_parameters(request.parameters, model)
         inputs = dict(request.inputs)
@@ -168,7 +179,12 @@ class Dataplane:
             prompt = self._prompt(inputs.pop(TEXT_INPUT))
             inputs[INPUT_IDS] = model.tokenizer.window(model.tokenizer.encode(prompt))
         model.session.validate(inputs, request.requested_outputs)
-        outputs = await self.store.run(model, inputs, request.requested_outputs, deadline)
+        try:
+            outputs = await self.cache.run(model, inputs, request.requested_outputs, deadline, _priority(request))
+        except QueueFullError:
+            if self.has_upstream:
+                return Forward(FallbackReason.QUEUE_FULL)
+            raise
         return InferResult(
             model_name=model.name,
             model_version=model.version,
@@ -198,19 +214,24 @@ class Dataplane:
         params = GenerationParams.from_parameters(request.parameters)
         loop = asyncio.get_running_loop()
 
+        priority = _priority(request)
+
         async def step(ids: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-            return (await self.store.run(model, {INPUT_IDS: ids}, (), deadline))["probs"]
+            # Each decoding step is one request to the batcher, so the steps of
+            # concurrent streams run together.
+            return (await self.cache.run(model, {INPUT_IDS: ids}, (PROBS,), deadline, priority))[PROBS]
 
         summary: list[GenerationSummary] = []
-        async for token in generate(model.tokenizer, step, prompt, params, summary):
-            yield self._result(
-                model,
-                request,
-                {TEXT_OUTPUT: np.array([token.text.encode("utf-8")], dtype=object)},
-                {TOKEN_PROBABILITY: token.probability},
-            )
-            if loop.time() >= deadline:
-                raise DeadlineExceededError(f"generation with model '{model.name}' ran past its deadline")
+        async with self.cache.use(model):
+            async for token in generate(model.tokenizer, step, prompt, params, summary):
+                yield self._result(
+                    model,
+                    request,
+                    {TEXT_OUTPUT: np.array([token.text.encode("utf-8")], dtype=object)},
+                    {TOKEN_PROBABILITY: token.probability},
+                )
+                if loop.time() >= deadline:
+                    raise DeadlineExceededError(f"generation with model '{model.name}' ran past its deadline")
         done = summary[0]
         yield self._result(
             model,
@@ -245,3 +266,8 @@ class Dataplane:
         if array.dtype != object or array.size != 1:
             raise InvalidArgumentError(f"input '{TEXT_INPUT}' must be BYTES with exactly one element")
         return decode_prompt(bytes(array.reshape(-1)[0]))
+
+
+def _priority(request: InferRequest) -> int:
+    value = request.parameters.get("priority", 0)
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0

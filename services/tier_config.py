@@ -15,8 +15,15 @@ Sections and their environment variables (``EDGECASCADE_<SECTION>__<KEY>``):
     ``intra_op_threads`` per onnxruntime run and ``max_concurrent_runs``
     (0 = cores ÷ intra_op_threads); their product may not exceed the cores.
 ``[requests]``
-    ``default_timeout_us`` applied when a client sets no deadline, and
     ``max_timeout_us``, the largest ``timeout`` parameter accepted.
+``[batching]``
+    ``max_batch_size`` (1 turns batching off), ``max_queue_delay_us``,
+    ``max_queue_size``, ``priority_levels`` and ``default_timeout_us`` (the
+    deadline of a request that brings none); a model's metadata may override
+    them with ``edgecascade.batching.<key>`` properties.
+``[cache]``
+    ``memory_budget_bytes`` for loaded models (0 = half of the cgroup limit or
+    of the memory available at start).
 ``[log]``
     ``level`` of the process log.
 """
@@ -28,7 +35,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.batcher import BatchingConfig
 from services.errors import ConfigError
+from services.memory import default_budget
 
 
 @dataclass(frozen=True)
@@ -99,14 +108,29 @@ class RuntimeSection:
 class RequestsSection:
     """Bounds on requests."""
 
-    default_timeout_us: int = 60_000_000
     max_timeout_us: int = 3_600_000_000
 
     def __post_init__(self) -> None:
-        if self.default_timeout_us <= 0:
-            raise ConfigError(f"[requests] default_timeout_us must be positive, got {self.default_timeout_us}")
-        if self.max_timeout_us < self.default_timeout_us:
-            raise ConfigError("[requests] max_timeout_us must be at least default_timeout_us")
+        if self.max_timeout_us <= 0:
+            raise ConfigError(f"[requests] max_timeout_us must be positive, got {self.max_timeout_us}")
+
+
+@dataclass(frozen=True)
+class CacheSection:
+    """The model cache."""
+
+    memory_budget_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        if self.memory_budget_bytes < 0:
+            raise ConfigError(
+                f"[cache] memory_budget_bytes must be 0 (automatic) or a number of bytes, got {self.memory_budget_bytes}"
+            )
+
+    @property
+    def budget(self) -> int:
+        """The budget in bytes, with 0 resolved to half of the memory this node may use."""
+        return self.memory_budget_bytes or default_budget()
 
 
 @dataclass(frozen=True)
@@ -129,4 +153,10 @@ class TierConfig:
     upstream: UpstreamSection = field(default_factory=UpstreamSection)
     runtime: RuntimeSection = field(default_factory=RuntimeSection)
     requests: RequestsSection = field(default_factory=RequestsSection)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    cache: CacheSection = field(default_factory=CacheSection)
     log: LogSection = field(default_factory=LogSection)
+
+    def __post_init__(self) -> None:
+        if self.requests.max_timeout_us < self.batching.default_timeout_us:
+            raise ConfigError("[requests] max_timeout_us must be at least [batching] default_timeout_us")

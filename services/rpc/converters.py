@@ -29,7 +29,8 @@ from services.inference import (
     ParamValue,
     TensorSpec,
 )
-from services.model_store import IndexEntry, LoadedModel, ModelStats
+from services.model_cache import IndexEntry, LoadedModel
+from services.model_stats import ModelStats
 from services.tensors import datatype, datatype_of, decode_raw, decode_typed, encode_raw
 
 UINT63 = (1 << 63) - 1
@@ -227,6 +228,10 @@ def statistics_to_proto(model: LoadedModel) -> pb.ModelStatistics:
     _duration(s.fail, stats.fail.count, stats.fail.ns)
     _duration(s.queue, stats.queue.count, stats.queue.ns)
     _duration(s.compute_infer, stats.compute_infer.count, stats.compute_infer.ns)
+    for size, duration in sorted(stats.batches.items()):
+        batch = out.batch_stats.add(batch_size=size)
+        _duration(batch.compute_infer, duration.count, duration.ns)
+    out.memory_usage.add(type="CPU", id=0, byte_size=model.footprint_bytes)
     return out
 
 

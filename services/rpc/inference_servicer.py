@@ -69,8 +69,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
         annotate_span(self._dp.identity, request.name, request.version)
-        if self._dp.store.holds(request.name):
-            return pb.ModelReadyResponse(ready=self._dp.store.ready(request.name, request.version))
+        if self._dp.cache.holds(request.name):
+            return pb.ModelReadyResponse(ready=self._dp.cache.ready(request.name, request.version))
         if self._upstream is None:
             return pb.ModelReadyResponse(ready=False)
         deadline = self._control_deadline(context)
@@ -82,7 +82,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if isinstance(route, Forward):
             deadline = self._control_deadline(context)
             return await self._forward_to().model_metadata(request, self._remaining(deadline))
-        versions = [e.version for e in self._dp.store.repository.versions(request.name)]
+        versions = [e.version for e in self._dp.cache.repository.versions(request.name)]
         return converters.metadata_to_proto(route, versions)
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
@@ -98,13 +98,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         deadline = self._dp.deadline(params, context.time_remaining())
         route = await self._dp.route(request.model_name, request.model_version)
         if isinstance(route, Forward):
-            annotate_span(self._dp.identity, request.model_name, request.model_version, route.reason)
-            response = await self._forward_to().model_infer(request, self._remaining(deadline))
-            converters.mark_forwarded(response, route.reason, self._dp.identity)
-            return response
+            return await self._forward(request, route, deadline)
         annotate_span(self._dp.identity, route.name, route.version)
         result = await self._dp.infer(route, converters.request_from_proto(request), deadline)
+        if isinstance(result, Forward):
+            return await self._forward(request, result, deadline)
         return converters.response_to_proto(result)
+
+    async def _forward(self, request: pb.ModelInferRequest, forward: Forward, deadline: float) -> pb.ModelInferResponse:
+        annotate_span(self._dp.identity, request.model_name, request.model_version, forward.reason)
+        response = await self._forward_to().model_infer(request, self._remaining(deadline))
+        converters.mark_forwarded(response, forward.reason, self._dp.identity)
+        return response
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
@@ -134,33 +139,37 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         annotate_span(self._dp.identity, route.name, route.version)
         decoded = converters.request_from_proto(request)
         if route.tokenizer is not None and TEXT_INPUT in decoded.inputs:
-            async for result in self._dp.generate(route, decoded, deadline):
-                yield pb.ModelStreamInferResponse(infer_response=converters.response_to_proto(result))
+            async for token in self._dp.generate(route, decoded, deadline):
+                yield pb.ModelStreamInferResponse(infer_response=converters.response_to_proto(token))
             return
         result = await self._dp.infer(route, decoded, deadline)
-        yield pb.ModelStreamInferResponse(infer_response=converters.response_to_proto(result))
+        if isinstance(result, Forward):
+            answer = await self._forward(request, result, deadline)
+        else:
+            answer = converters.response_to_proto(result)
+        yield pb.ModelStreamInferResponse(infer_response=answer)
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context) -> pb.ModelStatisticsResponse:
-        models = self._dp.store.loaded()
+        models = self._dp.cache.loaded()
         if request.name:
-            if not self._dp.store.holds(request.name):
+            if not self._dp.cache.holds(request.name):
                 raise ModelNotFoundError(f"model '{request.name}' is not in this node's repository")
             models = [m for m in models if m.name == request.name and request.version in ("", m.version)]
         return pb.ModelStatisticsResponse(model_stats=[converters.statistics_to_proto(m) for m in models])
 
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Context) -> pb.RepositoryIndexResponse:
-        return converters.index_to_proto(self._dp.store.index(), request.ready)
+        return converters.index_to_proto(self._dp.cache.index(), request.ready)
 
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Context
     ) -> pb.RepositoryModelLoadResponse:
         annotate_span(self._dp.identity, request.model_name)
-        await self._dp.store.load(request.model_name)
+        await self._dp.cache.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Context
     ) -> pb.RepositoryModelUnloadResponse:
         annotate_span(self._dp.identity, request.model_name)
-        self._dp.store.unload(request.model_name)
+        self._dp.cache.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()

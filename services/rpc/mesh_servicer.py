@@ -34,5 +34,5 @@ class MeshServicer(pb_grpc.MeshServiceServicer):
             node_id=identity.node_id,
             version=__version__,
             upstream=self._upstream,
-            models=[pb.HeldModel(name=r.name, version=r.version, state=r.state.value) for r in self._dp.store.index()],
+            models=[pb.HeldModel(name=r.name, version=r.version, state=r.state.value) for r in self._dp.cache.index()],
         )

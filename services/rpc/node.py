@@ -1,6 +1,6 @@
 """One running tier node: the shared composition every tier's ``app.py`` starts.
 
-Start order: tracer provider → repository and model store → data plane →
+Start order: tracer provider → repository, run pool and model cache → data plane →
 upstream client → servicers → server (live, health NOT_SERVING); then the
 repository is preloaded, health turns SERVING, ServerReady turns true, and the
 port file is written. Stop order is the reverse,
@@ -32,7 +32,8 @@ from services.dataplane import Dataplane, RequestLimits
 from services.errors import ConfigError
 from services.inference import NodeIdentity
 from services.model_repository import ModelRepository
-from services.model_store import ModelStore
+from services.model_cache import ModelCache
+from services.run_pool import RunPool
 from services.rpc.inference_client import InferenceClient
 from services.rpc.inference_servicer import InferenceServicer
 from services.rpc.mesh_servicer import MeshServicer
@@ -74,7 +75,8 @@ class Node:
         self._ready = False
         self._server: GrpcServer | None = None
         self._upstream: InferenceClient | None = None
-        self._store: ModelStore | None = None
+        self._cache: ModelCache | None = None
+        self._pool: RunPool | None = None
         self._tracer_provider = build_tracer_provider(self.identity, spec.service_name, __version__)
         self.address = ""
 
@@ -89,12 +91,15 @@ class Node:
             repository = ModelRepository(cfg.repository.path)
         except OSError as exc:
             raise ConfigError(f"[repository] path {cfg.repository.path} is not usable: {exc.strerror}") from None
-        self._store = ModelStore(repository, cfg.runtime.intra_op_threads, cfg.runtime.concurrent_runs)
+        self._pool = RunPool(cfg.runtime.concurrent_runs)
+        self._cache = ModelCache(
+            repository, self._pool, cfg.batching, cfg.cache.budget, intra_op_threads=cfg.runtime.intra_op_threads
+        )
         dataplane = Dataplane(
             self.identity,
-            self._store,
+            self._cache,
             has_upstream=bool(cfg.upstream.address),
-            limits=RequestLimits(cfg.requests.default_timeout_us, cfg.requests.max_timeout_us),
+            limits=RequestLimits(cfg.batching.default_timeout_us, cfg.requests.max_timeout_us),
         )
         if cfg.upstream.address:
             self._upstream = InferenceClient(cfg.upstream.address, self._tracer_provider, cfg.server.max_message_bytes)
@@ -117,10 +122,10 @@ class Node:
         port = await self._server.start()
         self.address = f"{cfg.server.host}:{port}"
         if cfg.repository.preload:
-            await self._store.preload()
+            await self._cache.preload()
         await self._server.set_serving(True)
         self._ready = True
-        for row in self._store.index():
+        for row in self._cache.index():
             log.info("model %s version %s: %s %s", row.name, row.version, row.state.value, row.reason)
         if cfg.server.port_file:
             _write_port_file(Path(cfg.server.port_file), self._port_record())
@@ -143,8 +148,10 @@ class Node:
             await self._server.stop()
         if self._upstream is not None:
             await self._upstream.close()
-        if self._store is not None:
-            self._store.close()
+        if self._cache is not None:
+            await self._cache.close()
+        if self._pool is not None:
+            self._pool.close()
         # Flushing spans is blocking I/O; the loop must stay free (an in-process collector may need it).
         await asyncio.to_thread(self._tracer_provider.shutdown)
 
@@ -183,7 +190,9 @@ def main(spec: TierSpec, defaults: Mapping[str, Mapping[str, Any]], argv: Sequen
         "the environment wins over the file. Traces are exported by OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set.",
     )
     parser.add_argument(
-        "--config", type=Path, help="TOML file with [server], [repository], [upstream], [runtime], [requests], [log]"
+        "--config",
+        type=Path,
+        help="TOML file with [server], [repository], [upstream], [runtime], [requests], [batching], [cache], [log]",
     )
     args = parser.parse_args(argv)
     try:

@@ -204,7 +204,13 @@ async def test_close_drains_what_is_queued(pool: RunPool) -> None:
 
 @pytest.mark.parametrize(
     ("setting", "value"),
-    [("max_batch_size", 0), ("max_queue_delay_us", -1), ("max_queue_size", 0), ("priority_levels", 99), ("default_timeout_us", 5)],
+    [
+        ("max_batch_size", 0),
+        ("max_queue_delay_us", -1),
+        ("max_queue_size", 0),
+        ("priority_levels", 99),
+        ("default_timeout_us", 5),
+    ],
 )
 def test_nonsense_batching_values_are_refused(setting: str, value: int) -> None:
     with pytest.raises(ConfigError, match=rf"\[batching\] {setting} must be an integer"):

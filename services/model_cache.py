@@ -1,0 +1,404 @@
+"""The models a node has loaded, within a memory budget in bytes.
+
+Invariants:
+
+* The sum of the footprints of loaded models (plus loads in progress) never
+  exceeds the budget. A load is admitted only if it fits after evicting idle
+  models, least recently used first; a model with requests queued, running or
+  streaming is never evicted. A model that cannot fit even alone is refused
+  with :class:`~services.errors.MemoryBudgetError` (counted).
+* One load per model version at a time (single flight), and one load at a
+  time per node, so the memory a load really took can be measured.
+* A version becomes visible to new requests only after it loaded and passed a
+  warm-up run. Loading a new version while an old one serves swaps the new one
+  in once warm; requests already holding the old one finish on it, then it is
+  released (hot swap).
+* A version that failed to load is not retried on every request; an explicit
+  :meth:`ModelCache.load` retries it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+
+from services.batcher import BatchingConfig, DynamicBatcher
+from services.errors import EdgecascadeError, MemoryBudgetError, ModelNotFoundError, ModelNotReadyError
+from services.generation import CHAR_LM_TASK, CharTokenizer
+from services.inference import ModelSignature
+from services.memory import activation_bytes, estimate_footprint, megabytes, process_rss
+from services.model_repository import ModelEntry, ModelRepository
+from services.model_stats import ModelStats
+from services.onnx_session import OnnxSession
+from services.run_pool import RunPool
+from services.tensors import DATATYPES
+
+BATCHING_PROPERTY_PREFIX = "edgecascade.batching."
+
+
+class ModelState(StrEnum):
+    """Lifecycle state of a model version, as RepositoryIndex reports it."""
+
+    READY = "READY"
+    LOADING = "LOADING"
+    UNAVAILABLE = "UNAVAILABLE"
+    UNLOADING = "UNLOADING"
+
+
+@dataclass
+class CacheStats:
+    """Counters of the cache: hit rate is hits / (hits + misses)."""
+
+    hits: int = 0
+    misses: int = 0
+    loads: int = 0
+    evictions: int = 0
+    refusals: int = 0
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    """A model version that is loaded, warm and ready."""
+
+    entry: ModelEntry
+    session: OnnxSession
+    tokenizer: CharTokenizer | None
+    batcher: DynamicBatcher
+    footprint_bytes: int
+    measured: bool
+    last_used: float = 0.0
+    pins: int = 0
+    retired: bool = field(default=False)
+
+    @property
+    def name(self) -> str:
+        """The model name."""
+        return self.entry.name
+
+    @property
+    def version(self) -> str:
+        """The model version."""
+        return self.entry.version
+
+    @property
+    def signature(self) -> ModelSignature:
+        """Inputs and outputs of the model."""
+        return self.session.signature
+
+    @property
+    def stats(self) -> ModelStats:
+        """Cumulative statistics of this version."""
+        return self.batcher.stats
+
+    @property
+    def busy(self) -> bool:
+        """Whether requests hold this model (queued, running or streaming)."""
+        return self.pins > 0 or self.batcher.in_flight > 0
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """One row of RepositoryIndex."""
+
+    name: str
+    version: str
+    state: ModelState
+    reason: str = ""
+
+
+class ModelCache:
+    """Loads models from a repository on demand and keeps them within a memory budget.
+
+    Args:
+        repository: Where the models are.
+        pool: The process-wide run pool (loads and runs share its thread budget).
+        batching: Tier-wide batching defaults (a model's metadata may override them).
+        memory_budget_bytes: The budget.
+        intra_op_threads: onnxruntime threads per run.
+        rss: Returns the process's resident memory (to measure real footprints).
+    """
+
+    def __init__(
+        self,
+        repository: ModelRepository,
+        pool: RunPool,
+        batching: BatchingConfig,
+        memory_budget_bytes: int,
+        intra_op_threads: int = 1,
+        rss: Callable[[], int] = process_rss,
+    ) -> None:
+        self.repository = repository
+        self.budget = memory_budget_bytes
+        self.stats = CacheStats()
+        self._pool = pool
+        self._batching = batching
+        self._intra_op_threads = intra_op_threads
+        self._rss = rss
+        self._loaded: dict[tuple[str, str], LoadedModel] = {}
+        self._latest: dict[str, LoadedModel] = {}
+        self._loading: dict[tuple[str, str], asyncio.Future[LoadedModel]] = {}
+        self._failed: dict[tuple[str, str], str] = {}
+        self._evicted: set[tuple[str, str]] = set()
+        self._load_lock = asyncio.Lock()
+        self._reserved = 0
+        self._closing: set[asyncio.Task[None]] = set()
+
+    @property
+    def used_bytes(self) -> int:
+        """Footprints of the loaded models plus loads in progress."""
+        return sum(m.footprint_bytes for m in self._loaded.values()) + self._reserved
+
+    async def close(self) -> None:
+        """Drains every batcher."""
+        for model in list(self._loaded.values()):
+            self._retire(model)
+        await asyncio.gather(*self._closing, return_exceptions=True)
+
+    def holds(self, name: str) -> bool:
+        """Whether the repository has any version of ``name`` (loaded or not)."""
+        return name in self._latest or bool(self.repository.versions(name))
+
+    def ready(self, name: str, version: str = "") -> bool:
+        """Whether a version (the newest loaded when empty) is loaded and warm."""
+        return name in self._latest if not version else (name, version) in self._loaded
+
+    async def get(self, name: str, version: str = "") -> LoadedModel:
+        """Returns a ready model version, loading it if needed.
+
+        Raises:
+            InvalidArgumentError: The name or version is malformed.
+            ModelNotFoundError: The repository does not have it.
+            ModelNotReadyError: It exists but cannot be loaded or warmed up.
+            MemoryBudgetError: It does not fit in the memory budget now.
+        """
+        model = self._latest.get(name) if not version else self._loaded.get((name, version))
+        if model is not None:
+            self.stats.hits += 1
+            model.last_used = asyncio.get_running_loop().time()
+            return model
+        entry = self.repository.resolve(name, version)
+        failure = self._failed.get((entry.name, entry.version))
+        if failure is not None:
+            raise ModelNotReadyError(failure)
+        self.stats.misses += 1
+        return await self._load(entry)
+
+    async def load(self, name: str) -> LoadedModel:
+        """Loads (or reloads) the newest version of ``name``; swaps it in once warm.
+
+        Raises:
+            ModelNotFoundError: The repository does not have the model.
+            ModelNotReadyError: It cannot be loaded or warmed up.
+            MemoryBudgetError: It does not fit in the memory budget now.
+        """
+        return await self._load(self.repository.resolve(name), force=True)
+
+    def unload(self, name: str) -> None:
+        """Releases every loaded version of ``name``; requests holding one finish on it.
+
+        Raises:
+            ModelNotFoundError: ``name`` is neither loaded nor in the repository.
+        """
+        models = [m for k, m in self._loaded.items() if k[0] == name]
+        if not models and not self.repository.versions(name):
+            raise ModelNotFoundError(f"model '{name}' is not in this repository")
+        for model in models:
+            self._retire(model)
+
+    async def preload(self) -> None:
+        """Loads the newest version of every model in the repository; failures are recorded, not raised."""
+        for name in self.repository.names():
+            with contextlib.suppress(EdgecascadeError):
+                await self.load(name)
+
+    def index(self) -> list[IndexEntry]:
+        """Every model version in the repository with its state."""
+        rows: list[IndexEntry] = []
+        for entry in self.repository.entries():
+            key = (entry.name, entry.version)
+            if key in self._loaded:
+                rows.append(IndexEntry(entry.name, entry.version, ModelState.READY))
+            elif key in self._loading:
+                rows.append(IndexEntry(entry.name, entry.version, ModelState.LOADING))
+            else:
+                reason = self._failed.get(key) or ("evicted to make room" if key in self._evicted else "not loaded")
+                rows.append(IndexEntry(entry.name, entry.version, ModelState.UNAVAILABLE, reason))
+        return rows
+
+    def loaded(self) -> list[LoadedModel]:
+        """The loaded model versions."""
+        return list(self._loaded.values())
+
+    @contextlib.asynccontextmanager
+    async def use(self, model: LoadedModel) -> AsyncIterator[LoadedModel]:
+        """Pins a model (no eviction) for the duration of a multi-step request such as a stream."""
+        model.pins += 1
+        try:
+            yield model
+        finally:
+            model.pins -= 1
+            model.last_used = asyncio.get_running_loop().time()
+
+    async def run(
+        self,
+        model: LoadedModel,
+        inputs: Mapping[str, np.ndarray[Any, Any]],
+        outputs: Sequence[str] = (),
+        deadline: float | None = None,
+        priority: int = 0,
+    ) -> dict[str, np.ndarray[Any, Any]]:
+        """Runs one request through the model's batcher.
+
+        Raises:
+            QueueFullError: The model's queue is full.
+            DeadlineExceededError: The deadline passed, or could not be met, before it ran.
+            InvalidArgumentError: Bad priority, or the model rejected the input values.
+        """
+        loop = asyncio.get_running_loop()
+        if deadline is None:
+            deadline = loop.time() + model.batcher.config.default_timeout_us / 1e6
+        model.last_used = loop.time()
+        return await model.batcher.submit(inputs, tuple(outputs), deadline, priority)
+
+    def _admit(self, entry: ModelEntry, footprint: int) -> None:
+        what = f"model '{entry.name}' version {entry.version}"
+        if footprint > self.budget:
+            self.stats.refusals += 1
+            raise MemoryBudgetError(
+                f"{what} needs about {megabytes(footprint)}, more than this node's memory budget of {megabytes(self.budget)}"
+            )
+        while self.used_bytes + footprint > self.budget:
+            idle = [m for m in self._loaded.values() if not m.busy]
+            if not idle:
+                self.stats.refusals += 1
+                free = max(self.budget - self.used_bytes, 0)
+                raise MemoryBudgetError(
+                    f"{what} needs about {megabytes(footprint)}; only {megabytes(free)} of the budget is free "
+                    "and every loaded model is in use"
+                )
+            victim = min(idle, key=lambda m: m.last_used)
+            self._evicted.add((victim.name, victim.version))
+            self.stats.evictions += 1
+            self._retire(victim)
+
+    def _retire(self, model: LoadedModel) -> None:
+        """Takes a version out of service; its batcher drains, then memory is released."""
+        key = (model.name, model.version)
+        if self._loaded.get(key) is model:
+            del self._loaded[key]
+        if self._latest.get(model.name) is model:
+            del self._latest[model.name]
+            newest = max(
+                (m for k, m in self._loaded.items() if k[0] == model.name), key=lambda m: int(m.version), default=None
+            )
+            if newest is not None:
+                self._latest[model.name] = newest
+        model.retired = True
+        task = asyncio.create_task(model.batcher.close(), name=f"drain {model.name} v{model.version}")
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _load(self, entry: ModelEntry, force: bool = False) -> LoadedModel:
+        key = (entry.name, entry.version)
+        if not force and key in self._loaded:
+            return self._loaded[key]
+        pending = self._loading.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[LoadedModel] = loop.create_future()
+        self._loading[key] = future
+        try:
+            model = await self._load_admitted(entry)
+        except EdgecascadeError as exc:
+            if not isinstance(exc, MemoryBudgetError):
+                self._failed[key] = exc.message
+            future.set_exception(exc)
+            future.exception()  # retrieved here so a load nobody else awaited does not warn
+            raise
+        except BaseException:
+            future.cancel()  # waiters must not hang on a load whose owner was cancelled
+            raise
+        finally:
+            del self._loading[key]
+        self._failed.pop(key, None)
+        self._evicted.discard(key)
+        previous = self._loaded.get(key)
+        self._loaded[key] = model
+        latest = self._latest.get(entry.name)
+        if latest is None or int(entry.version) >= int(latest.version):
+            self._latest[entry.name] = model
+            if latest is not None and latest is not model:
+                self._retire(latest)  # hot swap: the old version drains, then is released
+        if previous is not None and previous is not model and not previous.retired:
+            self._retire(previous)
+        model.last_used = loop.time()
+        self.stats.loads += 1
+        future.set_result(model)
+        return model
+
+    async def _load_admitted(self, entry: ModelEntry) -> LoadedModel:
+        file_bytes = entry.model_file.stat().st_size
+        estimate = estimate_footprint(file_bytes, entry.properties)
+        async with self._load_lock:
+            self._admit(entry, estimate)
+            self._reserved += estimate
+            await self._pool.acquire()
+            try:
+                before = self._rss()
+                session, tokenizer = await self._pool.run(lambda: self._open(entry))
+                gained = self._rss() - before
+            finally:
+                self._pool.release()
+                self._reserved -= estimate
+        # What the process really gained replaces the estimate, unless the
+        # allocator reused freed memory and the gain says nothing.
+        measured = gained >= file_bytes
+        footprint = (gained if measured else estimate) + activation_bytes(session.signature, entry.max_batch_size)
+        overrides = {
+            k[len(BATCHING_PROPERTY_PREFIX) :]: int(v)
+            for k, v in entry.properties.items()
+            if k.startswith(BATCHING_PROPERTY_PREFIX) and v.lstrip("-").isdigit()
+        }
+        config = (
+            self._batching.with_overrides(overrides, f"model '{entry.name}' metadata") if overrides else self._batching
+        )
+        batchable = _batchable(session.signature)
+        batcher = DynamicBatcher(
+            f"'{entry.name}' version {entry.version}", config, self._pool, session.run, batchable, ModelStats()
+        )
+        batcher.start()
+        return LoadedModel(entry, session, tokenizer, batcher, footprint, measured)
+
+    def _open(self, entry: ModelEntry) -> tuple[OnnxSession, CharTokenizer | None]:
+        session = OnnxSession(entry.model_file, self._intra_op_threads)
+        tokenizer = None
+        if entry.task == CHAR_LM_TASK:
+            tokenizer = CharTokenizer.from_properties({**session.metadata, **entry.properties})
+        _warm_up(session, entry)
+        return session, tokenizer
+
+
+def _batchable(signature: ModelSignature) -> bool:
+    specs = (*signature.inputs, *signature.outputs)
+    return bool(specs) and all(s.shape and s.shape[0] == -1 for s in specs)
+
+
+def _warm_up(session: OnnxSession, entry: ModelEntry) -> None:
+    """Runs the model once on zeros so the first real request pays no first-run cost."""
+    feed: dict[str, np.ndarray[Any, Any]] = {}
+    for spec in session.signature.inputs:
+        if spec.datatype == "BYTES":
+            return  # no safe dummy value for text inputs; skip warm-up
+        shape = tuple(1 if d < 0 else d for d in spec.shape)
+        feed[spec.name] = np.zeros(shape, dtype=DATATYPES[spec.datatype].dtype)
+    try:
+        session.run(feed)
+    except EdgecascadeError as exc:
+        raise ModelNotReadyError(f"model '{entry.name}' version {entry.version} failed its warm-up run") from exc

@@ -1,0 +1,161 @@
+"""The model cache: single-flight loads, warm-up before visibility, memory admission, hot swap."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from services.batcher import BatchingConfig
+from services.errors import DeadlineExceededError, MemoryBudgetError, ModelNotFoundError, ModelNotReadyError
+from services.memory import FIXED_OVERHEAD_BYTES
+from services.model_cache import ModelCache, ModelState
+from services.model_repository import ModelRepository
+from services.run_pool import RunPool
+from tests.support.onnx_models import linear_model
+
+MB = 1024 * 1024
+X = {"x": np.ones((1, 4), np.float32)}
+
+
+class FakeRss:
+    """Process memory as the cache sees it: a boundary we do not own, scripted per load."""
+
+    def __init__(self) -> None:
+        self.value = 100 * MB
+        self.gain_per_load = 0
+        self.calls = 0
+
+    def __call__(self) -> int:
+        self.calls += 1
+        if self.calls % 2 == 0:  # read before and after each load: the second read sees the gain
+            self.value += self.gain_per_load
+        return self.value
+
+
+@pytest.fixture
+async def make(tmp_path: Path) -> AsyncIterator[Callable[..., ModelCache]]:
+    pools: list[RunPool] = []
+    caches: list[ModelCache] = []
+
+    def build(
+        budget: int = 1 << 40, names: tuple[str, ...] = ("m",), rss: Callable[[], int] | None = None
+    ) -> ModelCache:
+        repo = ModelRepository(tmp_path / "repo")
+        for i, name in enumerate(names):
+            if not repo.versions(name):
+                repo.add(name, linear_model(tmp_path / f"{name}.onnx", seed=i))
+        pool = RunPool(2)
+        pools.append(pool)
+        cache = ModelCache(repo, pool, BatchingConfig(), budget, rss=rss or FakeRss())
+        caches.append(cache)
+        return cache
+
+    yield build
+    for cache in caches:
+        await cache.close()
+    for pool in pools:
+        pool.close()
+
+
+async def test_concurrent_requests_share_one_load(make: Callable[..., ModelCache]) -> None:
+    cache = make()
+    models = await asyncio.gather(*(cache.get("m") for _ in range(8)))
+    assert all(m is models[0] for m in models)
+    assert cache.ready("m") and cache.ready("m", "1")
+    assert [r.state for r in cache.index()] == [ModelState.READY]
+    assert cache.stats.loads == 1
+    assert cache.stats.misses + cache.stats.hits == 8
+
+
+async def test_a_failed_load_is_remembered_until_an_explicit_load(
+    make: Callable[..., ModelCache], tmp_path: Path
+) -> None:
+    cache = make()
+    model_file = tmp_path / "repo" / "m" / "1" / "model.onnx"
+    good = model_file.read_bytes()
+    model_file.write_bytes(b"corrupt")
+    with pytest.raises(ModelNotReadyError, match="cannot be loaded"):
+        await cache.get("m")
+    model_file.write_bytes(good)
+    with pytest.raises(ModelNotReadyError):
+        await cache.get("m")  # not retried on every request
+    assert cache.index()[0].state == ModelState.UNAVAILABLE
+    assert (await cache.load("m")).version == "1"
+    assert cache.index()[0].state == ModelState.READY
+
+
+async def test_hot_swap_new_requests_go_to_the_new_version_old_holders_finish(
+    make: Callable[..., ModelCache], tmp_path: Path
+) -> None:
+    cache = make()
+    old = await cache.get("m")
+    cache.repository.add("m", linear_model(tmp_path / "m2.onnx", seed=5))
+    new = await cache.load("m")
+    assert (old.version, new.version) == ("1", "2")
+    assert (await cache.get("m")) is new
+    assert old.retired and not cache.ready("m", "1")
+    cache.unload("m")
+    assert not cache.ready("m")
+    with pytest.raises(ModelNotFoundError):
+        cache.unload("absent")
+
+
+async def test_a_request_past_its_deadline_is_never_run(make: Callable[..., ModelCache]) -> None:
+    cache = make()
+    model = await cache.get("m")
+    loop = asyncio.get_running_loop()
+    with pytest.raises(DeadlineExceededError):
+        await cache.run(model, X, deadline=loop.time() - 1)
+    assert model.stats.execution_count == 0
+    assert model.stats.shed["expired"] == 1
+
+
+async def test_measured_footprint_replaces_the_estimate(make: Callable[..., ModelCache]) -> None:
+    rss = FakeRss()
+    rss.gain_per_load = 30 * MB
+    cache = make(rss=rss)
+    model = await cache.get("m")
+    assert model.measured
+    assert 30 * MB <= model.footprint_bytes < 31 * MB
+    assert cache.used_bytes == model.footprint_bytes
+
+
+async def test_least_recently_used_idle_model_is_evicted_to_make_room(make: Callable[..., ModelCache]) -> None:
+    rss = FakeRss()
+    rss.gain_per_load = 20 * MB
+    cache = make(budget=45 * MB, names=("a", "b", "c"), rss=rss)
+    a = await cache.get("a")
+    await cache.get("b")
+    await cache.get("a")  # b is now the least recently used
+    await cache.get("c")
+    assert cache.ready("a") and cache.ready("c") and not cache.ready("b")
+    assert cache.stats.evictions == 1
+    assert cache.used_bytes <= cache.budget
+    rows = {r.name: r for r in cache.index()}
+    assert rows["b"].state == ModelState.UNAVAILABLE and rows["b"].reason == "evicted to make room"
+    assert a is (await cache.get("a"))
+
+
+async def test_busy_models_are_never_evicted_and_the_load_is_refused(make: Callable[..., ModelCache]) -> None:
+    rss = FakeRss()
+    rss.gain_per_load = 20 * MB
+    cache = make(budget=45 * MB, names=("a", "b", "c"), rss=rss)
+    a = await cache.get("a")
+    b = await cache.get("b")
+    async with cache.use(a), cache.use(b):
+        with pytest.raises(MemoryBudgetError, match="every loaded model is in use"):
+            await cache.get("c")
+    assert cache.stats.refusals == 1 and cache.stats.evictions == 0
+    assert (await cache.get("c")).name == "c"  # once idle, eviction makes room
+
+
+async def test_a_model_larger_than_the_budget_is_refused_clearly(make: Callable[..., ModelCache]) -> None:
+    cache = make(budget=FIXED_OVERHEAD_BYTES)  # the fixed overhead alone fills it
+    with pytest.raises(MemoryBudgetError, match="more than this node's memory budget of 10.0 MB"):
+        await cache.get("m")
+    assert cache.stats.refusals == 1
+    assert cache.used_bytes == 0
