@@ -170,6 +170,8 @@ class DynamicBatcher:
         self._queues: list[deque[_Request]] = [deque() for _ in range(config.priority_levels)]
         self._size = 0
         self._arrived = asyncio.Event()
+        # Set whenever a run ends or the queue shrinks, so close() can wait for the drain.
+        self._progress = asyncio.Event()
         self._runs: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._closing = False
@@ -197,7 +199,8 @@ class DynamicBatcher:
         self._closing = True
         self._arrived.set()
         while self._size or self._runs:
-            await asyncio.sleep(0.001)
+            self._progress.clear()
+            await self._progress.wait()
         if self._loop_task is not None:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
@@ -267,12 +270,17 @@ class DynamicBatcher:
             except BaseException:
                 self._pool.release()
                 raise
+            self._progress.set()
             if not batch:
                 self._pool.release()
                 continue
             task = asyncio.create_task(self._run(batch))
             self._runs.add(task)
-            task.add_done_callback(self._runs.discard)
+            task.add_done_callback(self._run_done)
+
+    def _run_done(self, task: asyncio.Task[None]) -> None:
+        self._runs.discard(task)
+        self._progress.set()
 
     def _drop_dead(self, now: float) -> None:
         """Removes cancelled requests and those that cannot meet their deadline."""

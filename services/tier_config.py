@@ -124,7 +124,8 @@ class CacheSection:
     def __post_init__(self) -> None:
         if self.memory_budget_bytes < 0:
             raise ConfigError(
-                f"[cache] memory_budget_bytes must be 0 (automatic) or a number of bytes, got {self.memory_budget_bytes}"
+                "[cache] memory_budget_bytes must be 0 (automatic) or a number of bytes, "
+                f"got {self.memory_budget_bytes}"
             )
 
     @property

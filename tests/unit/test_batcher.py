@@ -62,7 +62,9 @@ async def hold_slot(batcher: DynamicBatcher, model: Model) -> asyncio.Task[Any]:
     """Starts a request and keeps the only slot busy until ``model.gate`` is set."""
     model.gate.clear()
     task = asyncio.create_task(batcher.submit(x(-0.5 + 1000), (), far()))
-    while not model.executions and batcher.queue_depth:
+    for _ in range(1000):
+        if not batcher.queue_depth:
+            break
         await asyncio.sleep(0.001)
     await asyncio.sleep(0.02)
     return task

@@ -155,7 +155,7 @@ async def test_busy_models_are_never_evicted_and_the_load_is_refused(make: Calla
 
 async def test_a_model_larger_than_the_budget_is_refused_clearly(make: Callable[..., ModelCache]) -> None:
     cache = make(budget=FIXED_OVERHEAD_BYTES)  # the fixed overhead alone fills it
-    with pytest.raises(MemoryBudgetError, match="more than this node's memory budget of 10.0 MB"):
+    with pytest.raises(MemoryBudgetError, match=r"more than this node's memory budget of 10\.0 MB"):
         await cache.get("m")
     assert cache.stats.refusals == 1
     assert cache.used_bytes == 0
