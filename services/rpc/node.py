@@ -31,14 +31,14 @@ from services.config import load_config
 from services.dataplane import Dataplane, RequestLimits
 from services.errors import ConfigError
 from services.inference import NodeIdentity
-from services.model_repository import ModelRepository
 from services.model_cache import ModelCache
-from services.run_pool import RunPool
+from services.model_repository import ModelRepository
 from services.rpc.inference_client import InferenceClient
 from services.rpc.inference_servicer import InferenceServicer
 from services.rpc.mesh_servicer import MeshServicer
 from services.rpc.server import GrpcServer, ServiceBinding
 from services.rpc.telemetry import build_tracer_provider
+from services.run_pool import RunPool
 from services.tier_config import TierConfig
 
 log = logging.getLogger("edgecascade.node")
