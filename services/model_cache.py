@@ -271,7 +271,8 @@ class ModelCache:
         if footprint > self.budget:
             self.stats.refusals += 1
             raise MemoryBudgetError(
-                f"{what} needs about {megabytes(footprint)}, more than this node's memory budget of {megabytes(self.budget)}"
+                f"{what} needs about {megabytes(footprint)}, "
+                f"more than this node's memory budget of {megabytes(self.budget)}"
             )
         while self.used_bytes + footprint > self.budget:
             idle = [m for m in self._loaded.values() if not m.busy]
