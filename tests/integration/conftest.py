@@ -40,12 +40,21 @@ class Chain:
     models: Path
 
 
-async def start_node(spec: TierSpec, repository: Path, node_id: str, upstream: str = "", **server: Any) -> Node:
-    """Starts one node on a free loopback port."""
-    overrides: Mapping[str, Mapping[str, Any]] = {
+SECTIONS = frozenset({"batching", "cache", "runtime", "requests"})
+
+
+async def start_node(spec: TierSpec, repository: Path, node_id: str, upstream: str = "", **settings: Any) -> Node:
+    """Starts one node on a free loopback port.
+
+    A keyword naming a section (``batching={...}``) overrides that section; any
+    other keyword is a ``[server]`` setting.
+    """
+    server = {k: v for k, v in settings.items() if k not in SECTIONS}
+    overrides: dict[str, Mapping[str, Any]] = {
         "server": {"node_id": node_id, "grace_seconds": 0.5, **server},
         "repository": {"path": str(repository)},
         "upstream": {"address": upstream},
+        **{k: v for k, v in settings.items() if k in SECTIONS},
     }
     node = Node(spec, load_config(TierConfig, env={}, overrides=overrides))
     await node.start()

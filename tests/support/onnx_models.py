@@ -107,3 +107,29 @@ def tiny_char_lm(path: Path, vocab: list[str] | None = None, context: int = 4, s
             "edgecascade.context_length": str(context),
         },
     )
+
+
+def mlp_model(path: Path, width: int = 512, layers: int = 4, in_dim: int = 64, seed: int = 0) -> Path:
+    """A compute-heavy MLP: ``x`` FP32 ``[batch, in_dim]`` → ``y`` FP32 ``[batch, width]``.
+
+    File size is about ``4 × width × (in_dim + (layers - 1) × width)`` bytes.
+    """
+    rng = np.random.default_rng(seed)
+    nodes = []
+    initializers = []
+    previous, dim = "x", in_dim
+    for i in range(layers):
+        weight = (rng.standard_normal((dim, width)) / np.sqrt(dim)).astype(np.float32)
+        initializers.append(numpy_helper.from_array(weight, f"W{i}"))
+        nodes.append(helper.make_node("MatMul", [previous, f"W{i}"], [f"h{i}"]))
+        activation = "y" if i == layers - 1 else f"a{i}"
+        nodes.append(helper.make_node("Tanh", [f"h{i}"], [activation]))
+        previous, dim = activation, width
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", in_dim])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])],
+        initializer=initializers,
+    )
+    return _save(graph, path)
