@@ -28,11 +28,33 @@ class MeshServicer(pb_grpc.MeshServiceServicer):
         self, request: pb.GetTierInfoRequest, context: aio.ServicerContext[object, object]
     ) -> pb.GetTierInfoResponse:
         identity = self._dp.identity
+        cache = self._dp.cache
+        loaded = {(m.name, m.version): m for m in cache.loaded()}
+        models = []
+        for row in cache.index():
+            held = pb.HeldModel(name=row.name, version=row.version, state=row.state.value, reason=row.reason)
+            model = loaded.get((row.name, row.version))
+            if model is not None:
+                held.footprint_bytes = model.footprint_bytes
+                held.footprint_measured = model.measured
+                held.queue_depth = model.batcher.queue_depth
+                held.shed.update(model.stats.shed)
+            models.append(held)
+        stats = cache.stats
         return pb.GetTierInfoResponse(
             tier=TIERS.get(identity.tier, pb.TIER_UNSPECIFIED),
             tier_name=identity.tier,
             node_id=identity.node_id,
             version=__version__,
             upstream=self._upstream,
-            models=[pb.HeldModel(name=r.name, version=r.version, state=r.state.value) for r in self._dp.cache.index()],
+            models=models,
+            cache=pb.CacheStatus(
+                budget_bytes=cache.budget,
+                used_bytes=cache.used_bytes,
+                hits=stats.hits,
+                misses=stats.misses,
+                loads=stats.loads,
+                evictions=stats.evictions,
+                refusals=stats.refusals,
+            ),
         )

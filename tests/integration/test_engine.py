@@ -1,4 +1,4 @@
-"""The device engine over real channels: shedding and fallback, memory refusals, hot swap under load, batched streams."""
+"""The device engine over real channels: shedding, memory refusals, hot swap under load, batched streams."""
 
 from __future__ import annotations
 

@@ -210,3 +210,17 @@ async def test_timeout_parameter_and_grpc_deadline_cut_a_forwarded_call_short(tm
     finally:
         await device.stop()
         await server.stop(0)
+
+
+async def test_tier_info_reports_the_cache_and_per_model_memory(
+    chain: Chain, device_stub: pb_grpc.GRPCInferenceServiceStub
+) -> None:
+    await device_stub.ModelInfer(infer_request("lin", {"x": X}))
+    async with grpc.aio.insecure_channel(chain.device.address) as channel:
+        info = await mesh_pb2_grpc.MeshServiceStub(channel).GetTierInfo(mesh_pb2.GetTierInfoRequest())
+    models = {m.name: m for m in info.models}
+    assert models["lin"].footprint_bytes > 0 and models["lin"].state == "READY"
+    assert models["flaky"].state == "UNAVAILABLE" and "cannot be loaded" in models["flaky"].reason
+    assert info.cache.budget_bytes > 0
+    assert info.cache.used_bytes == sum(m.footprint_bytes for m in info.models)
+    assert info.cache.loads == 2 and info.cache.hits >= 1

@@ -23,27 +23,64 @@ class GetTierInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HeldModel(_message.Message):
-    __slots__ = ("name", "version", "state")
+    __slots__ = ("name", "version", "state", "reason", "footprint_bytes", "footprint_measured", "queue_depth", "shed")
+    class ShedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    FOOTPRINT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FOOTPRINT_MEASURED_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    SHED_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     state: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., state: _Optional[str] = ...) -> None: ...
+    reason: str
+    footprint_bytes: int
+    footprint_measured: bool
+    queue_depth: int
+    shed: _containers.ScalarMap[str, int]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., footprint_bytes: _Optional[int] = ..., footprint_measured: _Optional[bool] = ..., queue_depth: _Optional[int] = ..., shed: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class CacheStatus(_message.Message):
+    __slots__ = ("budget_bytes", "used_bytes", "hits", "misses", "loads", "evictions", "refusals")
+    BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    MISSES_FIELD_NUMBER: _ClassVar[int]
+    LOADS_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    REFUSALS_FIELD_NUMBER: _ClassVar[int]
+    budget_bytes: int
+    used_bytes: int
+    hits: int
+    misses: int
+    loads: int
+    evictions: int
+    refusals: int
+    def __init__(self, budget_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., loads: _Optional[int] = ..., evictions: _Optional[int] = ..., refusals: _Optional[int] = ...) -> None: ...
 
 class GetTierInfoResponse(_message.Message):
-    __slots__ = ("tier", "tier_name", "node_id", "version", "upstream", "models")
+    __slots__ = ("tier", "tier_name", "node_id", "version", "upstream", "models", "cache")
     TIER_FIELD_NUMBER: _ClassVar[int]
     TIER_NAME_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     UPSTREAM_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_FIELD_NUMBER: _ClassVar[int]
     tier: Tier
     tier_name: str
     node_id: str
     version: str
     upstream: str
     models: _containers.RepeatedCompositeFieldContainer[HeldModel]
-    def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., tier_name: _Optional[str] = ..., node_id: _Optional[str] = ..., version: _Optional[str] = ..., upstream: _Optional[str] = ..., models: _Optional[_Iterable[_Union[HeldModel, _Mapping]]] = ...) -> None: ...
+    cache: CacheStatus
+    def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., tier_name: _Optional[str] = ..., node_id: _Optional[str] = ..., version: _Optional[str] = ..., upstream: _Optional[str] = ..., models: _Optional[_Iterable[_Union[HeldModel, _Mapping]]] = ..., cache: _Optional[_Union[CacheStatus, _Mapping]] = ...) -> None: ...
