@@ -35,7 +35,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -57,6 +57,24 @@ log = logging.getLogger("edgecascade.batcher")
 
 # Smoothing of the run-time and inter-arrival estimates.
 _EWMA = 0.2
+
+
+class BatchObserver(Protocol):
+    """Receives timings as they happen (the metrics adapter implements it)."""
+
+    def queued(self, seconds: float) -> None:
+        """A request waited ``seconds`` before its batch started."""
+
+    def ran(self, rows: int, seconds: float) -> None:
+        """A batch of ``rows`` rows ran for ``seconds``."""
+
+
+class _Unobserved:
+    def queued(self, seconds: float) -> None:
+        pass
+
+    def ran(self, rows: int, seconds: float) -> None:
+        pass
 
 
 @dataclass(frozen=True)
@@ -150,6 +168,7 @@ class DynamicBatcher:
         execute: Runs the model on a batch (blocking; called in the pool).
         batchable: Whether the model's inputs and outputs share a leading batch axis.
         stats: Where to count.
+        observer: Receives queue and run timings (for metrics).
     """
 
     def __init__(
@@ -160,8 +179,10 @@ class DynamicBatcher:
         execute: Callable[[Mapping[str, np.ndarray[Any, Any]]], Arrays],
         batchable: bool,
         stats: ModelStats,
+        observer: BatchObserver | None = None,
     ) -> None:
         self.name = name
+        self._observer: BatchObserver = observer or _Unobserved()
         self.config = config
         self.stats = stats
         self._pool = pool
@@ -393,6 +414,7 @@ class DynamicBatcher:
         stats.execution_count += 1
         stats.compute_infer.add(int((finished - started) * 1e9))
         stats.batch(rows, int((finished - started) * 1e9))
+        self._observer.ran(rows, finished - started)
         stats.last_inference_ms = time.time_ns() // 1_000_000
         offset = 0
         for request in batch:
@@ -404,6 +426,7 @@ class DynamicBatcher:
             offset += request.rows
             stats.inference_count += 1
             stats.queue.add(int((started - request.enqueued) * 1e9))
+            self._observer.queued(started - request.enqueued)
             stats.success.add(int((finished - request.enqueued) * 1e9))
             if not request.future.done():
                 request.future.set_result(part)

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from services.batcher import BatchingConfig, DynamicBatcher
+from services.batcher import BatchingConfig, BatchObserver, DynamicBatcher
 from services.errors import EdgecascadeError, MemoryBudgetError, ModelNotFoundError, ModelNotReadyError
 from services.generation import CHAR_LM_TASK, CharTokenizer
 from services.inference import ModelSignature
@@ -122,6 +122,7 @@ class ModelCache:
         memory_budget_bytes: The budget.
         intra_op_threads: onnxruntime threads per run.
         rss: Returns the process's resident memory (to measure real footprints).
+        observers: Makes the timing observer of one model version (name, version), for metrics.
     """
 
     def __init__(
@@ -132,7 +133,9 @@ class ModelCache:
         memory_budget_bytes: int,
         intra_op_threads: int = 1,
         rss: Callable[[], int] = process_rss,
+        observers: Callable[[str, str], BatchObserver] | None = None,
     ) -> None:
+        self._observers = observers
         self.repository = repository
         self.budget = memory_budget_bytes
         self.stats = CacheStats()
@@ -371,8 +374,15 @@ class ModelCache:
             self._batching.with_overrides(overrides, f"model '{entry.name}' metadata") if overrides else self._batching
         )
         batchable = _batchable(session.signature)
+        observer = self._observers(entry.name, entry.version) if self._observers else None
         batcher = DynamicBatcher(
-            f"'{entry.name}' version {entry.version}", config, self._pool, session.run, batchable, ModelStats()
+            f"'{entry.name}' version {entry.version}",
+            config,
+            self._pool,
+            session.run,
+            batchable,
+            ModelStats(),
+            observer,
         )
         batcher.start()
         return LoadedModel(entry, session, tokenizer, batcher, footprint, measured)

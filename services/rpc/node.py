@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from opentelemetry.sdk.metrics.export import MetricReader
+
 from protos.edgecascade.v1 import mesh_pb2, mesh_pb2_grpc
 from protos.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from services import __version__
@@ -37,7 +39,7 @@ from services.rpc.inference_client import InferenceClient
 from services.rpc.inference_servicer import InferenceServicer
 from services.rpc.mesh_servicer import MeshServicer
 from services.rpc.server import GrpcServer, ServiceBinding
-from services.rpc.telemetry import build_tracer_provider
+from services.rpc.telemetry import NodeMetrics, build_meter_provider, build_tracer_provider, node_resource
 from services.run_pool import RunPool
 from services.tier_config import TierConfig
 
@@ -63,9 +65,10 @@ class Node:
     Args:
         spec: Which tier.
         config: The tier's configuration.
+        metric_readers: Extra OpenTelemetry metric readers (tests read metrics in memory).
     """
 
-    def __init__(self, spec: TierSpec, config: TierConfig) -> None:
+    def __init__(self, spec: TierSpec, config: TierConfig, metric_readers: Sequence[MetricReader] = ()) -> None:
         if spec.top_of_chain and config.upstream.address:
             raise ConfigError(f"the {spec.role} is the top of the chain; [upstream] address must be empty")
         self.spec = spec
@@ -77,7 +80,10 @@ class Node:
         self._upstream: InferenceClient | None = None
         self._cache: ModelCache | None = None
         self._pool: RunPool | None = None
-        self._tracer_provider = build_tracer_provider(self.identity, spec.service_name, __version__)
+        resource = node_resource(self.identity, spec.service_name, __version__)
+        self._tracer_provider = build_tracer_provider(resource)
+        self._meter_provider = build_meter_provider(resource, metric_readers)
+        self._metrics = NodeMetrics(self._meter_provider)
         self.address = ""
 
     async def start(self) -> str:
@@ -93,8 +99,14 @@ class Node:
             raise ConfigError(f"[repository] path {cfg.repository.path} is not usable: {exc.strerror}") from None
         self._pool = RunPool(cfg.runtime.concurrent_runs)
         self._cache = ModelCache(
-            repository, self._pool, cfg.batching, cfg.cache.budget, intra_op_threads=cfg.runtime.intra_op_threads
+            repository,
+            self._pool,
+            cfg.batching,
+            cfg.cache.budget,
+            intra_op_threads=cfg.runtime.intra_op_threads,
+            observers=self._metrics.for_model,
         )
+        self._metrics.attach(self._cache)
         dataplane = Dataplane(
             self.identity,
             self._cache,
@@ -154,6 +166,7 @@ class Node:
             self._pool.close()
         # Flushing spans is blocking I/O; the loop must stay free (an in-process collector may need it).
         await asyncio.to_thread(self._tracer_provider.shutdown)
+        await asyncio.to_thread(self._meter_provider.shutdown)
 
 
 def _write_port_file(path: Path, record: Mapping[str, Any]) -> None:

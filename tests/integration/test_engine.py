@@ -23,7 +23,8 @@ X = np.ones((1, 64), np.float32)
 
 
 async def stats_of(stub: pb_grpc.GRPCInferenceServiceStub, name: str) -> pb.ModelStatistics:
-    return (await stub.ModelStatistics(pb.ModelStatisticsRequest(name=name))).model_stats[0]
+    response: pb.ModelStatisticsResponse = await stub.ModelStatistics(pb.ModelStatisticsRequest(name=name))
+    return response.model_stats[0]
 
 
 async def test_a_full_queue_on_the_device_forwards_upward(tmp_path: Path) -> None:
@@ -126,3 +127,40 @@ async def test_decoding_steps_of_concurrent_streams_share_batches(tmp_path: Path
             assert max(b.batch_size for b in stats.batch_stats) > 1
     finally:
         await node.stop()
+
+
+async def test_engine_metrics_are_recorded(tmp_path: Path) -> None:
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from services.config import load_config
+    from services.rpc.node import Node
+    from services.tier_config import TierConfig
+
+    ModelRepository(tmp_path / "repo").add("lin", linear_model(tmp_path / "l.onnx"))
+    reader = InMemoryMetricReader()
+    config = load_config(TierConfig, env={}, overrides={"repository": {"path": str(tmp_path / "repo")}})
+    node = Node(DEVICE, config, metric_readers=[reader])
+    await node.start()
+    try:
+        async with grpc.aio.insecure_channel(node.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            for _ in range(3):
+                await stub.ModelInfer(infer_request("lin", {"x": np.ones((2, 4), np.float32)}))
+        data = reader.get_metrics_data()
+    finally:
+        await node.stop()
+    points: dict[str, list[object]] = {}
+    assert data is not None
+    for resource_metrics in data.resource_metrics:
+        assert resource_metrics.resource.attributes["service.name"] == "edgecascade-tier0"
+        for scope in resource_metrics.scope_metrics:
+            for metric in scope.metrics:
+                points[metric.name] = list(metric.data.data_points)
+    compute = points["edgecascade.compute.duration"][0]
+    assert compute.count == 3  # type: ignore[attr-defined]
+    assert dict(compute.attributes) == {"edgecascade.model.name": "lin", "edgecascade.model.version": "1"}  # type: ignore[attr-defined]
+    assert points["edgecascade.batch.size"][0].sum == 6  # type: ignore[attr-defined]
+    assert points["edgecascade.queue.duration"][0].count == 3  # type: ignore[attr-defined]
+    assert points["edgecascade.cache.loads"][0].value == 1  # type: ignore[attr-defined]
+    assert points["edgecascade.model.memory"][0].value > 0  # type: ignore[attr-defined]
+    assert points["edgecascade.queue.depth"][0].value == 0  # type: ignore[attr-defined]
