@@ -24,7 +24,8 @@ X = np.ones((1, 64), np.float32)
 
 async def stats_of(stub: pb_grpc.GRPCInferenceServiceStub, name: str) -> pb.ModelStatistics:
     response: pb.ModelStatisticsResponse = await stub.ModelStatistics(pb.ModelStatisticsRequest(name=name))
-    return response.model_stats[0]
+    stats: pb.ModelStatistics = response.model_stats[0]
+    return stats
 
 
 async def test_a_full_queue_on_the_device_forwards_upward(tmp_path: Path) -> None:
