@@ -225,6 +225,10 @@ class DynamicBatcher:
         if self._loop_task is not None:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
+            # The cancelled task's traceback holds the dispatcher frame, which
+            # holds this batcher: drop it so the model's memory is freed now,
+            # not at the next cyclic garbage collection.
+            self._loop_task = None
 
     def level_of(self, priority: int) -> int:
         """Maps a request's ``priority`` parameter to a queue index (0 = most urgent).
