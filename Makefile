@@ -10,7 +10,7 @@ TRITON_VENV := .venv-triton
 # so the stock client lives in a virtualenv of its own and tests call it in a subprocess.
 TRITONCLIENT := tritonclient[grpc]==2.73.0
 
-.PHONY: up test lint protos demo-models clean
+.PHONY: up test lint protos demo-models clean bench
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,3 +41,6 @@ demo-models: $(VENV)/.installed
 
 clean:
 	rm -rf $(VENV) $(TRITON_VENV) .edgecascade .pytest_cache .mypy_cache .ruff_cache
+
+bench: $(VENV)/.installed $(TRITON_VENV)/.installed
+	TRITONCLIENT_PYTHON=$(abspath $(TRITON_VENV))/bin/python $(VENV)/bin/python -m bench.run

@@ -1,0 +1,354 @@
+"""``python -m bench.run``: the device engine against its physical limits, measured side by side.
+
+One run measures, on this machine, with the stock ``tritonclient.grpc.aio`` as
+the load generator in its own process:
+
+* the ceilings: a no-op gRPC echo server (per-request overhead) and raw
+  onnxruntime in-process throughput at batch 1 … 64 (compute), for the demo
+  device model (tiny, overhead-bound) and a ~40 MB MLP built here
+  (compute-bound);
+* Tier 0 with batching off (``EDGECASCADE_BATCHING__MAX_BATCH_SIZE=1``) and
+  on, at 1, 16 and 64 requests in flight; constant and Poisson arrivals at the
+  same mean rate; streaming tokens/s with 1 and 16 concurrent streams.
+
+It prints the ratios the targets are stated in and writes
+``bench/results/latest.json``. Nothing here is asserted: numbers are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from rich.console import Console
+from rich.table import Table
+
+from services.model_repository import ModelRepository
+
+ROOT = Path(__file__).resolve().parent.parent
+DEVICE_MODEL = ROOT / "examples" / "models" / "charlm-device.int8.onnx"
+BATCHES = (1, 2, 4, 8, 16, 32, 64)
+console = Console(highlight=False)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A model and what the load generator sends it."""
+
+    path: Path
+    inputs: list[str]
+    out: str
+
+
+def build_mlp(path: Path) -> Path:
+    """A compute-bound MLP of about 40 MB: 512 → 2048 → 2048 → 2048 → 512, tanh."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    dims = [512, 2048, 2048, 2048, 512]
+    nodes, weights = [], []
+    previous = "x"
+    for i, (a, b) in enumerate(itertools.pairwise(dims)):
+        weights.append(numpy_helper.from_array((rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32), f"W{i}"))
+        nodes.append(helper.make_node("MatMul", [previous, f"W{i}"], [f"m{i}"]))
+        out = "y" if i == len(dims) - 2 else f"t{i}"
+        nodes.append(helper.make_node("Tanh", [f"m{i}"], [out]))
+        previous = out
+    graph = helper.make_graph(
+        nodes,
+        "mlp40",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 512])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 512])],
+        initializer=weights,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.save(model, str(path))
+    return path
+
+
+def session(path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def feed(sess: ort.InferenceSession, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray[Any, Any]]:
+    arg = sess.get_inputs()[0]
+    width = arg.shape[1]
+    if arg.type == "tensor(int64)":
+        vocab = sess.get_outputs()[0].shape[1]
+        return {arg.name: rng.integers(2, vocab, size=(batch, width), dtype=np.int64)}
+    return {arg.name: rng.standard_normal((batch, width)).astype(np.float32)}
+
+
+def raw_throughput(path: Path, threads: int, seconds: float) -> dict[int, float]:
+    """Rows per second of raw onnxruntime at each batch size, ``threads`` runs at once (as the service runs)."""
+    sess = session(path)
+    rng = np.random.default_rng(0)
+    result: dict[int, float] = {}
+    def loop(data: dict[str, np.ndarray[Any, Any]], stop_at: float, counts: list[int], i: int) -> None:
+        while time.perf_counter() < stop_at:
+            sess.run(None, data)
+            counts[i] += 1
+
+    for batch in BATCHES:
+        data = feed(sess, batch, rng)
+        sess.run(None, data)
+        counts = [0] * threads
+        stop_at = time.perf_counter() + seconds
+        workers = [threading.Thread(target=loop, args=(data, stop_at, counts, i)) for i in range(threads)]
+        started = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        result[batch] = sum(counts) * batch / (time.perf_counter() - started)
+    return result
+
+
+@contextmanager
+def process(args: list[str], env: dict[str, str], port_file: Path) -> Iterator[str]:
+    """Runs a server process until the block ends; yields its address."""
+    port_file.unlink(missing_ok=True)
+    child = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 60
+        while not port_file.is_file():
+            if child.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{args} did not start: {child.stderr.read().decode() if child.stderr else ''}")
+            time.sleep(0.05)
+        yield str(json.loads(port_file.read_text())["address"])
+    finally:
+        child.send_signal(signal.SIGTERM)
+        try:
+            child.wait(30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+        if child.stderr:
+            child.stderr.close()
+
+
+def load(python: str, address: str, model: str, inputs: list[str], **options: Any) -> dict[str, Any]:
+    """Runs the load generator in its own process and returns its JSON report."""
+    args = [python, str(ROOT / "bench" / "load.py"), "--address", address, "--model", model]
+    for spec in inputs:
+        args += ["--input", spec]
+    for key, value in options.items():
+        args += [f"--{key}", str(value)]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=600, check=True).stdout
+    report: dict[str, Any] = json.loads(out)
+    return report
+
+
+def tier0(repo: Path, work: Path, batching: bool) -> tuple[list[str], dict[str, str], Path]:
+    port_file = work / ("on.json" if batching else "off.json")
+    env = {
+        **os.environ,
+        "EDGECASCADE_SERVER__PORT_FILE": str(port_file),
+        "EDGECASCADE_SERVER__PORT": "0",
+        "EDGECASCADE_REPOSITORY__PATH": str(repo),
+        "EDGECASCADE_LOG__LEVEL": "WARNING",
+        "EDGECASCADE_BATCHING__MAX_BATCH_SIZE": "64" if batching else "1",
+        "EDGECASCADE_BATCHING__MAX_QUEUE_SIZE": "4096",
+    }
+    env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
+    return [sys.executable, "-m", "tier0_device"], env, port_file
+
+
+def main() -> int:
+    """Runs every measurement and prints the tables."""
+    parser = argparse.ArgumentParser(description="Tier 0 against its physical limits, measured side by side.")
+    parser.add_argument(
+        "--triton-python", default=os.environ.get("TRITONCLIENT_PYTHON", str(ROOT / ".venv-triton/bin/python"))
+    )
+    parser.add_argument("--seconds", type=float, default=4.0, help="measurement window per load run")
+    parser.add_argument("--device-model", type=Path, default=DEVICE_MODEL, help="the overhead-bound char-LM")
+    args = parser.parse_args()
+    seconds = args.seconds
+    device_model: Path = args.device_model
+    if not device_model.is_file():
+        console.print(f"[red]{device_model} is missing[/red]")
+        return 1
+    results: dict[str, Any] = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "onnxruntime": ort.__version__,
+        },
+    }
+    with tempfile.TemporaryDirectory(prefix="edgecascade-bench-") as tmp:
+        work = Path(tmp)
+        repo = ModelRepository(work / "repo")
+        repo.add("charlm", device_model)
+        repo.add("mlp", build_mlp(work / "mlp.onnx"))
+        lm = session(device_model)
+        context, vocab = lm.get_inputs()[0].shape[1], lm.get_outputs()[0].shape[1]
+        models = {
+            "charlm": Workload(device_model, [f"input_ids:INT64:1x{context}:{vocab}"], f"1x{vocab}"),
+            "mlp": Workload(work / "mlp.onnx", ["x:FP32:1x512"], "1x512"),
+        }
+        threads = os.cpu_count() or 1
+        for name, spec in models.items():
+            console.print(
+                f"raw onnxruntime: {name} ({spec.path.stat().st_size / 1e6:.1f} MB), {threads} runs at once"
+            )
+            results.setdefault(name, {})["raw"] = raw_throughput(spec.path, threads, min(seconds / 2, 2.0))
+
+        for name, spec in models.items():
+            port_file = work / f"echo-{name}.json"
+            echo = [
+                sys.executable,
+                "-m",
+                "bench.echo_server",
+                "--port-file",
+                str(port_file),
+                "--output-shape",
+                spec.out,
+            ]
+            with process(echo, dict(os.environ), port_file) as address:
+                console.print(f"echo ceiling for {name}")
+                results[name]["echo_64"] = load(
+                    args.triton_python, address, "echo", spec.inputs, mode="closed", clients=64, seconds=seconds
+                )
+                results[name]["echo_1"] = load(
+                    args.triton_python, address, "echo", spec.inputs, mode="closed", clients=1, seconds=seconds
+                )
+                if name == "charlm":
+                    results[name]["echo_stream_16"] = load(
+                        args.triton_python, address, "echo", [], mode="stream", clients=16, tokens=64
+                    )
+
+        for batching in (False, True):
+            label = "on" if batching else "off"
+            cmd, env, port_file = tier0(work / "repo", work, batching)
+            with process(cmd, env, port_file) as address:
+                for name, spec in models.items():
+                    for clients in (1, 16, 64):
+                        console.print(f"tier0 batching {label}: {name}, {clients} in flight")
+                        results[name][f"tier0_{label}_{clients}"] = load(
+                            args.triton_python,
+                            address,
+                            name,
+                            spec.inputs,
+                            mode="closed",
+                            clients=clients,
+                            seconds=seconds,
+                        )
+                    if batching:
+                        rate = round(0.7 * results[name]["tier0_on_64"]["throughput"])
+                        for mode in ("constant", "poisson"):
+                            console.print(f"tier0 batching on: {name}, {mode} arrivals at {rate}/s")
+                            results[name][f"tier0_on_{mode}"] = load(
+                                args.triton_python, address, name, spec.inputs, mode=mode, rate=rate, seconds=seconds
+                            )
+                for streams in (1, 16):
+                    console.print(f"tier0 batching {label}: {streams} generation streams")
+                    results["charlm"][f"tier0_{label}_stream_{streams}"] = load(
+                        args.triton_python, address, "charlm", [], mode="stream", clients=streams, tokens=64
+                    )
+    report(results)
+    out = ROOT / "bench" / "results"
+    out.mkdir(exist_ok=True)
+    (out / "latest.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    console.print(f"raw results: {out / 'latest.json'}")
+    return 0
+
+
+def report(r: dict[str, Any]) -> None:
+    """Prints the ratios the targets are stated in."""
+    table = Table(title="Tier 0 vs its physical limit (requests/s, 64 in flight)")
+    for column in (
+        "model",
+        "echo ceiling",
+        "raw ORT @64",
+        "limit",
+        "tier0 on",
+        "on ÷ limit",
+        "tier0 off",
+        "on ÷ off",
+        "p99 on/off ms",
+    ):
+        table.add_column(column, justify="right")
+    for name in ("charlm", "mlp"):
+        m = r[name]
+        echo = m["echo_64"]["throughput"]
+        raw64 = m["raw"][64]
+        limit = min(echo, raw64)
+        on, off = m["tier0_on_64"], m["tier0_off_64"]
+        table.add_row(
+            name, f"{echo:.0f}", f"{raw64:.0f}", f"{limit:.0f}", f"{on['throughput']:.0f}", f"{on['throughput'] / limit:.2f}",
+            f"{off['throughput']:.0f}", f"{on['throughput'] / off['throughput']:.2f}", f"{on['p99_ms']:.1f} / {off['p99_ms']:.1f}",
+        )  # fmt: skip
+    console.print(table)
+    latency = Table(title="Latency (ms) by requests in flight")
+    for column in ("model", "in flight", "off p50", "on p50", "on − off p50", "off p99", "on p99", "echo p50 (1)"):
+        latency.add_column(column, justify="right")
+    for name in ("charlm", "mlp"):
+        m = r[name]
+        for clients in (1, 16, 64):
+            on, off = m[f"tier0_on_{clients}"], m[f"tier0_off_{clients}"]
+            latency.add_row(
+                name, str(clients), f"{off['p50_ms']:.2f}", f"{on['p50_ms']:.2f}", f"{on['p50_ms'] - off['p50_ms']:+.2f}",
+                f"{off['p99_ms']:.2f}", f"{on['p99_ms']:.2f}", f"{m['echo_1']['p50_ms']:.2f}" if clients == 1 else "",
+            )  # fmt: skip
+    console.print(latency)
+    arrivals = Table(title="Constant vs Poisson arrivals at the same mean rate (batching on)")
+    for column in ("model", "rate/s", "constant p99 ms", "poisson p99 ms", "poisson ÷ constant"):
+        arrivals.add_column(column, justify="right")
+    for name in ("charlm", "mlp"):
+        c, p = r[name]["tier0_on_constant"], r[name]["tier0_on_poisson"]
+        arrivals.add_row(
+            name,
+            f"{c['throughput']:.0f}",
+            f"{c['p99_ms']:.2f}",
+            f"{p['p99_ms']:.2f}",
+            f"{p['p99_ms'] / c['p99_ms']:.2f}",
+        )
+    console.print(arrivals)
+    m = r["charlm"]
+    decode_limit = min(m["raw"][16], m["echo_stream_16"]["tokens_per_s"])
+    step_ms = 1000 / m["raw"][1]
+    streams = Table(title="Streaming generation (charlm, 64 tokens per stream)")
+    for column in ("", "tokens/s 1 stream", "tokens/s 16 streams", "16 ÷ limit", "TTFT p50 ms (1 stream)"):
+        streams.add_column(column, justify="right")
+    streams.add_row(
+        "limit", f"{1000 / step_ms:.0f} (raw step)", f"{decode_limit:.0f}", "1.00", f"{2 * step_ms + 1:.2f} (target)"
+    )
+    for label in ("off", "on"):
+        one, sixteen = m[f"tier0_{label}_stream_1"], m[f"tier0_{label}_stream_16"]
+        streams.add_row(
+            f"tier0 batching {label}", f"{one['tokens_per_s']:.0f}", f"{sixteen['tokens_per_s']:.0f}",
+            f"{sixteen['tokens_per_s'] / decode_limit:.2f}", f"{one['ttft_p50_ms']:.2f}",
+        )  # fmt: skip
+    console.print(streams)
+    raw = Table(title="Raw onnxruntime rows/s by batch size (same thread budget as the service)")
+    raw.add_column("model")
+    for b in BATCHES:
+        raw.add_column(str(b), justify="right")
+    for name in ("charlm", "mlp"):
+        raw.add_row(name, *(f"{r[name]['raw'][b]:.0f}" for b in BATCHES))
+    console.print(raw)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
