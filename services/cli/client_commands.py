@@ -18,6 +18,7 @@ from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from services.errors import ConfigError
 from services.generation import TEXT_INPUT, TEXT_OUTPUT
 from services.inference import FALLBACK_REASON, FINAL_RESPONSE, ROUTE, SERVED_BY, TOKEN_PROBABILITY
+from services.memory import megabytes
 from services.rpc.converters import params_from_proto, set_param
 from services.tensors import encode_raw
 
@@ -134,7 +135,7 @@ def status(console: Console, state_dir: Path, timeout: float) -> int:
     endpoints = read_endpoints(state_dir)
     addresses = [endpoints["region"], endpoints["edge"], *endpoints["devices"]]
     table = Table(title="edgecascade mesh")
-    for column in ("address", "tier", "node", "upstream", "models"):
+    for column in ("address", "tier", "node", "upstream", "memory used / budget", "models"):
         table.add_column(column)
     failures = 0
     for address in addresses:
@@ -144,10 +145,11 @@ def status(console: Console, state_dir: Path, timeout: float) -> int:
                     mesh_pb2.GetTierInfoRequest(), timeout=timeout
                 )
             except grpc.RpcError as exc:
-                table.add_row(address, "?", "?", "?", f"[red]{exc.code().name}[/red]")
+                table.add_row(address, "?", "?", "?", "?", f"[red]{exc.code().name}[/red]")
                 failures += 1
                 continue
         models = ", ".join(f"{m.name} v{m.version} {m.state}" for m in info.models) or "-"
-        table.add_row(address, info.tier_name, info.node_id, info.upstream or "-", models)
+        memory = f"{megabytes(info.cache.used_bytes)} / {megabytes(info.cache.budget_bytes)}"
+        table.add_row(address, info.tier_name, info.node_id, info.upstream or "-", memory, models)
     console.print(table)
     return 1 if failures else 0
