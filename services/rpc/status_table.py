@@ -114,6 +114,10 @@ async def _abort(context: aio.ServicerContext[Any, Any], exc: BaseException, met
 class ErrorInterceptor(aio.ServerInterceptor):
     """Maps exceptions raised by any handler to gRPC statuses through :data:`STATUS_TABLE`."""
 
+    def __init__(self) -> None:
+        # The wrapped handler of each method is built once, not on every call.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]] = {}
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
@@ -123,22 +127,31 @@ class ErrorInterceptor(aio.ServerInterceptor):
         if handler is None:
             return handler
         method = handler_call_details.method
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap(handler.unary_unary, method), handler.request_deserializer, handler.response_serializer
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap(handler.unary_stream, method), handler.request_deserializer, handler.response_serializer
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                _wrap(handler.stream_unary, method), handler.request_deserializer, handler.response_serializer
-            )
-        assert handler.stream_stream is not None
-        return grpc.stream_stream_rpc_method_handler(
-            _wrap(handler.stream_stream, method), handler.request_deserializer, handler.response_serializer
+        known = self._wrapped.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        wrapped = _wrap_handler(handler, method)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+
+def _wrap_handler(handler: grpc.RpcMethodHandler[Any, Any], method: str) -> grpc.RpcMethodHandler[Any, Any]:
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(
+            _wrap(handler.unary_unary, method), handler.request_deserializer, handler.response_serializer
         )
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(
+            _wrap(handler.unary_stream, method), handler.request_deserializer, handler.response_serializer
+        )
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(
+            _wrap(handler.stream_unary, method), handler.request_deserializer, handler.response_serializer
+        )
+    assert handler.stream_stream is not None
+    return grpc.stream_stream_rpc_method_handler(
+        _wrap(handler.stream_stream, method), handler.request_deserializer, handler.response_serializer
+    )
 
 
 def _wrap(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
