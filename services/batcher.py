@@ -18,9 +18,11 @@ Rules, in the order the dispatcher applies them:
   priority order until ``max_batch_size`` rows. A request larger than
   ``max_batch_size`` on its own runs alone.
 * The dispatcher waits for more requests only while it can pay off: the batch
-  is not full, ``max_queue_delay_us`` since the first request has not passed,
-  the tightest deadline in the batch still allows the predicted run, and the
-  recent arrival rate says another request is likely within that window.
+  is not full, another run is in progress (otherwise nobody else is about to
+  send: a closed-loop caller waits on this very batch), ``max_queue_delay_us``
+  since the first request has not passed, the tightest deadline in the batch
+  still allows the predicted run, and the recent arrival rate says another
+  request is likely within that window.
 * A full queue (``max_queue_size`` requests) refuses new ones at once with
   :class:`~services.errors.QueueFullError`.
 * If a batch fails on its input values, each request is re-run alone so one bad
@@ -362,7 +364,10 @@ class DynamicBatcher:
         if not self._batchable:
             return batch
         delay = self.config.max_queue_delay_us / 1e6
-        while rows < self.config.max_batch_size and delay > 0:
+        # With nothing else in flight, the next request can only come from a
+        # caller that is not waiting on us; in a closed loop (one client, or all
+        # clients in this batch) waiting would only add latency.
+        while rows < self.config.max_batch_size and delay > 0 and self._pool.busy > 1:
             now = loop.time()
             tightest = min(r.deadline for r in batch)
             window_end = min(head.enqueued + delay, tightest - self._run_times.predict(self.config.max_batch_size))
