@@ -78,3 +78,17 @@ def test_export_only_when_the_standard_variable_is_set() -> None:
     assert export_enabled({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317"})
     assert export_enabled({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://127.0.0.1:4317"})
     assert not export_enabled({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317", "OTEL_SDK_DISABLED": "true"})
+
+
+def test_without_an_exporter_spans_are_not_recorded_but_context_still_propagates() -> None:
+    from opentelemetry.sdk.resources import Resource
+
+    from services.rpc.telemetry import build_tracer_provider
+
+    quiet = build_tracer_provider(Resource.create({}), env={}).get_tracer("t")
+    with quiet.start_as_current_span("s") as span:
+        assert not span.is_recording()
+        assert span.get_span_context().is_valid  # ids exist, so traceparent is still sent
+    chosen = build_tracer_provider(Resource.create({}), env={"OTEL_TRACES_SAMPLER": "always_on"}).get_tracer("t")
+    with chosen.start_as_current_span("s") as span:
+        assert span.is_recording()
