@@ -309,19 +309,15 @@ class DynamicBatcher:
         self._runs.discard(task)
         self._progress.set()
 
-    def _drop_dead(self, now: float) -> None:
-        """Removes cancelled requests and those that cannot meet their deadline."""
+    def _head(self, now: float) -> _Request | None:
+        """The most urgent, oldest live request; dead ones met on the way are answered and dropped."""
         for queue in self._queues:
-            if not queue:
-                continue
-            keep: deque[_Request] = deque()
-            for request in queue:
-                if self._dead(request, now):
-                    self._size -= 1
-                else:
-                    keep.append(request)
-            queue.clear()
-            queue.extend(keep)
+            while queue:
+                if not self._dead(queue[0], now):
+                    return queue[0]
+                queue.popleft()
+                self._size -= 1
+        return None
 
     def _dead(self, request: _Request, now: float) -> bool:
         if request.future.done():  # cancelled by its caller
@@ -336,13 +332,20 @@ class DynamicBatcher:
             return True
         return False
 
-    def _take(self, signature: tuple[Any, ...], room: int, batch: list[_Request]) -> int:
-        """Moves queued requests of ``signature`` into ``batch``, most urgent first; returns rows taken."""
+    def _take(self, signature: tuple[Any, ...], room: int, batch: list[_Request], now: float) -> int:
+        """Moves queued requests of ``signature`` into ``batch``, most urgent first; returns rows taken.
+
+        The same pass drops (and answers) every dead request it meets, so a
+        request whose caller gave up is never computed.
+        """
         taken = 0
         for queue in self._queues:
             keep: deque[_Request] = deque()
             while queue:
                 request = queue.popleft()
+                if self._dead(request, now):
+                    self._size -= 1
+                    continue
                 fits = request.signature == signature and (taken + request.rows <= room or not batch)
                 if fits and (self._batchable or not batch):
                     batch.append(request)
@@ -355,12 +358,11 @@ class DynamicBatcher:
 
     async def _form_batch(self) -> list[_Request]:
         loop = asyncio.get_running_loop()
-        self._drop_dead(loop.time())
-        head = next((q[0] for q in self._queues if q), None)
+        head = self._head(loop.time())
         if head is None:
             return []
         batch: list[_Request] = []
-        rows = self._take(head.signature, self.config.max_batch_size, batch)
+        rows = self._take(head.signature, self.config.max_batch_size, batch, loop.time())
         if not self._batchable:
             return batch
         delay = self.config.max_queue_delay_us / 1e6
@@ -378,7 +380,7 @@ class DynamicBatcher:
                 await asyncio.wait_for(self._arrived.wait(), window_end - now)
             except TimeoutError:
                 break
-            rows += self._take(head.signature, self.config.max_batch_size - rows, batch)
+            rows += self._take(head.signature, self.config.max_batch_size - rows, batch, loop.time())
         return batch
 
     async def _run(self, batch: list[_Request]) -> None:
