@@ -59,6 +59,7 @@ async def closed(
     clients: int,
     seconds: float,
     warmup: float,
+    deadline: float | None = None,
 ) -> dict[str, Any]:
     latencies: list[float] = []
     errors = 0
@@ -73,7 +74,7 @@ async def closed(
             if t0 >= stop_at:
                 return
             try:
-                await client.infer(model, inputs)
+                await client.infer(model, inputs, client_timeout=deadline)
             except Exception:
                 errors += 1
                 continue
@@ -176,13 +177,14 @@ async def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--warmup", type=float, default=0.5)
     parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--deadline", type=float, default=None, help="gRPC deadline of each request, seconds")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     client = aioclient.InferenceServerClient(url=args.address)
     try:
         inputs = [make_input(spec, rng) for spec in args.input]
         if args.mode == "closed":
-            result = await closed(client, args.model, inputs, args.clients, args.seconds, args.warmup)
+            result = await closed(client, args.model, inputs, args.clients, args.seconds, args.warmup, args.deadline)
         elif args.mode == "stream":
             await streams(client, args.model, 1, 4)  # warm-up
             result = await streams(client, args.model, args.clients, args.tokens)

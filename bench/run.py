@@ -105,6 +105,7 @@ def raw_throughput(path: Path, threads: int, seconds: float) -> dict[int, float]
     sess = session(path)
     rng = np.random.default_rng(0)
     result: dict[int, float] = {}
+
     def loop(data: dict[str, np.ndarray[Any, Any]], stop_at: float, counts: list[int], i: int) -> None:
         while time.perf_counter() < stop_at:
             sess.run(None, data)
@@ -159,6 +160,26 @@ def load(python: str, address: str, model: str, inputs: list[str], **options: An
     return report
 
 
+def engine_counts(address: str, model: str) -> dict[str, int]:
+    """What the node counted for a model: requests computed, executions, and requests shed by reason."""
+    import grpc
+
+    from protos.edgecascade.v1 import mesh_pb2, mesh_pb2_grpc
+    from protos.inference import grpc_service_pb2 as pb
+    from protos.inference import grpc_service_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        stats = pb_grpc.GRPCInferenceServiceStub(channel).ModelStatistics(
+            pb.ModelStatisticsRequest(name=model), timeout=10
+        )
+        info = mesh_pb2_grpc.MeshServiceStub(channel).GetTierInfo(mesh_pb2.GetTierInfoRequest(), timeout=10)
+    counts = {"computed": stats.model_stats[0].inference_count, "executions": stats.model_stats[0].execution_count}
+    for held in info.models:
+        if held.name == model and held.state == "READY":
+            counts.update({f"shed_{k}": v for k, v in held.shed.items()})
+    return counts
+
+
 def tier0(repo: Path, work: Path, batching: bool) -> tuple[list[str], dict[str, str], Path]:
     port_file = work / ("on.json" if batching else "off.json")
     env = {
@@ -174,7 +195,7 @@ def tier0(repo: Path, work: Path, batching: bool) -> tuple[list[str], dict[str, 
     return [sys.executable, "-m", "tier0_device"], env, port_file
 
 
-def main() -> int:
+def main() -> int:  # noqa: PLR0915 - one linear script is the clearest record of what is measured
     """Runs every measurement and prints the tables."""
     parser = argparse.ArgumentParser(description="Tier 0 against its physical limits, measured side by side.")
     parser.add_argument(
@@ -209,9 +230,7 @@ def main() -> int:
         }
         threads = os.cpu_count() or 1
         for name, spec in models.items():
-            console.print(
-                f"raw onnxruntime: {name} ({spec.path.stat().st_size / 1e6:.1f} MB), {threads} runs at once"
-            )
+            console.print(f"raw onnxruntime: {name} ({spec.path.stat().st_size / 1e6:.1f} MB), {threads} runs at once")
             results.setdefault(name, {})["raw"] = raw_throughput(spec.path, threads, min(seconds / 2, 2.0))
 
         for name, spec in models.items():
@@ -261,6 +280,22 @@ def main() -> int:
                             results[name][f"tier0_on_{mode}"] = load(
                                 args.triton_python, address, name, spec.inputs, mode=mode, rate=rate, seconds=seconds
                             )
+                if not batching:
+                    console.print("tier0 batching off: mlp overloaded, 64 in flight with a 20 ms deadline each")
+                    before = engine_counts(address, "mlp")
+                    overload = load(
+                        args.triton_python,
+                        address,
+                        "mlp",
+                        models["mlp"].inputs,
+                        mode="closed",
+                        clients=64,
+                        seconds=seconds,
+                        deadline=0.02,
+                    )
+                    after = engine_counts(address, "mlp")
+                    overload["server"] = {k: after[k] - before.get(k, 0) for k in after}
+                    results["mlp"]["tier0_off_overload"] = overload
                 for streams in (1, 16):
                     console.print(f"tier0 batching {label}: {streams} generation streams")
                     results["charlm"][f"tier0_{label}_stream_{streams}"] = load(
@@ -341,6 +376,14 @@ def report(r: dict[str, Any]) -> None:
             f"{sixteen['tokens_per_s'] / decode_limit:.2f}", f"{one['ttft_p50_ms']:.2f}",
         )  # fmt: skip
     console.print(streams)
+    overload = r["mlp"]["tier0_off_overload"]
+    server = overload["server"]
+    console.print(
+        f"Overload (mlp, batching off, 64 in flight, 20 ms deadline): {overload['requests']} answered in time, "
+        f"{overload['errors']} missed their deadline; the node computed {server.get('computed', 0)} and answered "
+        f"{server.get('shed_expired', 0)} as expired without computing them "
+        f"(cancelled before running: {server.get('shed_cancelled', 0)})."
+    )
     raw = Table(title="Raw onnxruntime rows/s by batch size (same thread budget as the service)")
     raw.add_column("model")
     for b in BATCHES:
