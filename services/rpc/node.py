@@ -216,6 +216,8 @@ def main(spec: TierSpec, defaults: Mapping[str, Mapping[str, Any]], argv: Sequen
     logging.basicConfig(
         level=config.log.level.upper(), format=f"%(asctime)s {spec.tier} %(levelname)s %(name)s: %(message)s"
     )
+    # The gRPC instrumentation warns once per call whose peer already left; that is routine under load.
+    logging.getLogger("opentelemetry.instrumentation.grpc._server").setLevel(logging.ERROR)
     try:
         asyncio.run(_run_until_signal(spec, config))
     except ConfigError as exc:

@@ -27,7 +27,13 @@ log = logging.getLogger("edgecascade.rpc")
 # client one tier down can tell a peer's own UNAVAILABLE from a broken connection.
 ERROR_CLASS_KEY = "edgecascade-error"
 
-# Most specific first: the first matching row wins.
+# Most specific first: the first matching row wins. A subclass that shares its
+# parent's code has no row of its own (ArtifactNotFoundError is NOT_FOUND through
+# NotFoundError, DigestMismatchError and MetadataSignatureError are DATA_LOSS through
+# IntegrityError, MetadataExpiredError and QuantizationGateError FAILED_PRECONDITION
+# through PreconditionError, InvalidModelError and SignatureMismatchError
+# INVALID_ARGUMENT): the first row of each code is also the class a client gets
+# back for it, unless the peer named a more specific one.
 STATUS_TABLE: tuple[tuple[type[errors.EdgecascadeError], grpc.StatusCode], ...] = (
     (errors.NotFoundError, grpc.StatusCode.NOT_FOUND),
     (errors.InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -36,6 +42,8 @@ STATUS_TABLE: tuple[tuple[type[errors.EdgecascadeError], grpc.StatusCode], ...] 
     (errors.DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (errors.RequestCancelledError, grpc.StatusCode.CANCELLED),
     (errors.IntegrityError, grpc.StatusCode.DATA_LOSS),
+    # Published variants are immutable: a second publish of one is a conflict, not a bad state.
+    (errors.DuplicateVariantError, grpc.StatusCode.ALREADY_EXISTS),
     (errors.PreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
     (errors.PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
@@ -104,6 +112,10 @@ def _trace_id() -> str:
 
 
 async def _abort(context: aio.ServicerContext[Any, Any], exc: BaseException, method: str) -> None:
+    if context.done():
+        # The caller already left (its deadline passed or it cancelled): there
+        # is nobody to send a status to, and trying would fail inside gRPC.
+        return
     if isinstance(exc, errors.EdgecascadeError):
         await context.abort(status_for(exc), exc.message, trailing_metadata=((ERROR_CLASS_KEY, type(exc).__name__),))
     trace_id = _trace_id()
