@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import json
 import time
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -63,6 +64,7 @@ async def closed(
 ) -> dict[str, Any]:
     latencies: list[float] = []
     errors = 0
+    kinds: Counter[str] = Counter()
     start = time.perf_counter()
     measure_from = start + warmup
     stop_at = measure_from + seconds
@@ -75,15 +77,17 @@ async def closed(
                 return
             try:
                 await client.infer(model, inputs, client_timeout=deadline)
-            except Exception:
+            except Exception as exc:
                 errors += 1
+                status = getattr(exc, "status", None)
+                kinds[str(status()) if callable(status) else type(exc).__name__] += 1
                 continue
             t1 = time.perf_counter()
             if t0 >= measure_from:
                 latencies.append(t1 - t0)
 
     await asyncio.gather(*(worker() for _ in range(clients)))
-    return summary(latencies, errors, seconds)
+    return {**summary(latencies, errors, seconds), "error_kinds": dict(kinds)}
 
 
 async def open_loop(

@@ -24,7 +24,9 @@ Rules, in the order the dispatcher applies them:
   still allows the predicted run, and the recent arrival rate says another
   request is likely within that window.
 * A full queue (``max_queue_size`` requests) refuses new ones at once with
-  :class:`~services.errors.QueueFullError`.
+  :class:`~services.errors.QueueFullError`; so does a queue holding more work
+  ahead of a new request than its deadline leaves time for (predicted from
+  recent run times; counted as ``overloaded``).
 * If a batch fails on its input values, each request is re-run alone so one bad
   request cannot fail its neighbours.
 """
@@ -192,6 +194,7 @@ class DynamicBatcher:
         self._batchable = batchable and config.max_batch_size > 1
         self._queues: list[deque[_Request]] = [deque() for _ in range(config.priority_levels)]
         self._size = 0
+        self._rows = [0] * config.priority_levels  # queued rows per level, for the wait prediction
         self._arrived = asyncio.Event()
         # Set whenever a run ends or the queue shrinks, so close() can wait for the drain.
         self._progress = asyncio.Event()
@@ -272,6 +275,16 @@ class DynamicBatcher:
             raise QueueFullError(f"the queue of model {self.name} is full ({self.config.max_queue_size} requests)")
         loop = asyncio.get_running_loop()
         now = loop.time()
+        wait = self._predicted_wait(level)
+        if wait and now + wait > deadline:
+            # Queueing a request that cannot be answered in time only burns
+            # compute its caller will never see; refusing now lets a device
+            # send it upward while there is still time.
+            self.stats.shed["overloaded"] += 1
+            raise QueueFullError(
+                f"model {self.name} cannot answer within the deadline: "
+                f"about {wait * 1000:.0f} ms of work is queued ahead"
+            )
         if self._last_arrival:
             gap = now - self._last_arrival
             self._interarrival += _EWMA * (gap - self._interarrival)
@@ -282,8 +295,23 @@ class DynamicBatcher:
         request = _Request(inputs, outputs, rows, signature, deadline, level, now, loop.create_future())
         self._queues[level].append(request)
         self._size += 1
+        self._rows[level] += rows
         self._arrived.set()
         return await request.future
+
+    def _dequeued(self, request: _Request) -> None:
+        self._size -= 1
+        self._rows[request.level] -= request.rows
+
+    def _predicted_wait(self, level: int) -> float:
+        """Seconds until a new request at ``level`` would start, from the work queued at its level or above."""
+        rows = sum(self._rows[: level + 1])
+        if not rows or not self._run_times.by_rows:
+            return 0.0
+        per_batch = self.config.max_batch_size if self._batchable else 1
+        batches = -(-rows // per_batch)  # ceiling division
+        rounds = -(-batches // self._pool.slots)
+        return rounds * self._run_times.predict(min(rows, per_batch))
 
     async def _dispatch(self) -> None:
         while True:
@@ -315,8 +343,7 @@ class DynamicBatcher:
             while queue:
                 if not self._dead(queue[0], now):
                     return queue[0]
-                queue.popleft()
-                self._size -= 1
+                self._dequeued(queue.popleft())
         return None
 
     def _dead(self, request: _Request, now: float) -> bool:
@@ -344,13 +371,13 @@ class DynamicBatcher:
             while queue:
                 request = queue.popleft()
                 if self._dead(request, now):
-                    self._size -= 1
+                    self._dequeued(request)
                     continue
                 fits = request.signature == signature and (taken + request.rows <= room or not batch)
                 if fits and (self._batchable or not batch):
                     batch.append(request)
                     taken += request.rows
-                    self._size -= 1
+                    self._dequeued(request)
                 else:
                     keep.append(request)
             queue.extend(keep)

@@ -24,9 +24,11 @@ class Model:
         self.executions: list[np.ndarray[Any, Any]] = []
         self.gate = threading.Event()
         self.gate.set()
+        self.delay = 0.0
 
     def __call__(self, inputs: Mapping[str, np.ndarray[Any, Any]]) -> dict[str, np.ndarray[Any, Any]]:
         self.gate.wait(10)
+        time.sleep(self.delay)
         x = inputs["x"]
         if (x < 0).any():
             raise InvalidArgumentError("negative values are not allowed")
@@ -226,3 +228,24 @@ def test_per_model_overrides() -> None:
         base.with_overrides({"max_batchsize": 4}, "model m")
     with pytest.raises(ConfigError, match="model m: \\[batching\\] max_queue_size"):
         base.with_overrides({"max_queue_size": -3}, "model m")
+
+
+async def test_a_deadline_the_queue_cannot_meet_is_refused_at_once(pool: RunPool) -> None:
+    model = Model()
+    model.delay = 0.03
+    batcher = make(pool, model, max_batch_size=1, priority_levels=2)
+    for i in range(3):  # teach the batcher how long a run takes
+        await batcher.submit(x(i), (), far())
+    first = await hold_slot(batcher, model)
+    queued = [asyncio.create_task(batcher.submit(x(10 + i), (), far())) for i in range(5)]
+    await asyncio.sleep(0.01)
+    loop = asyncio.get_running_loop()
+    with pytest.raises(QueueFullError, match=r"cannot answer within the deadline: about 1[0-9]{2} ms of work is queued"):
+        await batcher.submit(x(99), (), loop.time() + 0.05)
+    assert batcher.stats.shed["overloaded"] == 1
+    urgent = asyncio.create_task(batcher.submit(x(50), (), loop.time() + 0.2, priority=1))  # nothing queued ahead of it
+    await asyncio.sleep(0.01)
+    model.gate.set()
+    await asyncio.gather(first, *queued, urgent)
+    assert 99.0 not in model.seen() and 50.0 in model.seen()
+    await batcher.close()
