@@ -240,7 +240,9 @@ async def test_a_deadline_the_queue_cannot_meet_is_refused_at_once(pool: RunPool
     queued = [asyncio.create_task(batcher.submit(x(10 + i), (), far())) for i in range(5)]
     await asyncio.sleep(0.01)
     loop = asyncio.get_running_loop()
-    with pytest.raises(QueueFullError, match=r"cannot answer within the deadline: about 1[0-9]{2} ms of work is queued"):
+    with pytest.raises(
+        QueueFullError, match=r"cannot answer within the deadline: about 1[0-9]{2} ms of work is queued"
+    ):
         await batcher.submit(x(99), (), loop.time() + 0.05)
     assert batcher.stats.shed["overloaded"] == 1
     urgent = asyncio.create_task(batcher.submit(x(50), (), loop.time() + 0.2, priority=1))  # nothing queued ahead of it
