@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from services.batcher import BatchingConfig, BatchObserver, DynamicBatcher
-from services.errors import EdgecascadeError, MemoryBudgetError, ModelNotFoundError, ModelNotReadyError
+from services.errors import ConfigError, EdgecascadeError, MemoryBudgetError, ModelNotFoundError, ModelNotReadyError
 from services.generation import CHAR_LM_TASK, CharTokenizer
 from services.inference import ModelSignature
 from services.memory import activation_bytes, estimate_footprint, megabytes, process_rss
@@ -370,9 +370,12 @@ class ModelCache:
             for k, v in entry.properties.items()
             if k.startswith(BATCHING_PROPERTY_PREFIX) and v.lstrip("-").isdigit()
         }
-        config = (
-            self._batching.with_overrides(overrides, f"model '{entry.name}' metadata") if overrides else self._batching
-        )
+        config = self._batching
+        if overrides:
+            try:
+                config = config.with_overrides(overrides, f"model '{entry.name}' version {entry.version} metadata")
+            except ConfigError as exc:
+                raise ModelNotReadyError(exc.message) from None
         batchable = _batchable(session.signature)
         observer = self._observers(entry.name, entry.version) if self._observers else None
         batcher = DynamicBatcher(

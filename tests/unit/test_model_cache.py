@@ -159,3 +159,17 @@ async def test_a_model_larger_than_the_budget_is_refused_clearly(make: Callable[
         await cache.get("m")
     assert cache.stats.refusals == 1
     assert cache.used_bytes == 0
+
+
+async def test_batching_can_be_overridden_per_model_from_its_metadata(
+    make: Callable[..., ModelCache], tmp_path: Path
+) -> None:
+    cache = make()
+    tuned = {"edgecascade.batching.max_batch_size": "4"}
+    cache.repository.add("tuned", linear_model(tmp_path / "t.onnx"), properties=tuned)
+    broken = {"edgecascade.batching.max_batch_size": "0"}
+    cache.repository.add("broken", linear_model(tmp_path / "b.onnx"), properties=broken)
+    assert (await cache.get("tuned")).batcher.config.max_batch_size == 4
+    assert (await cache.get("m")).batcher.config.max_batch_size == BatchingConfig().max_batch_size
+    with pytest.raises(ModelNotReadyError, match=r"model 'broken' version 1 metadata: \[batching\] max_batch_size"):
+        await cache.get("broken")
