@@ -195,6 +195,7 @@ class DynamicBatcher:
         self._queues: list[deque[_Request]] = [deque() for _ in range(config.priority_levels)]
         self._size = 0
         self._rows = [0] * config.priority_levels  # queued rows per level, for the wait prediction
+        self._inline = 0  # requests running in their caller's task (see _run_now)
         self._arrived = asyncio.Event()
         # Set whenever a run ends or the queue shrinks, so close() can wait for the drain.
         self._progress = asyncio.Event()
@@ -213,7 +214,7 @@ class DynamicBatcher:
     @property
     def in_flight(self) -> int:
         """Requests waiting or running."""
-        return self._size + sum(1 for t in self._runs if not t.done())
+        return self._size + self._inline + sum(1 for t in self._runs if not t.done())
 
     def start(self) -> None:
         """Starts the dispatcher (inside the running loop)."""
@@ -224,7 +225,7 @@ class DynamicBatcher:
         """Stops taking requests, finishes everything queued or running, then stops."""
         self._closing = True
         self._arrived.set()
-        while self._size or self._runs:
+        while self._size or self._runs or self._inline:
             self._progress.clear()
             await self._progress.wait()
         if self._loop_task is not None:
@@ -293,11 +294,31 @@ class DynamicBatcher:
         rows = int(first.shape[0]) if self._batchable and first is not None and first.ndim else 1
         signature = tuple(sorted((k, v.dtype.str, v.shape[1:]) for k, v in inputs.items())) if self._batchable else ()
         request = _Request(inputs, outputs, rows, signature, deadline, level, now, loop.create_future())
+        if not self._size and not self._pool.busy:
+            return await self._run_now(request)
         self._queues[level].append(request)
         self._size += 1
         self._rows[level] += rows
         self._arrived.set()
         return await request.future
+
+    async def _run_now(self, request: _Request) -> Arrays:
+        """Runs a request at once, in the caller's task: nothing is queued and every slot is free.
+
+        This skips the hand-over to the dispatcher task (two wake-ups of the
+        event loop) for the common case of a lone request; there is nothing to
+        batch it with and no one ahead of it.
+        """
+        await self._pool.acquire()  # free, so this does not suspend
+        self._inline += 1
+        try:
+            if not self._dead(request, asyncio.get_running_loop().time()):
+                await self._execute_batch([request])
+        finally:
+            self._inline -= 1
+            self._pool.release()
+            self._progress.set()
+        return request.future.result()
 
     def _dequeued(self, request: _Request) -> None:
         self._size -= 1
