@@ -27,8 +27,20 @@ class ModelNotFoundError(NotFoundError):
     """No tier of the chain holds the requested model (or version)."""
 
 
+class ArtifactNotFoundError(NotFoundError):
+    """No TUF metadata file or target blob exists at the requested path."""
+
+
 class InvalidArgumentError(EdgecascadeError):
     """The request itself is wrong: datatype, shape, size, parameter, encoding."""
+
+
+class InvalidModelError(InvalidArgumentError):
+    """A file offered for publishing is not a valid ONNX model."""
+
+
+class SignatureMismatchError(InvalidArgumentError):
+    """A model's inputs and outputs differ from what was declared for it."""
 
 
 class CapacityError(EdgecascadeError):
@@ -67,12 +79,32 @@ class IntegrityError(EdgecascadeError):
     """Bytes do not match what was signed or declared (digest, length, signature)."""
 
 
+class DigestMismatchError(IntegrityError):
+    """A downloaded artifact's length or hash differs from its signed target info."""
+
+
+class MetadataSignatureError(IntegrityError):
+    """TUF metadata lacks a threshold of valid signatures from the keys root trusts."""
+
+
 class PreconditionError(EdgecascadeError):
     """The system is not in a state that allows the operation."""
 
 
 class StaleVersionError(PreconditionError):
     """A version older than (or equal to) the one already trusted was offered."""
+
+
+class MetadataExpiredError(PreconditionError):
+    """TUF metadata has passed its expiry date; nothing new may be installed from it."""
+
+
+class DuplicateVariantError(PreconditionError):
+    """A model name, version and variant is already in the registry; published variants are immutable."""
+
+
+class QuantizationGateError(PreconditionError):
+    """A variant lost more accuracy against its reference than the quantization gate allows."""
 
 
 class UnauthenticatedError(EdgecascadeError):

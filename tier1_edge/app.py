@@ -11,11 +11,16 @@ from typing import Any
 
 from services.rpc.node import TierSpec
 
-SPEC = TierSpec(tier="tier1", role="edge", service_name="edgecascade-tier1", top_of_chain=False)
+SPEC = TierSpec(
+    tier="tier1",
+    role="edge",
+    service_name="edgecascade-tier1",
+    top_of_chain=False,
+    artifact_role="cache",
+)
 
 # Defaults of this tier that differ from the shared ones.
 DEFAULTS: Mapping[str, Mapping[str, Any]] = {
     "server": {"port": 8002},
     "repository": {"path": "edge-models"},
 }
-

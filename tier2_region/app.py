@@ -11,11 +11,16 @@ from typing import Any
 
 from services.rpc.node import TierSpec
 
-SPEC = TierSpec(tier="tier2", role="region", service_name="edgecascade-tier2", top_of_chain=True)
+SPEC = TierSpec(
+    tier="tier2",
+    role="region",
+    service_name="edgecascade-tier2",
+    top_of_chain=True,
+    artifact_role="origin",
+)
 
 # Defaults of this tier that differ from the shared ones.
 DEFAULTS: Mapping[str, Mapping[str, Any]] = {
     "server": {"port": 8003},
     "repository": {"path": "region-models"},
 }
-

@@ -8,6 +8,7 @@ Commands::
     edgecascade infer "prompt"                       next-character distribution from a device
     edgecascade repo add --repo DIR --name NAME FILE.onnx
     edgecascade repo demo --role device|edge|region --repo DIR
+    edgecascade model init|quantize|profile|publish|list|show   the registry's publish pipeline
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from services import __version__
-from services.cli import client_commands
+from services.cli import client_commands, model_commands
 from services.cli.demo_models import DEFAULT_MODELS_DIR, DEVICE_MODEL, place_demo_models
 from services.cli.mesh_launcher import Mesh, run_until_signal
 from services.errors import EdgecascadeError
@@ -95,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--role", required=True, choices=["device", "edge", "region"])
     demo.add_argument("--repo", type=Path, required=True, help="repository directory")
     demo.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR, help="where the demo ONNX models are")
+    model_commands.add_parser(sub)
     return parser
 
 
@@ -125,6 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "up":
             return _up(console, args)
+        if args.command == "model":
+            return model_commands.run(args, console)
         if args.command == "status":
             return client_commands.status(console, args.state_dir, args.timeout)
         if args.command == "infer":

@@ -2,7 +2,10 @@
 
 Starts the region, one edge and N devices as child processes on loopback, each
 with its own directory under the state directory (``config.toml``,
-``models/``, ``log.txt``, ``port.json``). Each child binds a free port and
+``models/``, ``log.txt``, ``port.json``). On first start the region's model
+registry is created (``region-1/keys``, ``region-1/registry``) and the demo
+models are published into it; the region serves it and the edge caches it
+(``edge-1/artifacts``), trusting ``edge-1/trusted-root.json``. Each child binds a free port and
 reports it in its port file; the launcher chains the upstream addresses
 (device → edge → region), waits until every node answers its health check with
 SERVING, then writes ``<state-dir>/endpoints.json``. SIGINT or SIGTERM stops the
@@ -27,7 +30,9 @@ from typing import IO, Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.atomic_files import write_atomically
 from services.cli.demo_models import place_demo_models
+from services.cli.demo_registry import publish_demo_models, trusted_root
 from services.errors import ConfigError, UnavailableError
 
 START_TIMEOUT_S = 60.0
@@ -110,6 +115,34 @@ class Mesh:
         for child in self.children:
             for placement in place_demo_models(child.repository, child.role, self.models_dir):
                 self.say(f"placed {placement.name} ({placement.file}) on {child.name}")
+        self.publish_registry()
+
+    @property
+    def registry_dir(self) -> Path:
+        """The region's model registry."""
+        return self.region.directory / "registry"
+
+    @property
+    def key_dir(self) -> Path:
+        """The region's signing keys (dev set-up: generated on first start, mode 0600)."""
+        return self.region.directory / "keys"
+
+    @property
+    def trusted_root_file(self) -> Path:
+        """The root metadata the edge trusts."""
+        return self.edge.directory / "trusted-root.json"
+
+    def publish_registry(self) -> None:
+        """Creates the registry and publishes the demo models into it, the first time.
+
+        Raises:
+            ConfigError: The registry's keys exist but cannot be used.
+        """
+        from services.cli.model_commands import heldout_docs  # imported on use: it pulls in the demo corpus
+
+        publish_demo_models(self.registry_dir, self.key_dir, self.models_dir, self.say, lambda f: heldout_docs(f, None))
+        self.edge.directory.mkdir(parents=True, exist_ok=True)
+        write_atomically(self.trusted_root_file, trusted_root(self.registry_dir))
 
     def start(self) -> dict[str, Any]:
         """Starts every child in chain order and returns the endpoints once all serve.
@@ -151,6 +184,7 @@ class Mesh:
             f"path = {_toml_string(str(child.repository))}\n"
             "[upstream]\n"
             f"address = {_toml_string(upstream)}\n"
+            f"{self._artifact_sections(child)}"
         )
         child.log = (child.directory / "log.txt").open("ab")
         child.process = subprocess.Popen(
@@ -165,6 +199,21 @@ class Mesh:
         )
         if wait:
             self._await_port(child)
+
+    def _artifact_sections(self, child: Child) -> str:
+        if child.role == "region":
+            return (
+                "[registry]\n"
+                f"path = {_toml_string(str(self.registry_dir))}\n"
+                f"key_dir = {_toml_string(str(self.key_dir))}\n"
+            )
+        if child.role == "edge":
+            return (
+                "[artifacts]\n"
+                f"cache_dir = {_toml_string(str(child.directory / 'artifacts'))}\n"
+                f"trusted_root = {_toml_string(str(self.trusted_root_file))}\n"
+            )
+        return ""
 
     def _await_port(self, child: Child) -> None:
         assert child.process is not None

@@ -1,7 +1,8 @@
 """One running tier node: the shared composition every tier's ``app.py`` starts.
 
 Start order: tracer provider → repository, run pool and model cache → data plane →
-upstream client → servicers → server (live, health NOT_SERVING); then the
+upstream client → servicers (and the artifact service: the region's registry or
+the edge's verifying cache) → server (live, health NOT_SERVING); then the
 repository is preloaded, health turns SERVING, ServerReady turns true, and the
 port file is written. Stop order is the reverse,
 with health NOT_SERVING first. Everything is built inside the running event
@@ -35,6 +36,7 @@ from services.errors import ConfigError
 from services.inference import NodeIdentity
 from services.model_cache import ModelCache
 from services.model_repository import ModelRepository
+from services.rpc.artifact_host import ArtifactHost
 from services.rpc.inference_client import InferenceClient
 from services.rpc.inference_servicer import InferenceServicer
 from services.rpc.mesh_servicer import MeshServicer
@@ -57,6 +59,7 @@ class TierSpec:
     role: str  # device, edge, region
     service_name: str  # OpenTelemetry service.name
     top_of_chain: bool = False
+    artifact_role: str = ""  # origin (region), cache (edge) or "" (serves no artifacts)
 
 
 class Node:
@@ -80,6 +83,7 @@ class Node:
         self._upstream: InferenceClient | None = None
         self._cache: ModelCache | None = None
         self._pool: RunPool | None = None
+        self._artifacts: ArtifactHost | None = None
         resource = node_resource(self.identity, spec.service_name, __version__)
         self._tracer_provider = build_tracer_provider(resource)
         self._meter_provider = build_meter_provider(resource, metric_readers)
@@ -117,6 +121,7 @@ class Node:
             self._upstream = InferenceClient(cfg.upstream.address, self._tracer_provider, cfg.server.max_message_bytes)
         inference = InferenceServicer(dataplane, self._upstream, lambda: self._ready)
         mesh = MeshServicer(dataplane, cfg.upstream.address)
+        self._artifacts = ArtifactHost(self.spec.artifact_role, cfg)
         self._server = GrpcServer(
             cfg.server.host,
             cfg.server.port,
@@ -126,6 +131,7 @@ class Node:
                     lambda s: grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(inference, s),
                 ),
                 ServiceBinding(MESH_SERVICE, lambda s: mesh_pb2_grpc.add_MeshServiceServicer_to_server(mesh, s)),
+                *self._artifacts.bindings,
             ],
             cfg.server.max_message_bytes,
             cfg.server.grace_seconds,
@@ -133,6 +139,7 @@ class Node:
         )
         port = await self._server.start()
         self.address = f"{cfg.server.host}:{port}"
+        await self._artifacts.start()
         if cfg.repository.preload:
             await self._cache.preload()
         await self._server.set_serving(True)
@@ -158,6 +165,8 @@ class Node:
         self._ready = False
         if self._server is not None:
             await self._server.stop()
+        if self._artifacts is not None:
+            await self._artifacts.stop()
         if self._upstream is not None:
             await self._upstream.close()
         if self._cache is not None:
@@ -205,7 +214,8 @@ def main(spec: TierSpec, defaults: Mapping[str, Mapping[str, Any]], argv: Sequen
     parser.add_argument(
         "--config",
         type=Path,
-        help="TOML file with [server], [repository], [upstream], [runtime], [requests], [batching], [cache], [log]",
+        help="TOML file with [server], [repository], [upstream], [runtime], [requests], [batching], [cache], "
+        "[registry], [artifacts], [log]",
     )
     args = parser.parse_args(argv)
     try:

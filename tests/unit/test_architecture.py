@@ -2,7 +2,7 @@
 
 * ``tierN_*`` → ``services`` → ``protos``; tiers never import each other, and
   ``services`` and ``protos`` never import a tier.
-* Domain cores (modules directly in ``services/`` and tier modules other than
+* Domain cores (modules directly in ``services/`` or in ``services/registry/``, and tier modules other than
   ``app.py``, ``__main__.py`` and servicers) import neither ``grpc``, ``protos``,
   ``opentelemetry`` nor ``tenacity``.
 * Nothing is built at import time: no module-level ``asyncio.run`` or server.
@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TIERS = ("tier0_device", "tier1_edge", "tier2_region")
 TRANSPORT_ONLY = ("grpc", "grpc_health", "grpc_reflection", "protos", "opentelemetry", "tenacity")
 ADAPTER_FILES = {"app.py", "__main__.py"}
+CORE_SUBPACKAGES = {"registry"}
 
 
 def _modules(package: str) -> list[Path]:
@@ -43,7 +44,8 @@ def _top(name: str) -> str:
 def _is_core(path: Path) -> bool:
     rel = path.relative_to(ROOT)
     if rel.parts[0] == "services":
-        return len(rel.parts) == 2  # directly in services/, not rpc/ or cli/
+        # Directly in services/ or in a core subpackage (services/registry/), not rpc/ or cli/.
+        return len(rel.parts) == 2 or rel.parts[1] in CORE_SUBPACKAGES
     if rel.parts[0] in TIERS:
         return path.name not in ADAPTER_FILES and "servicer" not in path.name
     return False
@@ -92,6 +94,8 @@ def test_nothing_runs_at_import_time(path: Path) -> None:
 def test_the_core_rule_can_fail(tmp_path: Path) -> None:
     bad = ROOT / "services" / "dataplane.py"
     assert _is_core(bad)
+    assert _is_core(ROOT / "services" / "registry" / "registry.py")
+    assert not _is_core(ROOT / "services" / "rpc" / "artifact_servicer.py")
     assert "grpc" not in {_top(n) for n in _imports(bad)}
     probe = tmp_path / "probe.py"
     probe.write_text("import grpc\nfrom protos.inference import grpc_service_pb2\n")

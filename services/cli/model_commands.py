@@ -1,0 +1,477 @@
+"""``edgecascade model …``: the publish pipeline on the command line.
+
+Commands::
+
+    edgecascade model init      create a registry (dev keys + an empty TUF repository)
+    edgecascade model quantize  FILE.onnx → FILE.int8.onnx (onnxruntime dynamic quantization)
+    edgecascade model profile   measure variants in fresh processes against the fp32 reference
+    edgecascade model publish   gate, encrypt, sign and publish variants of a model version
+    edgecascade model list      the registry's variants with their profiles
+    edgecascade model show      one model's signed metadata
+
+The registry and key directories default to the ones ``edgecascade up`` uses
+(``.edgecascade/region-1/registry`` and ``…/keys``); ``--config FILE.toml``
+(or ``EDGECASCADE_REGISTRY__*``) supplies metadata lifetimes and paths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import importlib
+import importlib.util
+import json
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from types import ModuleType
+
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from services.config import load_config
+from services.errors import EdgecascadeError, InvalidArgumentError
+from services.memory import megabytes
+from services.registry.model_inspection import inspect_model, signature_from_json
+from services.registry.pipeline import (
+    DEFAULT_VALIDATION_ROWS,
+    PipelineOptions,
+    ValidationChoice,
+    prepare,
+    publish_model,
+)
+from services.registry.profiler import ProfileSettings
+from services.registry.profiles import VariantProfile, dump_profiles, load_profiles
+from services.registry.quantization import default_output, quantize
+from services.registry.quantization_gate import DEFAULT_MAX_DROP_POINTS, GateOverride
+from services.registry.registry import ModelRegistry
+from services.registry.registry_database import VariantRecord
+from services.registry.signing_keys import generate_keys, load_keys, root_key_files
+from services.registry.validation_sets import char_lm_tokenizer
+from services.tier_config import TierConfig
+
+DEFAULT_REGISTRY = Path(".edgecascade/region-1/registry")
+DEFAULT_KEYS = Path(".edgecascade/region-1/keys")
+# The demo's own corpus, in a checkout of edgecascade (absent from an installed package).
+DEMO_CORPUS_FILE = Path(__file__).resolve().parents[2] / "examples" / "charlm" / "corpus.py"
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Adds ``model`` and its subcommands to the ``edgecascade`` parser."""
+    model = subparsers.add_parser(
+        "model",
+        help="quantize, profile and publish models into the region's TUF registry",
+        description="The publish pipeline: quantize → profile → gate → encrypt → sign → publish.",
+    )
+    sub = model.add_subparsers(dest="model_command", required=True)
+
+    def registry_args(p: argparse.ArgumentParser, keys: bool) -> None:
+        p.add_argument("--registry", type=Path, help=f"registry directory (default {DEFAULT_REGISTRY})")
+        if keys:
+            p.add_argument(
+                "--keys", type=Path, help=f"directory with targets.pem and online.pem (default {DEFAULT_KEYS})"
+            )
+        p.add_argument("--config", type=Path, help="TOML file whose [registry] section sets paths and expiries")
+
+    def profile_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--batch-sizes", default="1,8,64", help="batch sizes to measure (default 1,8,64)")
+        p.add_argument("--validation", type=Path, help=".npz validation set: one array per input, optional 'labels'")
+        p.add_argument("--text", type=Path, help="held-out text for a char-LM (documents separated by blank lines)")
+        p.add_argument("--rows", type=int, default=DEFAULT_VALIDATION_ROWS, help="validation rows (default 4000)")
+        p.add_argument("--target-accuracy", type=float, default=0.8, help="accuracy of kept predictions (default 0.8)")
+        p.add_argument("--latency-runs", type=int, default=50, help="timed runs per batch size (default 50)")
+
+    init = sub.add_parser("init", help="create a registry: dev signing keys and an empty TUF repository")
+    registry_args(init, keys=True)
+    init.add_argument(
+        "--root-keys-dir", type=Path, help="where root keys go (default: --keys; keep offline in production)"
+    )
+    init.add_argument("--root-key-count", type=int, default=1, help="number of root keys (default 1)")
+    init.add_argument("--root-threshold", type=int, default=1, help="root signatures clients require (default 1)")
+
+    q = sub.add_parser("quantize", help="write an int8 variant with onnxruntime dynamic quantization")
+    q.add_argument("model", type=Path, help="the fp32 .onnx file")
+    q.add_argument("--out", type=Path, help="output file (default: MODEL.int8.onnx next to it)")
+    q.add_argument("--per-channel", action="store_true", help="one scale per output channel")
+    q.add_argument("--weight-type", default="qint8", choices=["qint8", "quint8"])
+
+    prof = sub.add_parser("profile", help="profile variants, each in a fresh process, against the first (fp32) file")
+    prof.add_argument("models", type=Path, nargs="+", help="the reference (fp32) file first, then its variants")
+    prof.add_argument("--out", type=Path, default=Path("profiles.json"), help="profiles file (default profiles.json)")
+    profile_args(prof)
+
+    pub = sub.add_parser("publish", help="gate, encrypt, sign and publish the variants of one model version")
+    pub.add_argument("variants", nargs="+", metavar="VARIANT=FILE", help="e.g. fp32=model.onnx int8=model.int8.onnx")
+    pub.add_argument("--name", required=True, help="model name")
+    pub.add_argument("--version", required=True, help="model version (a positive integer)")
+    pub.add_argument("--reference", default="fp32", help="variant the others are gated against (default fp32)")
+    pub.add_argument("--reference-file", type=Path, help="a reference model compared against but not published")
+    pub.add_argument(
+        "--profiles", type=Path, help="profiles written by `edgecascade model profile` (else: profile now)"
+    )
+    pub.add_argument(
+        "--max-drop-points",
+        type=float,
+        default=DEFAULT_MAX_DROP_POINTS,
+        help="largest accuracy drop against the reference, in points (default 1)",
+    )
+    pub.add_argument(
+        "--override-gate", metavar="REASON", help="publish variants that fail the gate; REASON is signed in"
+    )
+    pub.add_argument(
+        "--signature", type=Path, help="JSON {inputs:[{name,datatype,shape}], outputs:[…]} to check against"
+    )
+    pub.add_argument("--hardware-class", action="append", default=[], help="device class (repeatable)")
+    pub.add_argument("--min-onnxruntime", default="", help="oldest onnxruntime that may load it (default: profiler's)")
+    registry_args(pub, keys=True)
+    profile_args(pub)
+
+    lst = sub.add_parser("list", help="the registry's variants and their profiles")
+    registry_args(lst, keys=False)
+
+    show = sub.add_parser("show", help="one model's signed metadata")
+    show.add_argument("name")
+    show.add_argument("version", nargs="?", default="")
+    show.add_argument("--json", action="store_true", help="print the signed custom fields as JSON")
+    registry_args(show, keys=False)
+
+
+def run(args: argparse.Namespace, console: Console) -> int:
+    """Runs one ``model`` subcommand; returns the exit code (2 with a message on a refused request)."""
+    commands: dict[str, Callable[[argparse.Namespace, Console], int]] = {
+        "init": _init,
+        "quantize": _quantize,
+        "profile": _profile,
+        "publish": _publish,
+        "list": _list,
+        "show": _show,
+    }
+    try:
+        return commands[args.model_command](args, console)
+    except EdgecascadeError as exc:
+        console.print(f"[red]refused:[/red] {exc.message}")
+        return 2
+
+
+def _paths(args: argparse.Namespace) -> tuple[TierConfig, Path, Path]:
+    config = load_config(TierConfig, getattr(args, "config", None))
+    registry = args.registry or (Path(config.registry.path) if config.registry.path else DEFAULT_REGISTRY)
+    keys = getattr(args, "keys", None) or (Path(config.registry.key_dir) if config.registry.key_dir else DEFAULT_KEYS)
+    return config, registry, keys
+
+
+def _init(args: argparse.Namespace, console: Console) -> int:
+    config, registry_dir, key_dir = _paths(args)
+    root_dir = args.root_keys_dir or key_dir
+    if not (key_dir / "online.pem").exists():
+        for path in generate_keys(key_dir, root_dir, args.root_key_count):
+            console.print(f"generated {path} (mode 600)")
+    registry = ModelRegistry(registry_dir, config.registry.expiry)
+    try:
+        registry.create(load_keys(key_dir, root_dir), args.root_threshold, key_dir, root_dir)
+    finally:
+        registry.close()
+    console.print(
+        f"created the TUF registry in {registry_dir} (root threshold {args.root_threshold} of "
+        f"{len(root_key_files(root_dir))}); clients embed {registry_dir / 'repository/metadata/1.root.json'}"
+    )
+    return 0
+
+
+def _quantize(args: argparse.Namespace, console: Console) -> int:
+    out = args.out or default_output(args.model)
+    with _spinner(console, f"quantizing {args.model.name}"):
+        quantize(args.model, out, per_channel=args.per_channel, weight_type=args.weight_type)
+    before, after = args.model.stat().st_size, out.stat().st_size
+    console.print(f"wrote {out}: {megabytes(before)} → {megabytes(after)} ({after / before:.2f}× the size)")
+    return 0
+
+
+def profile_settings(args: argparse.Namespace) -> ProfileSettings:
+    """Profiling settings from the command-line options.
+
+    Raises:
+        InvalidArgumentError: The batch sizes are not a comma-separated list of integers.
+    """
+    try:
+        sizes = tuple(int(b) for b in str(args.batch_sizes).split(",") if b.strip())
+    except ValueError:
+        raise InvalidArgumentError(
+            f"--batch-sizes must be integers separated by commas, got {args.batch_sizes!r}"
+        ) from None
+    return ProfileSettings(batch_sizes=sizes, latency_runs=args.latency_runs, target_accuracy=args.target_accuracy)
+
+
+def heldout_docs(reference: Path, text: Path | None) -> tuple[list[str] | None, str]:
+    """Held-out text for a char-LM reference: ``--text``, else the demo corpus's held-out split if available.
+
+    The demo corpus (``examples/charlm/corpus.py``) is only in a checkout: it is
+    imported when importable, else loaded from the checkout next to this
+    package. Returns ``(None, "")`` when the model is not a char-LM or there is
+    no such text (the pipeline then uses stdlib docstrings of its own choosing).
+    """
+    if text is not None:
+        docs = [d.strip() for d in text.read_text(encoding="utf-8").split("\n\n") if d.strip()]
+        return docs, f"text of {text.name}"
+    if char_lm_tokenizer(inspect_model(reference).properties) is None:
+        return None, ""
+    corpus = _demo_corpus()
+    if corpus is None:
+        return None, ""
+    try:
+        docs = [str(d) for d in corpus.build_corpus().heldout_docs]
+    except (AttributeError, OSError, ValueError):
+        return None, ""
+    return docs, "the demo corpus's held-out stdlib docstrings"
+
+
+def _demo_corpus() -> ModuleType | None:
+    try:
+        return importlib.import_module("examples.charlm.corpus")
+    except ImportError:
+        pass
+    path = DEMO_CORPUS_FILE
+    spec = importlib.util.spec_from_file_location("edgecascade_demo_corpus", path) if path.is_file() else None
+    if spec is None or spec.loader is None:
+        return None
+    module = importlib.util.module_from_spec(spec)
+    # dataclasses look their module up in sys.modules while the class is built.
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception:  # a half-finished corpus module must not stop publishing; stdlib text is the fallback
+        del sys.modules[spec.name]
+        return None
+    return module
+
+
+def _options(args: argparse.Namespace, reference: Path) -> PipelineOptions:
+    docs, source = (None, "")
+    if args.validation is None:
+        docs, source = heldout_docs(reference, args.text)
+    override = None
+    if getattr(args, "override_gate", None):
+        override = GateOverride(
+            args.override_gate, getpass.getuser(), datetime.now(UTC).replace(microsecond=0).isoformat()
+        )
+    declared = None
+    if getattr(args, "signature", None):
+        try:
+            declared = signature_from_json(json.loads(args.signature.read_text()), str(args.signature))
+        except (OSError, ValueError) as exc:
+            raise InvalidArgumentError(f"--signature {args.signature} is not a readable JSON file: {exc}") from None
+    return PipelineOptions(
+        profile=profile_settings(args),
+        validation=ValidationChoice(args.validation, docs, source, args.rows),
+        max_drop_points=getattr(args, "max_drop_points", DEFAULT_MAX_DROP_POINTS),
+        override=override,
+        hardware_classes=tuple(getattr(args, "hardware_class", ()) or ()),
+        min_onnxruntime_version=getattr(args, "min_onnxruntime", ""),
+        declared_signature=declared,
+    )
+
+
+def _profile(args: argparse.Namespace, console: Console) -> int:
+    files = {f"v{i}" if i else "reference": path for i, path in enumerate(args.models)}
+    options = _options(args, args.models[0])
+    with _progress(console) as say:
+        subs = prepare(files, "reference", options, on_progress=say)
+    profiles = {s.facts.sha256: s.profile for s in subs}
+    args.out.write_text(dump_profiles(profiles))
+    console.print(profile_table([(s.facts.path.name, s.profile) for s in subs]))
+    console.print(f"profiles written to {args.out}")
+    return 0
+
+
+def _publish(args: argparse.Namespace, console: Console) -> int:
+    config, registry_dir, key_dir = _paths(args)
+    files: dict[str, Path] = {}
+    for item in args.variants:
+        variant, sep, file = item.partition("=")
+        if not sep or not variant or not file:
+            raise InvalidArgumentError(f"variants are given as VARIANT=FILE (e.g. int8=model.int8.onnx), got {item!r}")
+        files[variant] = Path(file)
+    reference_path = args.reference_file or files.get(args.reference) or next(iter(files.values()))
+    options = _options(args, reference_path)
+    profiles: dict[str, VariantProfile] | None = None
+    if args.profiles is not None:
+        profiles = load_profiles(args.profiles.read_text(), str(args.profiles))
+    keys = load_keys(key_dir)
+    registry = ModelRegistry(registry_dir, config.registry.expiry)
+    try:
+        with _progress(console) as say:
+            subs = prepare(files, args.reference, options, args.reference_file, profiles, say)
+        console.print(profile_table([(f"{s.variant} ({s.facts.path.name})", s.profile) for s in subs]))
+        published = publish_model(registry, keys, args.name, args.version, subs, options)
+        version = registry.repository.state().targets.signed.version
+    finally:
+        registry.close()
+    for item in published:
+        gate = item.gate
+        note = (
+            ""
+            if gate is None or gate.passed
+            else f" [yellow](gate overridden: {gate.override.reason if gate.override else ''})[/yellow]"
+        )
+        console.print(f"published {item.target_path}: {item.length} bytes encrypted, sha256 {item.sha256[:16]}…{note}")
+    console.print(f"registry at targets version {version}")
+    return 0
+
+
+def profile_table(rows: Sequence[tuple[str, VariantProfile]]) -> Table:
+    """A table of profiles: size, peak memory and latency at batch 1 and the max batch, accuracy, threshold."""
+    table = Table(title="profiles (each variant measured in a fresh process)")
+    for column in ("variant", "size", "load", "peak b=1/max", "p50 b=1/max", "accuracy", "Δ pts", "agree", "threshold"):
+        table.add_column(column)
+    for name, p in rows:
+        one, top = p.batch(min(b.batch_size for b in p.batches)), p.batch(p.max_batch_size)
+        table.add_row(
+            name,
+            size(p.file_bytes),
+            f"{p.load_time_ms:.0f} ms",
+            f"{size(one.peak_memory_bytes)} / {size(top.peak_memory_bytes)} (b={top.batch_size})",
+            f"{one.latency_p50_us:.0f} / {top.latency_p50_us:.0f} µs",
+            f"{p.accuracy:.2%}",
+            f"{p.accuracy_drop_points:+.2f}",
+            f"{p.agreement:.1%}",
+            f"{p.confidence_threshold:.3f}",
+        )
+    return table
+
+
+def size(n: int) -> str:
+    """Bytes as kB below a megabyte, else MB."""
+    return f"{n / 1024:.0f} kB" if n < 1024 * 1024 else f"{n / (1024 * 1024):.1f} MB"
+
+
+def _list(args: argparse.Namespace, console: Console) -> int:
+    _, registry_dir, _ = _paths(args)
+    registry = _open_existing(registry_dir)
+    try:
+        records = registry.variants()
+    finally:
+        registry.close()
+    console.print(variants_table(records, f"registry {registry_dir}"))
+    return 0
+
+
+def variants_table(records: Sequence[VariantRecord], title: str) -> Table:
+    """A table of published variants with their signed profiles."""
+    table = Table(title=title)
+    for column in (
+        "model",
+        "ver",
+        "variant",
+        "encrypted",
+        "peak (max b)",
+        "p50 b=1",
+        "accuracy",
+        "Δ pts",
+        "thr",
+        "gate",
+    ):
+        table.add_column(column)
+    for r in records:
+        c = r.custom
+        peak = c["peak_memory_bytes"].get(str(c["max_batch_size"]), 0)
+        gate = c["gate"]
+        verdict = "pass" if gate["passed"] else ("override" if gate["override"] else "fail")
+        table.add_row(
+            r.name,
+            r.version,
+            r.variant,
+            size(r.blob_length),
+            f"{size(peak)} ({c['max_batch_size']})",
+            f"{c['latency_us'].get('1', {}).get('p50', '?')} µs",
+            f"{float(c['accuracy']['value']):.2%}",
+            f"{float(c['accuracy']['drop_points']):+.2f}",
+            f"{float(c['confidence_threshold']):.2f}",
+            verdict,
+        )
+    return table
+
+
+def _show(args: argparse.Namespace, console: Console) -> int:
+    _, registry_dir, _ = _paths(args)
+    registry = _open_existing(registry_dir)
+    try:
+        records = registry.variants(args.name, args.version)
+        if not records:
+            raise InvalidArgumentError(
+                f"model '{args.name}'{' version ' + args.version if args.version else ''} is not in {registry_dir}"
+            )
+        signed = {r.target_path: registry.target(r.name, r.version, r.variant) for r in records}
+    finally:
+        registry.close()
+    if args.json:
+        console.print_json(json.dumps({path: info.custom for path, info in signed.items()}))
+        return 0
+    for path, info in signed.items():
+        c = info.custom
+        table = Table(title=f"{path} (signed)", show_header=False)
+        table.add_column("field")
+        table.add_column("value")
+        table.add_row("encrypted blob", f"{info.length} bytes, sha256 {info.hashes['sha256']}")
+        table.add_row("plaintext", f"{c['plaintext_length']} bytes, sha256 {c['plaintext_sha256']}")
+        table.add_row("encryption", f"{c['encryption']['algorithm']}, key {c['encryption']['key_id']}")
+        sig = c["signature"]
+        table.add_row("inputs", ", ".join(f"{t['name']} {t['datatype']} {t['shape']}" for t in sig["inputs"]))
+        table.add_row("outputs", ", ".join(f"{t['name']} {t['datatype']} {t['shape']}" for t in sig["outputs"]))
+        table.add_row("peak memory", ", ".join(f"b={b}: {size(v)}" for b, v in c["peak_memory_bytes"].items()))
+        table.add_row(
+            "latency p50/p99", ", ".join(f"b={b}: {v['p50']}/{v['p99']} µs" for b, v in c["latency_us"].items())
+        )
+        table.add_row("load time", f"{c['load_time_us'] / 1000:.1f} ms")
+        acc = c["accuracy"]
+        table.add_row(
+            "accuracy",
+            f"{acc['metric']} {float(acc['value']):.2%} (reference {float(acc['reference']):.2%}, "
+            f"{float(acc['drop_points']):+.2f} pts, agreement {float(acc['agreement']):.2%}, "
+            f"{acc['validation_size']} rows: {acc['validation_source']})",
+        )
+        table.add_row(
+            "confidence threshold",
+            f"{c['confidence_threshold']} (kept predictions reach {c['confidence_target_accuracy']})",
+        )
+        table.add_row("gate", json.dumps(c["gate"]))
+        table.add_row("hardware classes", ", ".join(c["hardware_classes"]))
+        table.add_row("min onnxruntime / opset", f"{c['min_onnxruntime_version']} / {c['opset']}")
+        table.add_row("golden vectors", c["golden_vectors"])
+        table.add_row("published", c["published_at"])
+        console.print(table)
+    return 0
+
+
+def _open_existing(registry_dir: Path) -> ModelRegistry:
+    if not (registry_dir / "repository" / "metadata" / "timestamp.json").is_file():
+        raise InvalidArgumentError(
+            f"no registry in {registry_dir}; create one with `edgecascade model init` or start `edgecascade up`"
+        )
+    return ModelRegistry(registry_dir)
+
+
+@contextmanager
+def _spinner(console: Console, text: str) -> Iterator[None]:
+    with console.status(text):
+        yield
+
+
+@contextmanager
+def _progress(console: Console) -> Iterator[Callable[[str], None]]:
+    """Yields a callback that shows one spinner line per variant being profiled."""
+    with Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=False
+    ) as progress:
+        current: list[TaskID] = []
+
+        def say(name: str) -> None:
+            if current:
+                progress.update(current[-1], completed=1, total=1)
+            current.append(progress.add_task(f"profiling {name} in a fresh process", total=None))
+
+        yield say
+        if current:
+            progress.update(current[-1], completed=1, total=1)

@@ -1,0 +1,84 @@
+"""The reference consumer of the registry: what a device's updater uses to find and fetch a model.
+
+A python-tuf ngclient session over the artifact service of an edge (or the
+region), anchored in an embedded trusted root. ``resolve`` refreshes the
+metadata and returns a variant's signed facts; ``download`` fetches its
+encrypted blob resumably into the staging area, capped at the signed length,
+and returns it only once length and hash match. Everything is synchronous
+(ngclient is): async code calls it from a worker thread.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from services.errors import IntegrityError
+from services.registry.profiles import GoldenVectors
+from services.registry.registry import target_path
+from services.rpc.artifact_client import GrpcArtifactSource
+from services.tuf_client import Download, ModelTarget, TufClient, check_target_name, model_target
+
+
+class ModelFetcher:
+    """Finds and downloads model variants, verifying everything against signed metadata.
+
+    Args:
+        address: ``host:port`` of the artifact service (an edge, or the region).
+        trusted_root: The embedded trusted root metadata.
+        state_dir: Holds ``metadata/`` (trusted metadata, kept across runs) and
+            ``staging/`` (downloads); nothing is written elsewhere.
+        timeout_s: Deadline of one file's transfer.
+
+    Raises:
+        IntegrityError: ``trusted_root`` is not valid root metadata.
+    """
+
+    def __init__(self, address: str, trusted_root: bytes, state_dir: Path, timeout_s: float = 300.0) -> None:
+        self._source = GrpcArtifactSource(address, timeout_s=timeout_s)
+        self.staging_dir = state_dir / "staging"
+        self._client = TufClient(self._source, state_dir / "metadata", trusted_root, f"artifact service {address}")
+
+    def close(self) -> None:
+        """Closes the channel."""
+        self._source.close()
+
+    def refresh(self) -> None:
+        """Refreshes the TUF metadata (see :meth:`TufClient.refresh` for the errors)."""
+        self._client.refresh()
+
+    def resolve(self, name: str, version: str, variant: str) -> ModelTarget:
+        """Refreshes the metadata and returns a variant's signed facts.
+
+        Raises:
+            InvalidArgumentError: The name, version or variant would form an unsafe path.
+            ArtifactNotFoundError: The signed targets do not list the variant.
+            MetadataExpiredError, StaleVersionError, MetadataSignatureError,
+            IntegrityError: The metadata was refused.
+            UnavailableError: The artifact service cannot be reached.
+        """
+        path = check_target_name(target_path(name, version, variant))
+        self._client.refresh()
+        return model_target(self._client.target_info(path))
+
+    def download(self, target: ModelTarget) -> Download:
+        """Downloads and verifies a variant's encrypted blob (resumable; see :meth:`TufClient.download`).
+
+        Raises:
+            DigestMismatchError: The bytes are longer than signed or do not hash as signed.
+            ArtifactNotFoundError, UnavailableError: From the artifact service.
+        """
+        return self._client.download(target.info, self.staging_dir)
+
+    def golden_vectors(self, target: ModelTarget) -> GoldenVectors:
+        """Downloads, verifies and parses a variant's golden vectors.
+
+        Raises:
+            IntegrityError: The file is not valid golden vectors (or fails verification).
+        """
+        info = self._client.target_info(check_target_name(target.golden_vectors_path))
+        download = self._client.download(info, self.staging_dir)
+        try:
+            return GoldenVectors.from_json(json.loads(download.path.read_bytes()))
+        except ValueError as exc:
+            raise IntegrityError(f"golden vectors of {target.target_path} are not valid JSON") from exc

@@ -1,0 +1,289 @@
+"""The registry core: a real TUF repository, real encryption, real SQLite; profiles made by hand."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from tuf.api.metadata import Metadata
+
+from services.errors import (
+    ConfigError,
+    DuplicateVariantError,
+    InvalidArgumentError,
+    InvalidModelError,
+    QuantizationGateError,
+    SignatureMismatchError,
+)
+from services.registry.content_encryption import decrypt_artifact
+from services.registry.model_inspection import inspect_model, signature_from_json
+from services.registry.pipeline import PipelineOptions, prepare, publish_model
+from services.registry.profiles import GoldenVectors
+from services.registry.quantization_gate import GateOverride
+from services.registry.registry import ModelRegistry
+from services.registry.signing_keys import generate_keys, load_keys, load_signer
+from services.registry.tuf_repository import ExpiryPolicy, TufRepository
+from tests.support.onnx_models import linear_model
+from tests.support.registry import (
+    FakeClock,
+    RegistryKit,
+    lm_variants,
+    new_registry,
+    publish_lm,
+    submissions,
+    tree,
+)
+
+REQUIRED_CUSTOM = {
+    "name", "version", "variant", "plaintext_sha256", "signature", "peak_memory_bytes", "latency_us", "accuracy",
+    "confidence_threshold", "hardware_classes", "min_onnxruntime_version", "opset", "golden_vectors", "encryption",
+    "gate", "max_batch_size", "load_time_us",
+}  # fmt: skip
+
+
+@pytest.fixture
+def kit(tmp_path: Path) -> RegistryKit:
+    return new_registry(tmp_path)
+
+
+def _versions(repo: TufRepository) -> tuple[int, int, int]:
+    state = repo.state()
+    return state.timestamp.signed.version, state.snapshot.signed.version, state.targets.signed.version
+
+
+def test_publish_signs_the_encrypted_blob_and_the_profile(kit: RegistryKit) -> None:
+    files = lm_variants(kit.files)
+    published = publish_lm(kit)
+    repo = kit.registry.repository
+    targets = repo.targets()
+    assert set(targets) == {
+        "models/lm/1/fp32", "models/lm/1/fp32.golden.json", "models/lm/1/int8", "models/lm/1/int8.golden.json",
+    }  # fmt: skip
+    for item in published:
+        info = targets[item.target_path]
+        blob = (repo.targets_dir / f"models/lm/1/{info.hashes['sha256']}.{item.variant}").read_bytes()
+        # Length and hashes cover the encrypted bytes, not the model.
+        info.verify_length_and_hashes(blob)
+        plaintext = files[item.variant].read_bytes()
+        assert plaintext not in blob
+        record = next(r for r in kit.registry.variants() if r.variant == item.variant)
+        key = kit.registry.database.content_key(record.key_id)
+        assert decrypt_artifact(blob, key, item.target_path) == plaintext
+        custom = info.custom
+        assert custom.keys() >= REQUIRED_CUSTOM
+        assert custom["plaintext_sha256"] == inspect_model(files[item.variant]).sha256
+        assert custom["encryption"]["key_id"] == record.key_id
+        assert custom["peak_memory_bytes"] == {"1": 10_000_000, "8": 12_000_000}
+        assert custom["signature"]["inputs"] == [{"name": "input_ids", "datatype": "INT64", "shape": [-1, 4]}]
+        assert custom["opset"] == 17 and custom["golden_vectors"] == f"{item.target_path}.golden.json"
+        assert custom["properties"]["edgecascade.task"] == "char-lm"
+        golden = repo.targets_dir / f"models/lm/1/{targets[custom['golden_vectors']].hashes['sha256']}"
+        golden_json = json.loads(Path(f"{golden}.{item.variant}.golden.json").read_bytes())
+        assert GoldenVectors.from_json(golden_json).outputs["probs"].shape == (1, 31)
+    # Two fresh content keys, never the same.
+    keys = {kit.registry.database.content_key(r.key_id) for r in kit.registry.variants()}
+    assert len(keys) == 2 and all(len(k) == 32 for k in keys)
+
+
+def test_every_publish_bumps_targets_snapshot_and_timestamp(kit: RegistryKit) -> None:
+    repo = kit.registry.repository
+    assert _versions(repo) == (1, 1, 1)
+    publish_lm(kit)
+    assert _versions(repo) == (2, 2, 2)
+    publish_lm(kit, version="2", seed=1)
+    assert _versions(repo) == (3, 3, 3)
+    state = repo.state()
+    # Each role is signed by the key root names for it.
+    root = state.root.signed
+    root.verify_delegate("targets", state.targets.signed_bytes, state.targets.signatures)
+    root.verify_delegate("snapshot", state.snapshot.signed_bytes, state.snapshot.signatures)
+    root.verify_delegate("timestamp", state.timestamp.signed_bytes, state.timestamp.signatures)
+    assert [(r.name, r.version, r.variant) for r in kit.registry.variants()] == [
+        ("lm", "1", "fp32"), ("lm", "1", "int8"), ("lm", "2", "fp32"), ("lm", "2", "int8"),
+    ]  # fmt: skip
+
+
+def test_not_onnx_is_refused_before_anything_is_written(kit: RegistryKit, tmp_path: Path) -> None:
+    before = tree(kit.registry.directory)
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x08\x07this is not a model at all")
+    good = lm_variants(kit.files)["fp32"]
+    with pytest.raises(InvalidModelError, match=r"junk\.onnx is not an ONNX model"):
+        prepare({"fp32": good, "int8": junk}, "fp32", PipelineOptions())
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    with pytest.raises(InvalidModelError, match="not an ONNX model"):
+        inspect_model(empty)
+    assert tree(kit.registry.directory) == before
+
+
+def test_a_declared_signature_that_does_not_match_is_refused(kit: RegistryKit) -> None:
+    before = tree(kit.registry.directory)
+    declared = signature_from_json(
+        {
+            "inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [-1, 8]}],
+            "outputs": [{"name": "probs", "datatype": "FP32", "shape": [-1, 31]}],
+        },
+        "test",
+    )
+    options = PipelineOptions(declared_signature=declared)
+    with pytest.raises(SignatureMismatchError, match=r"input 'input_ids' is INT64 \[-1, 4\], declared INT64 \[-1, 8\]"):
+        prepare(lm_variants(kit.files), "fp32", options)
+    with pytest.raises(SignatureMismatchError, match=r"input 'input_ids' is INT64 \[-1, 4\], declared INT64 \[-1, 8\]"):
+        publish_model(kit.registry, kit.keys, "lm", "1", submissions(lm_variants(kit.files)), options)
+    assert tree(kit.registry.directory) == before
+
+
+def test_variants_of_one_version_must_share_a_signature(kit: RegistryKit) -> None:
+    other = linear_model(kit.files / "lin.onnx")
+    with pytest.raises(SignatureMismatchError, match="variant 'int8'"):
+        prepare({"fp32": lm_variants(kit.files)["fp32"], "int8": other}, "fp32", PipelineOptions())
+    publish_lm(kit)
+    before = tree(kit.registry.directory)
+    subs = submissions({"fp16": other})
+    with pytest.raises(SignatureMismatchError, match="as published earlier"):
+        publish_model(kit.registry, kit.keys, "lm", "1", subs, PipelineOptions())
+    assert tree(kit.registry.directory) == before
+
+
+def test_a_duplicate_variant_is_refused_and_nothing_changes(kit: RegistryKit) -> None:
+    publish_lm(kit)
+    before = tree(kit.registry.directory)
+    with pytest.raises(DuplicateVariantError, match="'lm' version 1 variant 'fp32' is already published"):
+        publish_lm(kit)
+    assert tree(kit.registry.directory) == before
+    assert _versions(kit.registry.repository) == (2, 2, 2)
+
+
+def test_the_quantization_gate_refuses_a_large_drop_unless_overridden(kit: RegistryKit) -> None:
+    before = tree(kit.registry.directory)
+    failing = submissions(lm_variants(kit.files), int8_accuracy=0.48)  # 2 points below the reference
+    with pytest.raises(QuantizationGateError) as refused:
+        publish_model(kit.registry, kit.keys, "lm", "1", failing, PipelineOptions())
+    message = refused.value.message
+    assert "variant 'int8' fails the quantization gate" in message
+    assert "50.00% (reference) → 48.00%, a drop of 2.00 points where at most 1.00 is allowed" in message
+    assert "--override-gate" in message
+    assert tree(kit.registry.directory) == before
+    # A looser limit passes; an override publishes and is signed into the metadata.
+    publish_model(kit.registry, kit.keys, "lm", "1", failing, PipelineOptions(max_drop_points=2.5))
+    override = GateOverride("accepted for the demo", "tester", "2030-01-01T00:00:00+00:00")
+    publish_model(kit.registry, kit.keys, "lm", "2", failing, PipelineOptions(override=override))
+    gate = kit.registry.target("lm", "2", "int8").custom["gate"]
+    assert gate == {
+        "drop_points": "2.0000",
+        "max_drop_points": "1.0000",
+        "passed": False,
+        "override": {"reason": "accepted for the demo", "by": "tester", "at": "2030-01-01T00:00:00+00:00"},
+    }
+    assert kit.registry.target("lm", "2", "fp32").custom["gate"]["override"] is None
+
+
+def test_a_profile_of_another_file_is_refused(kit: RegistryKit) -> None:
+    subs = list(submissions(lm_variants(kit.files)))
+    subs[1] = type(subs[1])(subs[1].variant, subs[1].facts, subs[0].profile)
+    with pytest.raises(InvalidArgumentError, match="measured on another file"):
+        publish_model(kit.registry, kit.keys, "lm", "1", subs, PipelineOptions())
+
+
+@pytest.mark.parametrize(
+    ("name", "version", "variant"), [("../x", "1", "fp32"), ("lm", "01", "fp32"), ("lm", "1", "A/B")]
+)
+def test_unsafe_names_are_refused(kit: RegistryKit, name: str, version: str, variant: str) -> None:
+    subs = submissions({variant if "/" not in variant else "fp32": lm_variants(kit.files)["fp32"]})
+    if "/" in variant:
+        subs = (type(subs[0])(variant, subs[0].facts, subs[0].profile),)
+    with pytest.raises(InvalidArgumentError):
+        publish_model(kit.registry, kit.keys, name, version, subs, PipelineOptions())
+
+
+def test_keys_are_private_files_and_loose_ones_are_refused(tmp_path: Path) -> None:
+    key_dir = tmp_path / "keys"
+    written = generate_keys(key_dir, root_keys=3)
+    assert [p.name for p in written] == ["root-1.pem", "root-2.pem", "root-3.pem", "targets.pem", "online.pem"]
+    assert stat.S_IMODE(key_dir.stat().st_mode) == 0o700
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in written)
+    with pytest.raises(ConfigError, match="refusing to overwrite"):
+        generate_keys(key_dir)
+    assert len(load_keys(key_dir, key_dir).root) == 3
+    os.chmod(key_dir / "online.pem", 0o644)
+    with pytest.raises(ConfigError, match="accessible by group or others"):
+        load_signer(key_dir / "online.pem")
+    # The serving process loads the online key only.
+    os.chmod(key_dir / "online.pem", 0o600)
+    serving = load_keys(key_dir, publisher=False)
+    assert serving.root == () and serving.targets is None and serving.online is not None
+
+
+def test_root_threshold_and_keys_are_configurable(tmp_path: Path) -> None:
+    key_dir, root_dir = tmp_path / "keys", tmp_path / "offline-root"
+    generate_keys(key_dir, root_dir, root_keys=3)
+    registry = ModelRegistry(tmp_path / "registry")
+    with pytest.raises(ConfigError, match="root threshold must be between 1 and the number of root keys"):
+        registry.create(load_keys(key_dir, root_dir), 4, key_dir, root_dir)
+    registry.create(load_keys(key_dir, root_dir), 2, key_dir, root_dir)
+    root = Metadata.from_bytes(registry.repository.trusted_root())
+    assert root.signed.roles["root"].threshold == 2
+    assert len(root.signed.roles["root"].keyids) == 3 and len(root.signatures) == 3
+    assert {row[0] for row in registry.database.signing_keys()} == {"root", "targets", "snapshot+timestamp"}
+    assert all(str(root_dir) in loc for role, _, loc in registry.database.signing_keys() if role == "root")
+
+
+def test_online_roles_are_re_signed_before_they_expire(tmp_path: Path) -> None:
+    clock = FakeClock()
+    expiry = ExpiryPolicy(timestamp=timedelta(hours=24), snapshot=timedelta(days=7), resign_margin=timedelta(hours=6))
+    kit = new_registry(tmp_path, clock, expiry)
+    repo = kit.registry.repository
+    assert kit.registry.refresh_online(kit.keys) == []
+    clock.advance(timedelta(hours=17))
+    assert kit.registry.refresh_online(kit.keys) == []
+    clock.advance(timedelta(hours=2))  # 5 h left on the timestamp
+    assert kit.registry.refresh_online(kit.keys) == ["timestamp"]
+    assert _versions(repo) == (2, 1, 1)
+    assert repo.state().timestamp.signed.expires == clock.now.replace(microsecond=0) + timedelta(hours=24)
+    clock.advance(timedelta(days=6, hours=1))  # snapshot within its margin too
+    assert kit.registry.refresh_online(kit.keys) == ["snapshot", "timestamp"]
+    assert _versions(repo) == (3, 2, 1)
+
+
+def test_an_interrupted_publish_leaves_the_previous_version_and_is_settled(kit: RegistryKit) -> None:
+    publish_lm(kit)
+    before = _versions(kit.registry.repository)
+
+    def crash(step: str) -> None:
+        if step == "snapshot":
+            raise RuntimeError("power cut")
+
+    subs = submissions(lm_variants(kit.files, seed=1))
+    with pytest.raises(RuntimeError, match="power cut"):
+        publish_model(kit.registry, kit.keys, "lm", "2", subs, PipelineOptions(), on_step=crash)
+    assert _versions(kit.registry.repository) == before
+    assert {r.version for r in kit.registry.database.variants(include_pending=True)} == {"1"}
+    # Files of the uncommitted change are unreferenced; the next publish goes ahead.
+    assert kit.registry.repository.unreferenced_files()
+    publish_model(kit.registry, kit.keys, "lm", "2", subs, PipelineOptions())
+    assert _versions(kit.registry.repository) == (3, 3, 3)
+
+
+def test_reconcile_keeps_committed_pending_rows_and_drops_the_rest(kit: RegistryKit) -> None:
+    def stop_before_marking(step: str) -> None:
+        if step == "timestamp":
+            raise KeyboardInterrupt  # after the commit point, before the rows are marked
+
+    with pytest.raises(KeyboardInterrupt):
+        publish_model(
+            kit.registry,
+            kit.keys,
+            "lm",
+            "1",
+            submissions(lm_variants(kit.files)),
+            PipelineOptions(),
+            stop_before_marking,
+        )
+    # The failure handler settled the rows against the committed state: they were committed.
+    assert [r.state for r in kit.registry.database.variants(include_pending=True)] == ["published", "published"]
+    assert kit.registry.reconcile() == ([], [])
