@@ -18,4 +18,3 @@ DEFAULTS: Mapping[str, Mapping[str, Any]] = {
     "server": {"port": 8001},
     "repository": {"path": "device-models"},
 }
-
