@@ -195,7 +195,8 @@ class DynamicBatcher:
         self._queues: list[deque[_Request]] = [deque() for _ in range(config.priority_levels)]
         self._size = 0
         self._rows = [0] * config.priority_levels  # queued rows per level, for the wait prediction
-        self._inline = 0  # requests running in their caller's task (see _run_now)
+        self._inline = 0  # requests on the fast path (see _run_now)
+        self._forming = 0  # requests in the batch the dispatcher is forming
         self._arrived = asyncio.Event()
         # Set whenever a run ends or the queue shrinks, so close() can wait for the drain.
         self._progress = asyncio.Event()
@@ -214,7 +215,7 @@ class DynamicBatcher:
     @property
     def in_flight(self) -> int:
         """Requests waiting or running."""
-        return self._size + self._inline + sum(1 for t in self._runs if not t.done())
+        return self._size + self._forming + self._inline + sum(1 for t in self._runs if not t.done())
 
     def start(self) -> None:
         """Starts the dispatcher (inside the running loop)."""
@@ -225,16 +226,16 @@ class DynamicBatcher:
         """Stops taking requests, finishes everything queued or running, then stops."""
         self._closing = True
         self._arrived.set()
-        while self._size or self._runs or self._inline:
+        if self._loop_task is not None:
+            # The dispatcher leaves by itself once the queue is empty; it is
+            # not cancelled, so a batch it is forming is never dropped.
+            await self._loop_task
+            # Drop the finished task so nothing keeps this batcher (and its
+            # session) alive until the next cyclic garbage collection.
+            self._loop_task = None
+        while self._runs or self._inline:
             self._progress.clear()
             await self._progress.wait()
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            await asyncio.gather(self._loop_task, return_exceptions=True)
-            # The cancelled task's traceback holds the dispatcher frame, which
-            # holds this batcher: drop it so the model's memory is freed now,
-            # not at the next cyclic garbage collection.
-            self._loop_task = None
 
     def level_of(self, priority: int) -> int:
         """Maps a request's ``priority`` parameter to a queue index (0 = most urgent).
@@ -292,6 +293,9 @@ class DynamicBatcher:
         self._last_arrival = now
         first = next(iter(inputs.values()), None)
         rows = int(first.shape[0]) if self._batchable and first is not None and first.ndim else 1
+        if self._batchable and any(v.ndim == 0 or v.shape[0] != rows for v in inputs.values()):
+            sizes = ", ".join(f"'{k}': {v.shape[0] if v.ndim else 'scalar'}" for k, v in inputs.items())
+            raise InvalidArgumentError(f"every input must have the same batch size (first dimension); got {sizes}")
         signature = tuple(sorted((k, v.dtype.str, v.shape[1:]) for k, v in inputs.items())) if self._batchable else ()
         request = _Request(inputs, outputs, rows, signature, deadline, level, now, loop.create_future())
         if not self._size and not self._pool.busy:
@@ -303,22 +307,23 @@ class DynamicBatcher:
         return await request.future
 
     async def _run_now(self, request: _Request) -> Arrays:
-        """Runs a request at once, in the caller's task: nothing is queued and every slot is free.
+        """Runs a request at once: nothing is queued and every slot is free.
 
-        This skips the hand-over to the dispatcher task (two wake-ups of the
-        event loop) for the common case of a lone request; there is nothing to
-        batch it with and no one ahead of it.
+        This skips the hand-over to the dispatcher task for the common case of
+        a lone request; there is nothing to batch it with and no one ahead of
+        it. The run is its own task, shielded from the caller, so a caller that
+        gives up does not free the slot while onnxruntime is still busy with it.
         """
-        await self._pool.acquire()  # free, so this does not suspend
+        await self._pool.acquire()  # a slot is free, so this does not suspend
         self._inline += 1
-        try:
-            if not self._dead(request, asyncio.get_running_loop().time()):
-                await self._execute_batch([request])
-        finally:
-            self._inline -= 1
-            self._pool.release()
-            self._progress.set()
+        run = asyncio.create_task(self._run([request]))
+        run.add_done_callback(self._inline_done)
+        await asyncio.shield(run)
         return request.future.result()
+
+    def _inline_done(self, task: asyncio.Task[None]) -> None:
+        self._inline -= 1
+        self._progress.set()
 
     def _dequeued(self, request: _Request) -> None:
         self._size -= 1
@@ -337,15 +342,28 @@ class DynamicBatcher:
     async def _dispatch(self) -> None:
         while True:
             if not self._size:
+                if self._closing:
+                    return
                 self._arrived.clear()
                 await self._arrived.wait()
                 continue
             await self._pool.acquire()
+            batch: list[_Request] = []
             try:
-                batch = await self._form_batch()
+                await self._form_batch(batch)
+            except Exception:
+                # A bug here must not kill the dispatcher (every later request
+                # would hang): fail this batch and go on.
+                log.exception("model %s failed to form a batch", self.name)
+                now = asyncio.get_running_loop().time()
+                self._fail(batch, InternalError(f"model {self.name} failed to schedule a request"), now)
+                batch = []
             except BaseException:
+                self._fail(batch, ModelNotReadyError(f"model {self.name} stopped"), asyncio.get_running_loop().time())
+                self._forming = 0
                 self._pool.release()
                 raise
+            self._forming = 0
             self._progress.set()
             if not batch:
                 self._pool.release()
@@ -404,20 +422,22 @@ class DynamicBatcher:
             queue.extend(keep)
         return taken
 
-    async def _form_batch(self) -> list[_Request]:
+    async def _form_batch(self, batch: list[_Request]) -> None:
+        """Fills ``batch`` (the dispatcher's, so it is accounted for while this waits)."""
         loop = asyncio.get_running_loop()
-        head = self._head(loop.time())
+        now = loop.time()
+        head = self._head(now)
         if head is None:
-            return []
-        batch: list[_Request] = []
-        rows = self._take(head.signature, self.config.max_batch_size, batch, loop.time())
-        if not self._batchable:
-            return batch
+            return
+        rows = self._take(head.signature, self.config.max_batch_size, batch, now)
+        self._forming = len(batch)
+        if not batch or not self._batchable:
+            return
         delay = self.config.max_queue_delay_us / 1e6
         # With nothing else in flight, the next request can only come from a
         # caller that is not waiting on us; in a closed loop (one client, or all
         # clients in this batch) waiting would only add latency.
-        while rows < self.config.max_batch_size and delay > 0 and self._pool.busy > 1:
+        while rows < self.config.max_batch_size and delay > 0 and self._pool.busy > 1 and not self._closing:
             now = loop.time()
             tightest = min(r.deadline for r in batch)
             window_end = min(head.enqueued + delay, tightest - self._run_times.predict(self.config.max_batch_size))
@@ -429,7 +449,7 @@ class DynamicBatcher:
             except TimeoutError:
                 break
             rows += self._take(head.signature, self.config.max_batch_size - rows, batch, loop.time())
-        return batch
+            self._forming = len(batch)
 
     async def _run(self, batch: list[_Request]) -> None:
         loop = asyncio.get_running_loop()
@@ -454,7 +474,8 @@ class DynamicBatcher:
         except InvalidArgumentError as exc:
             if len(batch) > 1:
                 for request in batch:  # isolate the request whose values the model rejects
-                    await self._execute_batch([request])
+                    if not self._dead(request, loop.time()):
+                        await self._execute_batch([request])
                 return
             self._fail(batch, exc, started)
             return

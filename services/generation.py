@@ -33,6 +33,9 @@ PAD_ID = 0
 UNK_ID = 1
 
 MAX_TOKENS_LIMIT = 2048
+# Below this, p ** (1 / T) underflows to zero for every token in float64.
+MIN_TEMPERATURE = 0.01
+MAX_TEMPERATURE = 10.0
 MAX_PROMPT_BYTES = 64 * 1024
 
 
@@ -112,9 +115,14 @@ class GenerationParams:
                 f"parameter 'max_tokens' must be between 1 and {MAX_TOKENS_LIMIT}, got {max_tokens}"
             )
         temperature = params.get("temperature", cls.temperature)
-        if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not 0 <= temperature <= 10:
+        if (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, int | float)
+            or not (temperature == 0 or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE)
+        ):
             raise InvalidArgumentError(
-                f"parameter 'temperature' must be a number between 0 and 10, got {temperature!r}"
+                f"parameter 'temperature' must be 0 (greedy) or between {MIN_TEMPERATURE} and {MAX_TEMPERATURE}, "
+                f"got {temperature!r}"
             )
         top_k = _int(params, "top_k", cls.top_k)
         if top_k < 0:
@@ -201,8 +209,10 @@ def choose(probs: np.ndarray[Any, Any], params: GenerationParams, rng: np.random
         logits = np.log(p) / params.temperature
     logits -= logits.max()
     weights = np.exp(logits)
-    weights /= weights.sum()
-    return int(rng.choice(p.size, p=weights))
+    total = weights.sum()
+    if not np.isfinite(total) or total <= 0:
+        return int(np.argmax(p))  # nothing left to sample from: fall back to greedy
+    return int(rng.choice(p.size, p=weights / total))
 
 
 async def generate(

@@ -75,6 +75,7 @@ class LoadedModel:
     last_used: float = 0.0
     pins: int = 0
     retired: bool = field(default=False)
+    draining: bool = field(default=False)
 
     @property
     def name(self) -> str:
@@ -145,22 +146,26 @@ class ModelCache:
         self._rss = rss
         self._loaded: dict[tuple[str, str], LoadedModel] = {}
         self._latest: dict[str, LoadedModel] = {}
-        self._loading: dict[tuple[str, str], asyncio.Future[LoadedModel]] = {}
+        self._loading: dict[tuple[str, str], asyncio.Task[LoadedModel]] = {}
         self._failed: dict[tuple[str, str], str] = {}
         self._evicted: set[tuple[str, str]] = set()
         self._load_lock = asyncio.Lock()
         self._reserved = 0
         self._closing: set[asyncio.Task[None]] = set()
+        self._draining: set[LoadedModel] = set()
 
     @property
     def used_bytes(self) -> int:
-        """Footprints of the loaded models plus loads in progress."""
-        return sum(m.footprint_bytes for m in self._loaded.values()) + self._reserved
+        """Footprints of the loaded models, of retired ones still draining, and of loads in progress."""
+        loaded = sum(m.footprint_bytes for m in self._loaded.values())
+        return loaded + sum(m.footprint_bytes for m in self._draining) + self._reserved
 
     async def close(self) -> None:
-        """Drains every batcher."""
+        """Drains every batcher (at shutdown, pinned models too)."""
         for model in list(self._loaded.values()):
             self._retire(model)
+        for model in list(self._draining):
+            self._drain(model)
         await asyncio.gather(*self._closing, return_exceptions=True)
 
     def holds(self, name: str) -> bool:
@@ -247,6 +252,8 @@ class ModelCache:
         finally:
             model.pins -= 1
             model.last_used = asyncio.get_running_loop().time()
+            if model.retired and not model.pins:
+                self._drain(model)
 
     async def run(
         self,
@@ -304,7 +311,26 @@ class ModelCache:
             if newest is not None:
                 self._latest[model.name] = newest
         model.retired = True
-        task = asyncio.create_task(model.batcher.close(), name=f"drain {model.name} v{model.version}")
+        # A busy model's memory stays counted until its drain ends (an idle one
+        # has nothing to finish); a model pinned by a stream keeps serving that
+        # stream and drains when the last pin goes.
+        if model.busy:
+            self._draining.add(model)
+        if not model.pins:
+            self._drain(model)
+
+    def _drain(self, model: LoadedModel) -> None:
+        if model.draining:
+            return
+        model.draining = True
+
+        async def drain() -> None:
+            try:
+                await model.batcher.close()
+            finally:
+                self._draining.discard(model)
+
+        task = asyncio.create_task(drain(), name=f"drain {model.name} v{model.version}")
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
@@ -313,24 +339,29 @@ class ModelCache:
         if not force and key in self._loaded:
             return self._loaded[key]
         pending = self._loading.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[LoadedModel] = loop.create_future()
-        self._loading[key] = future
+        if pending is None:
+            # The load is a task of its own: a caller that gives up (its
+            # deadline passed) neither cancels it nor the other callers' wait.
+            pending = asyncio.create_task(self._load_and_install(entry), name=f"load {entry.name} v{entry.version}")
+            self._loading[key] = pending
+            pending.add_done_callback(self._load_done)
+        return await asyncio.shield(pending)
+
+    def _load_done(self, task: asyncio.Task[LoadedModel]) -> None:
+        for key, pending in list(self._loading.items()):
+            if pending is task:
+                del self._loading[key]
+        if not task.cancelled():
+            task.exception()  # retrieved, so a load whose callers all left does not warn
+
+    async def _load_and_install(self, entry: ModelEntry) -> LoadedModel:
+        key = (entry.name, entry.version)
         try:
             model = await self._load_admitted(entry)
         except EdgecascadeError as exc:
             if not isinstance(exc, MemoryBudgetError):
                 self._failed[key] = exc.message
-            future.set_exception(exc)
-            future.exception()  # retrieved here so a load nobody else awaited does not warn
             raise
-        except BaseException:
-            future.cancel()  # waiters must not hang on a load whose owner was cancelled
-            raise
-        finally:
-            del self._loading[key]
         self._failed.pop(key, None)
         self._evicted.discard(key)
         previous = self._loaded.get(key)
@@ -342,9 +373,8 @@ class ModelCache:
                 self._retire(latest)  # hot swap: the old version drains, then is released
         if previous is not None and previous is not model and not previous.retired:
             self._retire(previous)
-        model.last_used = loop.time()
+        model.last_used = asyncio.get_running_loop().time()
         self.stats.loads += 1
-        future.set_result(model)
         return model
 
     async def _load_admitted(self, entry: ModelEntry) -> LoadedModel:
@@ -353,13 +383,15 @@ class ModelCache:
         async with self._load_lock:
             self._admit(entry, estimate)
             self._reserved += estimate
-            await self._pool.acquire()
             try:
-                before = self._rss()
-                session, tokenizer = await self._pool.run(lambda: self._open(entry))
-                gained = self._rss() - before
+                await self._pool.acquire()
+                try:
+                    before = self._rss()
+                    session, tokenizer = await self._pool.run(lambda: self._open(entry))
+                    gained = self._rss() - before
+                finally:
+                    self._pool.release()
             finally:
-                self._pool.release()
                 self._reserved -= estimate
         # What the process really gained replaces the estimate, unless the
         # allocator reused freed memory and the gain says nothing.

@@ -251,3 +251,45 @@ async def test_a_deadline_the_queue_cannot_meet_is_refused_at_once(pool: RunPool
     await asyncio.gather(first, *queued, urgent)
     assert 99.0 not in model.seen() and 50.0 in model.seen()
     await batcher.close()
+
+
+async def test_close_while_the_dispatcher_waits_for_company_answers_everyone() -> None:
+    pool = RunPool(2)
+    model = Model()
+    batcher = make(pool, model, max_batch_size=32, max_queue_delay_us=1_000_000)
+    first = await hold_slot(batcher, model)  # one slot busy, so the dispatcher may wait for company
+    model.gate.set()
+    model.gate.clear()
+    waiting = [asyncio.create_task(batcher.submit(x(i), (), far())) for i in range(5)]
+    await asyncio.sleep(0.05)
+    assert batcher.in_flight >= 5  # the batch being formed is accounted for (no eviction can take it)
+    closing = asyncio.create_task(batcher.close())
+    await asyncio.sleep(0.05)
+    model.gate.set()
+    await asyncio.wait_for(closing, 5)
+    results = await asyncio.wait_for(asyncio.gather(first, *waiting), 5)
+    assert len(results) == 6
+    pool.close()
+
+
+async def test_inputs_with_different_batch_sizes_are_refused(pool: RunPool) -> None:
+    batcher = make(pool, Model())
+    inputs = {"x": np.ones((1, 2), np.float32), "w": np.ones((2, 2), np.float32)}
+    with pytest.raises(InvalidArgumentError, match="every input must have the same batch size"):
+        await batcher.submit(inputs, (), far())
+    await batcher.close()
+
+
+async def test_a_caller_that_gives_up_on_the_fast_path_keeps_the_slot_until_the_run_ends(pool: RunPool) -> None:
+    model = Model()
+    batcher = make(pool, model)
+    model.gate.clear()
+    caller = asyncio.create_task(batcher.submit(x(1), (), far()))
+    await asyncio.sleep(0.02)
+    caller.cancel()
+    await asyncio.sleep(0.02)
+    assert pool.busy == 1 and batcher.in_flight == 1  # onnxruntime is still running it
+    model.gate.set()
+    await asyncio.sleep(0.05)
+    assert pool.busy == 0 and batcher.in_flight == 0
+    await batcher.close()

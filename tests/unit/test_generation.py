@@ -42,6 +42,7 @@ def test_tokenizer_from_properties_rejects_garbage() -> None:
         ({"max_tokens": 0}, "max_tokens"),
         ({"max_tokens": "5"}, "max_tokens"),
         ({"temperature": -1.0}, "temperature"),
+        ({"temperature": 1e-310}, "temperature"),
         ({"top_k": -2}, "top_k"),
         ({"seed": -1}, "seed"),
         ({"stop": "[1, 2]"}, "stop"),

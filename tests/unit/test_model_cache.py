@@ -173,3 +173,29 @@ async def test_batching_can_be_overridden_per_model_from_its_metadata(
     assert (await cache.get("m")).batcher.config.max_batch_size == BatchingConfig().max_batch_size
     with pytest.raises(ModelNotReadyError, match=r"model 'broken' version 1 metadata: \[batching\] max_batch_size"):
         await cache.get("broken")
+
+
+async def test_a_caller_giving_up_does_not_cancel_the_shared_load(make: Callable[..., ModelCache]) -> None:
+    cache = make()
+    impatient = asyncio.create_task(cache.get("m"))
+    patient = asyncio.create_task(cache.get("m"))
+    await asyncio.sleep(0)
+    impatient.cancel()
+    model = await asyncio.wait_for(patient, 10)
+    assert model.name == "m" and cache.stats.loads == 1
+    assert cache.used_bytes == model.footprint_bytes  # nothing left reserved
+
+
+async def test_a_stream_pinning_the_old_version_survives_a_hot_swap(
+    make: Callable[..., ModelCache], tmp_path: Path
+) -> None:
+    cache = make()
+    old = await cache.get("m")
+    async with cache.use(old):
+        cache.repository.add("m", linear_model(tmp_path / "m2.onnx", seed=7))
+        new = await cache.load("m")
+        assert (await cache.get("m")) is new
+        assert (await cache.run(old, X))["y"].shape == (1, 3)  # the pinned stream's next step still runs on v1
+        assert cache.used_bytes == old.footprint_bytes + new.footprint_bytes  # v1 still counted while it drains
+    await asyncio.sleep(0.05)
+    assert cache.used_bytes == new.footprint_bytes
