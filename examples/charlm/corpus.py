@@ -254,7 +254,7 @@ def build_vocab(docs: Iterable[str], coverage: float = 0.995) -> list[str]:
             break
         chars.append(ch)
         covered += n
-    return ["", ""] + chars
+    return ["", "", *chars]
 
 
 def encode(text: str, vocab: Sequence[str]) -> np.ndarray:
@@ -330,9 +330,7 @@ def make_stream(docs: Sequence[str], vocab: Sequence[str], context: int) -> Toke
     return TokenStream(stream, target_pos, context)
 
 
-def heldout_sample(
-    vocab: Sequence[str], context: int, n: int = 20_000
-) -> tuple[np.ndarray, np.ndarray]:
+def heldout_sample(vocab: Sequence[str], context: int, n: int = 20_000) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic, evenly spaced sample of held-out next-character positions.
 
     Evenly spaced (rather than the first ``n``) so that every held-out module
