@@ -318,7 +318,11 @@ class DynamicBatcher:
         self._inline += 1
         run = asyncio.create_task(self._run([request]))
         run.add_done_callback(self._inline_done)
-        await asyncio.shield(run)
+        try:
+            await asyncio.shield(run)
+        except asyncio.CancelledError:
+            request.future.cancel()  # the caller left: nobody is to be answered
+            raise
         return request.future.result()
 
     def _inline_done(self, task: asyncio.Task[None]) -> None:
