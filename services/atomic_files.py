@@ -19,7 +19,16 @@ from typing import BinaryIO
 
 def fsync_directory(path: Path) -> None:
     """Flushes a directory's entries (renames, new files) to disk."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    _fsync(path, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def fsync_file(path: Path) -> None:
+    """Flushes a file written by other means (e.g. a copy) to disk."""
+    _fsync(path, os.O_RDONLY)
+
+
+def _fsync(path: Path, flags: int) -> None:
+    fd = os.open(path, flags)
     try:
         os.fsync(fd)
     finally:

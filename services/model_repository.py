@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from services.atomic_files import fsync_directory, fsync_file
 from services.errors import InvalidArgumentError, ModelNotFoundError, PreconditionError
 
 MODEL_FILE = "model.onnx"
@@ -179,9 +180,9 @@ class ModelRepository:
             shutil.copyfile(source, staging / MODEL_FILE)
             (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
             for path in (staging / MODEL_FILE, staging / METADATA_FILE):
-                _fsync(path)
+                fsync_file(path)
             os.replace(staging, target)
-            _fsync(self.root / name)
+            fsync_directory(self.root / name)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -233,11 +234,3 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -19,7 +19,6 @@ import os
 import signal
 import socket
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from opentelemetry.sdk.metrics.export import MetricReader
 from protos.edgecascade.v1 import mesh_pb2, mesh_pb2_grpc
 from protos.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from services import __version__
+from services.atomic_files import write_atomically
 from services.config import load_config
 from services.dataplane import Dataplane, RequestLimits
 from services.errors import ConfigError
@@ -180,12 +180,7 @@ class Node:
 
 def _write_port_file(path: Path, record: Mapping[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(record, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps(record).encode())
 
 
 async def serve(spec: TierSpec, config: TierConfig, stop: asyncio.Event) -> None:

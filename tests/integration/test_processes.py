@@ -7,28 +7,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from services.cli.demo_models import DEFAULT_MODELS_DIR
+from tests.support.processes import wait_for_file
 
 BIN = Path(sys.executable).parent
 TIER_MODULES = ["tier0_device", "tier1_edge", "tier2_region"]
-
-
-def _wait_for(path: Path, process: subprocess.Popen[bytes], seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if path.is_file():
-            return
-        if process.poll() is not None:
-            out = process.stdout.read().decode() if process.stdout else ""
-            pytest.fail(f"process exited with {process.returncode} before writing {path.name}:\n{out}")
-        time.sleep(0.1)
-    process.kill()
-    pytest.fail(f"{path} did not appear within {seconds} s")
 
 
 def _alive(pid: int) -> bool:
@@ -81,7 +68,7 @@ def test_a_tier_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     with subprocess.Popen(
         [sys.executable, "-m", "tier0_device"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     ) as process:
-        _wait_for(port_file, process, 60)
+        wait_for_file(port_file, process, 60)
         record = json.loads(port_file.read_text())
         assert record["tier"] == "tier0" and record["address"].startswith("127.0.0.1:") and record["pid"] == process.pid
         process.send_signal(signal.SIGTERM)
@@ -103,7 +90,7 @@ def test_edgecascade_up_runs_the_mesh_and_stops_it(tmp_path: Path) -> None:
     command = [str(BIN / "edgecascade"), "up", "--state-dir", str(state)]
     with subprocess.Popen([*command, "--devices", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as up:
         try:
-            _wait_for(state / "endpoints.json", up, 120)
+            wait_for_file(state / "endpoints.json", up, 120)
             pids = _exercise_running_mesh(state)
         finally:
             up.send_signal(signal.SIGTERM)
@@ -116,7 +103,7 @@ def test_edgecascade_up_runs_the_mesh_and_stops_it(tmp_path: Path) -> None:
     # A second start reuses the placed models and comes up again; Ctrl-C stops it.
     with subprocess.Popen([*command, "--devices", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as again:
         try:
-            _wait_for(state / "endpoints.json", again, 120)
+            wait_for_file(state / "endpoints.json", again, 120)
         finally:
             again.send_signal(signal.SIGINT)
             assert again.wait(60) == 0

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from services.registry.registry import ModelRegistry
 from services.rpc.model_fetcher import ModelFetcher
 from services.tuf_client import TufClient
 from tests.support.onnx_models import linear_model, mlp_model, tiny_char_lm
+from tests.support.processes import wait_for_file
 from tests.support.registry import VOCAB, DirectorySource, new_registry, publish_lm
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -153,18 +153,6 @@ def test_the_model_commands_end_to_end(tmp_path: Path) -> None:
     assert (tmp_path / "reg" / "repository" / "metadata" / "timestamp.json").read_bytes() == before
 
 
-def _wait_for(path: Path, process: subprocess.Popen[bytes], seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if path.is_file():
-            return
-        if process.poll() is not None:
-            out = process.stdout.read().decode() if process.stdout else ""
-            pytest.fail(f"exited with {process.returncode}:\n{out}")
-        time.sleep(0.1)
-    pytest.fail(f"{path} did not appear within {seconds} s")
-
-
 @pytest.mark.slow
 def test_up_publishes_the_demo_models_and_the_edge_serves_them(tmp_path: Path) -> None:
     models = tmp_path / "models"
@@ -177,7 +165,7 @@ def test_up_publishes_the_demo_models_and_the_edge_serves_them(tmp_path: Path) -
     command = [str(BIN / "edgecascade"), "up", "--state-dir", str(state), "--models-dir", str(models), "--devices", "1"]
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as up:
         try:
-            _wait_for(state / "endpoints.json", up, 180)
+            wait_for_file(state / "endpoints.json", up, 180)
             endpoints = json.loads((state / "endpoints.json").read_text())
             root = (state / "edge-1" / "trusted-root.json").read_bytes()
             fetcher = ModelFetcher(endpoints["edge"], root, tmp_path / "device")
