@@ -182,6 +182,7 @@ async def main() -> None:
     parser.add_argument("--warmup", type=float, default=0.5)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--deadline", type=float, default=None, help="gRPC deadline of each request, seconds")
+    parser.add_argument("--repeat", type=int, default=10, help="stream mode: runs, one after another")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     client = aioclient.InferenceServerClient(url=args.address)
@@ -191,7 +192,20 @@ async def main() -> None:
             result = await closed(client, args.model, inputs, args.clients, args.seconds, args.warmup, args.deadline)
         elif args.mode == "stream":
             await streams(client, args.model, 1, 4)  # warm-up
-            result = await streams(client, args.model, args.clients, args.tokens)
+            # Time to first token is one sample per stream; repeat so its median means something.
+            runs = [await streams(client, args.model, args.clients, args.tokens) for _ in range(args.repeat)]
+            ttfts = [r["ttft_p50_ms"] for r in runs if r["ttft_p50_ms"] is not None]
+            tokens = sum(r["tokens"] for r in runs)
+            seconds = sum(r["seconds"] for r in runs)
+            result = {
+                "streams": args.clients,
+                "runs": len(runs),
+                "tokens": tokens,
+                "errors": sum(r["errors"] for r in runs),
+                "seconds": seconds,
+                "tokens_per_s": tokens / seconds,
+                "ttft_p50_ms": float(np.median(ttfts)) if ttfts else None,
+            }
         else:
             deadline = time.perf_counter() + args.warmup
             while time.perf_counter() < deadline:  # warm the connection and the model up

@@ -258,6 +258,9 @@ def main() -> int:  # noqa: PLR0915 - one linear script is the clearest record o
                     results[name]["echo_stream_16"] = load(
                         args.triton_python, address, "echo", [], mode="stream", clients=16, tokens=64
                     )
+                    results[name]["echo_stream_1"] = load(
+                        args.triton_python, address, "echo", [], mode="stream", clients=1, tokens=64
+                    )
 
         for batching in (False, True):
             label = "on" if batching else "off"
@@ -370,6 +373,14 @@ def report(r: dict[str, Any]) -> None:
         streams.add_column(column, justify="right")
     streams.add_row(
         "limit", f"{1000 / step_ms:.0f} (raw step)", f"{decode_limit:.0f}", "1.00", f"{2 * step_ms + 1:.2f} (target)"
+    )
+    echo_one, echo_sixteen = m["echo_stream_1"], m["echo_stream_16"]
+    streams.add_row(
+        "echo (no compute)",
+        f"{echo_one['tokens_per_s']:.0f}",
+        f"{echo_sixteen['tokens_per_s']:.0f}",
+        "",
+        f"{echo_one['ttft_p50_ms']:.2f}",
     )
     for label in ("off", "on"):
         one, sixteen = m[f"tier0_{label}_stream_1"], m[f"tier0_{label}_stream_16"]
