@@ -40,6 +40,12 @@ class ModelSignature:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
 
+    @property
+    def batchable(self) -> bool:
+        """Whether every input and output has a leading variable-size (batch) axis."""
+        specs = (*self.inputs, *self.outputs)
+        return bool(specs) and all(s.shape and s.shape[0] == -1 for s in specs)
+
 
 @dataclass(frozen=True)
 class InferRequest:

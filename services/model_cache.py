@@ -408,7 +408,7 @@ class ModelCache:
                 config = config.with_overrides(overrides, f"model '{entry.name}' version {entry.version} metadata")
             except ConfigError as exc:
                 raise ModelNotReadyError(exc.message) from None
-        batchable = _batchable(session.signature)
+        batchable = session.signature.batchable
         observer = self._observers(entry.name, entry.version) if self._observers else None
         batcher = DynamicBatcher(
             f"'{entry.name}' version {entry.version}",
@@ -429,11 +429,6 @@ class ModelCache:
             tokenizer = CharTokenizer.from_properties({**session.metadata, **entry.properties})
         _warm_up(session, entry)
         return session, tokenizer
-
-
-def _batchable(signature: ModelSignature) -> bool:
-    specs = (*signature.inputs, *signature.outputs)
-    return bool(specs) and all(s.shape and s.shape[0] == -1 for s in specs)
 
 
 def _warm_up(session: OnnxSession, entry: ModelEntry) -> None:

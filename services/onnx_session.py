@@ -17,7 +17,7 @@ import onnxruntime as ort
 
 from services.errors import InvalidArgumentError, ModelNotReadyError
 from services.inference import ModelSignature, TensorSpec
-from services.tensors import DATATYPES
+from services.tensors import datatype_of
 
 # onnxruntime's type strings → protocol datatypes.
 _ORT_TYPES = {
@@ -90,7 +90,7 @@ class OnnxSession:
             if spec.name not in inputs:
                 raise InvalidArgumentError(f"required input '{spec.name}' is missing")
             array = inputs[spec.name]
-            got = "BYTES" if array.dtype == object else _datatype_name(array)
+            got = datatype_of(array)
             if got != spec.datatype:
                 raise InvalidArgumentError(f"input '{spec.name}' must be {spec.datatype}, got {got}")
             if len(array.shape) != len(spec.shape) or any(
@@ -125,13 +125,6 @@ class OnnxSession:
             # Values the signature cannot express (e.g. an index out of range).
             raise InvalidArgumentError(f"the model rejected the input values: {_first_line(exc)}") from exc
         return dict(zip(names, (np.asarray(r) for r in results), strict=True))
-
-
-def _datatype_name(array: np.ndarray[Any, Any]) -> str:
-    for d in DATATYPES.values():
-        if d.dtype == array.dtype.newbyteorder("<"):
-            return d.name
-    return str(array.dtype)
 
 
 def _first_line(exc: Exception) -> str:

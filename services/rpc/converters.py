@@ -176,7 +176,7 @@ _CONFIG_TYPES = {
 
 def config_to_proto(model: LoadedModel) -> config_pb.ModelConfig:
     """A minimal Triton-shaped ModelConfig; dims exclude the batch axis when the model batches."""
-    max_batch = model.entry.max_batch_size if _batches(model.signature) else 0
+    max_batch = model.entry.max_batch_size if model.signature.batchable else 0
 
     def dims(spec: TensorSpec) -> list[int]:
         return list(spec.shape[1:] if max_batch else spec.shape)
@@ -201,11 +201,6 @@ def config_to_proto(model: LoadedModel) -> config_pb.ModelConfig:
         config.parameters["edgecascade.vocab"].string_value = json.dumps(model.tokenizer.vocab)
         config.parameters["edgecascade.context_length"].string_value = str(model.tokenizer.context_length)
     return config
-
-
-def _batches(signature: ModelSignature) -> bool:
-    specs = signature.inputs + signature.outputs
-    return bool(specs) and all(s.shape and s.shape[0] == -1 for s in specs)
 
 
 def _duration(target: pb.StatisticDuration, count: int, ns: int) -> None:
