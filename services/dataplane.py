@@ -11,7 +11,7 @@ with the node that computed it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,7 @@ import numpy as np
 
 from services.errors import (
     DeadlineExceededError,
+    ForwardingLoopError,
     InvalidArgumentError,
     MemoryBudgetError,
     ModelNotFoundError,
@@ -70,10 +71,29 @@ class Forward:
 
 @dataclass(frozen=True)
 class RequestLimits:
-    """Bounds on what a request may ask for."""
+    """Bounds on what a request may ask for.
 
-    default_timeout_us: int = 60_000_000
+    Attributes:
+        max_timeout_us: The largest ``timeout`` parameter accepted.
+        max_hops: How many times a request may be forwarded before a node refuses it.
+    """
+
     max_timeout_us: int = 3_600_000_000
+    max_hops: int = 4
+
+
+@dataclass(frozen=True)
+class TimeBudget:
+    """What a request brought about its deadline, read when it arrived.
+
+    The default that applies (the model's or the tier's) is known only once the
+    request is routed, so the absolute deadline is derived later by
+    :meth:`Dataplane.deadline`, counted from the arrival.
+    """
+
+    arrived: float
+    timeout_us: int
+    grpc_remaining: float | None
 
 
 class Dataplane:
@@ -118,8 +138,8 @@ class Dataplane:
                 return Forward(FallbackReason.MODEL_UNAVAILABLE)
             raise
 
-    def deadline(self, parameters: Mapping[str, ParamValue], grpc_remaining: float | None) -> float:
-        """Returns the absolute ``loop.time()`` deadline of a request.
+    def budget(self, parameters: Mapping[str, ParamValue], grpc_remaining: float | None) -> TimeBudget:
+        """Reads the time a request allows, at its arrival.
 
         Args:
             parameters: Request parameters (``timeout`` in microseconds, 0 = none).
@@ -139,12 +159,43 @@ class Dataplane:
             raise InvalidArgumentError(
                 f"parameter 'timeout' of {timeout} µs exceeds the limit of {self.limits.max_timeout_us} µs"
             )
-        candidates = [self.limits.default_timeout_us / 1e6]
-        if timeout:
-            candidates.append(timeout / 1e6)
-        if grpc_remaining is not None:
-            candidates.append(grpc_remaining)
-        return asyncio.get_running_loop().time() + min(candidates)
+        return TimeBudget(asyncio.get_running_loop().time(), timeout, grpc_remaining)
+
+    def deadline(self, budget: TimeBudget, model: LoadedModel | None = None) -> float:
+        """Returns the absolute ``loop.time()`` deadline of a request.
+
+        The tightest of the gRPC deadline, the ``timeout`` parameter and the
+        default timeout: the model's own (its ``edgecascade.batching.default_timeout_us``
+        override, else the tier's ``[batching] default_timeout_us``) when a
+        local model answers, the tier's when the request goes upward.
+        """
+        config = model.batcher.config if model is not None else self.cache.batching
+        candidates = [config.default_timeout_us / 1e6]
+        if budget.timeout_us:
+            candidates.append(budget.timeout_us / 1e6)
+        if budget.grpc_remaining is not None:
+            candidates.append(budget.grpc_remaining)
+        return budget.arrived + min(candidates)
+
+    def check_route(self, route: Sequence[str]) -> tuple[str, ...]:
+        """Checks the nodes a request was forwarded through and returns the route to pass upward.
+
+        Args:
+            route: The nodes that forwarded the request so far, nearest the client first.
+
+        Raises:
+            ForwardingLoopError: This node is already on the route, or reaching
+                it took more than ``max_hops`` forwards.
+        """
+        here = self.identity.served_by
+        if here in route:
+            raise ForwardingLoopError(f"forwarding loop: {' > '.join((*route, here))}")
+        if len(route) > self.limits.max_hops:
+            raise ForwardingLoopError(
+                f"forwarding chain longer than {self.limits.max_hops} hops: {' > '.join((*route, here))}; "
+                "check the [upstream] address of these nodes"
+            )
+        return (*route, here)
 
     def check_parameters(self, parameters: Mapping[str, ParamValue], model: LoadedModel | None) -> None:
         """Rejects request parameters the target does not understand.
@@ -178,7 +229,8 @@ class Dataplane:
         if model.tokenizer is not None and TEXT_INPUT in inputs and INPUT_IDS not in inputs:
             prompt = self._prompt(inputs.pop(TEXT_INPUT))
             inputs[INPUT_IDS] = model.tokenizer.window(model.tokenizer.encode(prompt))
-        model.session.validate(inputs, request.requested_outputs)
+        inputs = model.session.prepare(inputs, request.requested_outputs)
+        self._check_rows(model, inputs)
         try:
             outputs = await self.cache.run(model, inputs, request.requested_outputs, deadline, _priority(request))
         except QueueFullError:
@@ -260,6 +312,24 @@ class Dataplane:
             outputs=outputs,
             parameters={SERVED_BY: self.identity.served_by, **parameters},
         )
+
+    @staticmethod
+    def _check_rows(model: LoadedModel, inputs: Mapping[str, np.ndarray[Any, Any]]) -> None:
+        """Refuses a request with more rows than the model's ``max_batch_size``.
+
+        Memory admission budgets a model's activations at that many rows, so a
+        larger request would take memory nobody accounted for. Refused here, on
+        whichever tier holds the model, it is never forwarded upward.
+        """
+        if not model.signature.batchable:
+            return  # fixed shapes: the signature check already bounds the rows
+        limit = model.entry.max_batch_size
+        for name, array in inputs.items():
+            if array.ndim and array.shape[0] > limit:
+                raise InvalidArgumentError(
+                    f"input '{name}' has {array.shape[0]} rows; model '{model.name}' version {model.version} "
+                    f"takes at most {limit} (max_batch_size) per request: split the request"
+                )
 
     @staticmethod
     def _prompt(array: np.ndarray[Any, Any]) -> str:

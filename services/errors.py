@@ -91,6 +91,10 @@ class PreconditionError(EdgecascadeError):
     """The system is not in a state that allows the operation."""
 
 
+class ForwardingLoopError(PreconditionError):
+    """A request came back to a node that already forwarded it, or was forwarded too many times."""
+
+
 class StaleVersionError(PreconditionError):
     """A version older than (or equal to) the one already trusted was offered."""
 

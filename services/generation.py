@@ -37,6 +37,12 @@ MAX_TOKENS_LIMIT = 2048
 MIN_TEMPERATURE = 0.01
 MAX_TEMPERATURE = 10.0
 MAX_PROMPT_BYTES = 64 * 1024
+# Stop strings are matched against the end of the text after every token, on
+# the event loop: their number and length are bounded so that check stays cheap.
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 64
+# The raw parameter: a JSON list of the longest strings, escaped, fits easily.
+MAX_STOP_PARAMETER_CHARS = 8 * 1024
 
 
 class CharTokenizer:
@@ -130,21 +136,38 @@ class GenerationParams:
         seed = _int(params, "seed", -1) if "seed" in params else None
         if seed is not None and seed < 0:
             raise InvalidArgumentError(f"parameter 'seed' must be a non-negative integer, got {seed}")
-        stop = params.get("stop", "")
-        if not isinstance(stop, str):
-            raise InvalidArgumentError("parameter 'stop' must be a string or a JSON list of strings")
-        stops: tuple[str, ...] = ()
-        if stop.startswith("["):
-            try:
-                parsed = json.loads(stop)
-            except ValueError:
-                raise InvalidArgumentError("parameter 'stop' starts with '[' but is not a JSON list") from None
-            if not isinstance(parsed, list) or not all(isinstance(s, str) and s for s in parsed):
-                raise InvalidArgumentError("parameter 'stop' must be a JSON list of non-empty strings")
-            stops = tuple(parsed)
-        elif stop:
-            stops = (stop,)
+        stops = _stop_strings(params.get("stop", ""))
         return cls(max_tokens=max_tokens, temperature=float(temperature), top_k=top_k, seed=seed, stop=stops)
+
+
+def _stop_strings(stop: ParamValue) -> tuple[str, ...]:
+    """Reads the ``stop`` parameter: one string, or a JSON list of them, within the documented limits."""
+    if not isinstance(stop, str):
+        raise InvalidArgumentError("parameter 'stop' must be a string or a JSON list of strings")
+    if len(stop) > MAX_STOP_PARAMETER_CHARS:
+        raise InvalidArgumentError(
+            f"parameter 'stop' is {len(stop)} characters long; the limit is {MAX_STOP_PARAMETER_CHARS} "
+            f"(at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_CHARS} characters)"
+        )
+    stops: tuple[str, ...] = ()
+    if stop.startswith("["):
+        try:
+            parsed = json.loads(stop)
+        except ValueError:
+            raise InvalidArgumentError("parameter 'stop' starts with '[' but is not a JSON list") from None
+        if not isinstance(parsed, list) or not all(isinstance(s, str) and s for s in parsed):
+            raise InvalidArgumentError("parameter 'stop' must be a JSON list of non-empty strings")
+        stops = tuple(parsed)
+    elif stop:
+        stops = (stop,)
+    if len(stops) > MAX_STOP_STRINGS:
+        raise InvalidArgumentError(f"parameter 'stop' holds {len(stops)} strings; the limit is {MAX_STOP_STRINGS}")
+    longest = max((len(s) for s in stops), default=0)
+    if longest > MAX_STOP_CHARS:
+        raise InvalidArgumentError(
+            f"parameter 'stop' holds a string of {longest} characters; the limit is {MAX_STOP_CHARS}"
+        )
+    return stops
 
 
 GENERATION_PARAMETERS = frozenset({"max_tokens", "temperature", "top_k", "seed", "stop"})
@@ -234,7 +257,9 @@ async def generate(
     seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
     rng = np.random.default_rng(seed)
     ids = tokenizer.encode(prompt)
-    text = ""
+    # Only the last characters can end with a stop string: keep just those.
+    keep = max((len(s) for s in params.stop), default=0)
+    tail = ""
     probabilities: list[float] = []
     finish = "length"
     for index in range(params.max_tokens):
@@ -243,10 +268,10 @@ async def generate(
         probability = float(probs[token_id])
         ids.append(token_id)
         piece = tokenizer.decode(token_id)
-        text += piece
+        tail = (tail + piece)[-keep:] if keep else ""
         probabilities.append(probability)
         yield GeneratedToken(index=index, text=piece, probability=probability)
-        if any(text.endswith(s) for s in params.stop):
+        if keep and any(tail.endswith(s) for s in params.stop):
             finish = "stop"
             break
     if summary is not None:

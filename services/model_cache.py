@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
@@ -153,6 +153,11 @@ class ModelCache:
         self._reserved = 0
         self._closing: set[asyncio.Task[None]] = set()
         self._draining: set[LoadedModel] = set()
+
+    @property
+    def batching(self) -> BatchingConfig:
+        """The tier-wide batching defaults (before any model's overrides)."""
+        return self._batching
 
     @property
     def used_bytes(self) -> int:
@@ -408,6 +413,9 @@ class ModelCache:
                 config = config.with_overrides(overrides, f"model '{entry.name}' version {entry.version} metadata")
             except ConfigError as exc:
                 raise ModelNotReadyError(exc.message) from None
+        if config.max_batch_size > entry.max_batch_size:
+            # Activations are budgeted at the model's max_batch_size: no batch may be larger.
+            config = replace(config, max_batch_size=entry.max_batch_size)
         batchable = session.signature.batchable
         observer = self._observers(entry.name, entry.version) if self._observers else None
         batcher = DynamicBatcher(

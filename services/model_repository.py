@@ -32,7 +32,7 @@ METADATA_FILE = "metadata.json"
 PLATFORM = "onnxruntime_onnx"
 DEFAULT_MAX_BATCH_SIZE = 64
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 def check_model_name(name: str) -> str:
@@ -41,7 +41,7 @@ def check_model_name(name: str) -> str:
     Raises:
         InvalidArgumentError: The name is empty, too long, or could escape the repository.
     """
-    if not _NAME.match(name) or ".." in name:
+    if not _NAME.fullmatch(name) or ".." in name:
         raise InvalidArgumentError(
             f"model name {name!r} is not valid: use 1-128 letters, digits, '_', '.' or '-', "
             "starting with a letter or digit"
@@ -92,7 +92,7 @@ class ModelRepository:
     def entries(self) -> list[ModelEntry]:
         """Returns every model version, sorted by name then version; skips incomplete directories."""
         found: list[ModelEntry] = []
-        for model_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and _NAME.match(p.name)):
+        for model_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and _NAME.fullmatch(p.name)):
             for version_dir in sorted(
                 (p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)
             ):
@@ -108,7 +108,7 @@ class ModelRepository:
     def versions(self, name: str) -> list[ModelEntry]:
         """Returns the complete versions of one model, oldest first (empty if none)."""
         model_dir = self.root / name
-        if not _NAME.match(name) or not model_dir.is_dir():
+        if not _NAME.fullmatch(name) or not model_dir.is_dir():
             return []
         versions = [self._read(name, p) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
         return sorted((e for e in versions if e is not None), key=lambda e: int(e.version))

@@ -106,10 +106,26 @@ class OnnxSession:
                     f"requested output '{name}' is not an output of this model; its outputs are: {', '.join(outputs)}"
                 )
 
+    def prepare(
+        self, inputs: Mapping[str, np.ndarray[Any, Any]], requested_outputs: Sequence[str] = ()
+    ) -> dict[str, np.ndarray[Any, Any]]:
+        """Checks one request against the signature and returns its inputs ready to run.
+
+        BYTES inputs become ``object`` arrays of ``str``, each element decoded
+        as UTF-8 on its own: memory stays linear in the request size (numpy's
+        fixed-width unicode would pad every element to the longest), and a
+        request that is not UTF-8 is refused alone, before it joins a batch.
+
+        Raises:
+            InvalidArgumentError: As :meth:`validate`, or a BYTES element is not valid UTF-8.
+        """
+        self.validate(inputs, requested_outputs)
+        return {name: (_as_text(name, array) if array.dtype == object else array) for name, array in inputs.items()}
+
     def run(
         self, inputs: Mapping[str, np.ndarray[Any, Any]], requested_outputs: Sequence[str] = ()
     ) -> dict[str, np.ndarray[Any, Any]]:
-        """Runs the model (blocking). Inputs must have passed :meth:`validate`.
+        """Runs the model (blocking). Inputs must come from :meth:`prepare`.
 
         Returns:
             The requested outputs (all outputs when none are requested) by name.
@@ -118,13 +134,28 @@ class OnnxSession:
             InvalidArgumentError: onnxruntime rejected the input values.
         """
         names = list(requested_outputs) or [s.name for s in self.signature.outputs]
-        feed = {k: (v.astype(str) if v.dtype == object else v) for k, v in inputs.items()}
         try:
-            results = self._session.run(names, feed)
+            results = self._session.run(names, dict(inputs))
         except (ort.capi.onnxruntime_pybind11_state.InvalidArgument, ort.capi.onnxruntime_pybind11_state.Fail) as exc:
             # Values the signature cannot express (e.g. an index out of range).
             raise InvalidArgumentError(f"the model rejected the input values: {_first_line(exc)}") from exc
         return dict(zip(names, (np.asarray(r) for r in results), strict=True))
+
+
+def _as_text(name: str, array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """Decodes a BYTES tensor element by element into an ``object`` array of ``str``."""
+    text = np.empty(array.size, dtype=object)
+    for index, item in enumerate(array.reshape(-1)):
+        if isinstance(item, str):
+            text[index] = item
+            continue
+        try:
+            text[index] = bytes(item).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidArgumentError(
+                f"input '{name}' element {index} is not valid UTF-8 (byte {exc.start}); send text encoded as UTF-8"
+            ) from None
+    return text.reshape(array.shape)
 
 
 def _first_line(exc: Exception) -> str:

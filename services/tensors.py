@@ -58,6 +58,8 @@ DATATYPES: dict[str, Datatype] = {
 
 # Guards against shapes whose element count overflows before any byte is read.
 MAX_ELEMENTS = 1 << 31
+# numpy refuses more than 64 dimensions; no model we serve needs half of that.
+MAX_RANK = 32
 
 
 def datatype(name: str, tensor: str) -> Datatype:
@@ -91,16 +93,24 @@ def datatype_of(array: np.ndarray[Any, Any]) -> str:
 def element_count(shape: Sequence[int], tensor: str) -> int:
     """Returns the number of elements of a shape after validating it.
 
+    A zero dimension makes the count 0 but does not make the other dimensions
+    harmless (numpy refuses ``[0, 2**62]``), so each dimension is bounded as if
+    the zeros were ones.
+
     Raises:
-        InvalidArgumentError: A dimension is negative or the count is absurdly large.
+        InvalidArgumentError: A dimension is negative, there are more than
+            :data:`MAX_RANK` dimensions, or the shape is absurdly large.
     """
+    if len(shape) > MAX_RANK:
+        raise InvalidArgumentError(
+            f"input '{tensor}': shape has {len(shape)} dimensions, more than the limit of {MAX_RANK}"
+        )
     for dim in shape:
         if dim < 0:
             raise InvalidArgumentError(f"input '{tensor}': shape {list(shape)} has a negative dimension")
-    count = math.prod(shape)
-    if count > MAX_ELEMENTS:
+    if math.prod(max(dim, 1) for dim in shape) > MAX_ELEMENTS:
         raise InvalidArgumentError(f"input '{tensor}': shape {list(shape)} has more than {MAX_ELEMENTS} elements")
-    return count
+    return math.prod(shape)
 
 
 def decode_raw(name: str, datatype_name: str, shape: Sequence[int], raw: bytes) -> np.ndarray[Any, Any]:

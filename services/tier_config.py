@@ -15,7 +15,9 @@ Sections and their environment variables (``EDGECASCADE_<SECTION>__<KEY>``):
     ``intra_op_threads`` per onnxruntime run and ``max_concurrent_runs``
     (0 = cores ÷ intra_op_threads); their product may not exceed the cores.
 ``[requests]``
-    ``max_timeout_us``, the largest ``timeout`` parameter accepted.
+    ``max_timeout_us``, the largest ``timeout`` parameter accepted, and
+    ``max_hops``, how many times a request may be forwarded before a node
+    refuses it as a loop (FAILED_PRECONDITION naming the route).
 ``[batching]``
     ``max_batch_size`` (1 turns batching off), ``max_queue_delay_us``,
     ``max_queue_size``, ``priority_levels`` and ``default_timeout_us`` (the
@@ -127,10 +129,13 @@ class RequestsSection:
     """Bounds on requests."""
 
     max_timeout_us: int = 3_600_000_000
+    max_hops: int = 4
 
     def __post_init__(self) -> None:
         if self.max_timeout_us <= 0:
             raise ConfigError(f"[requests] max_timeout_us must be positive, got {self.max_timeout_us}")
+        if not 1 <= self.max_hops <= 16:
+            raise ConfigError(f"[requests] max_hops must be from 1 to 16, got {self.max_hops}")
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ answer comes back marked with ``edgecascade.fallback_reason`` and
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -22,13 +23,16 @@ from services.dataplane import Dataplane, Forward
 from services.errors import DeadlineExceededError, EdgecascadeError, ModelNotFoundError
 from services.generation import TEXT_INPUT
 from services.rpc import converters
-from services.rpc.inference_client import InferenceClient
+from services.rpc.inference_client import InferenceClient, route_from_metadata
+from services.rpc.status_table import current_trace_id
 from services.rpc.telemetry import annotate_span
 
 SERVER_NAME = "edgecascade"
 EXTENSIONS = ["model_repository", "statistics", "edgecascade"]
 
 Context = aio.ServicerContext[Any, Any]
+
+log = logging.getLogger("edgecascade.rpc")
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -55,8 +59,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise DeadlineExceededError("deadline passed before the request could be forwarded")
         return remaining
 
+    def _route(self, context: Context) -> tuple[str, ...]:
+        """The route to send upward, after refusing a request that already came through here."""
+        return self._dp.check_route(route_from_metadata(context.invocation_metadata()))
+
     def _control_deadline(self, context: Context) -> float:
-        return self._dp.deadline({}, context.time_remaining())
+        return self._dp.deadline(self._dp.budget({}, context.time_remaining()))
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
@@ -69,45 +77,52 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
         annotate_span(self._dp.identity, request.name, request.version)
+        route = self._route(context)
         if self._dp.cache.holds(request.name):
             return pb.ModelReadyResponse(ready=self._dp.cache.ready(request.name, request.version))
         if self._upstream is None:
             return pb.ModelReadyResponse(ready=False)
         deadline = self._control_deadline(context)
-        return await self._upstream.model_ready(request, self._remaining(deadline))
+        return await self._upstream.model_ready(request, self._remaining(deadline), route)
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> pb.ModelMetadataResponse:
         annotate_span(self._dp.identity, request.name, request.version)
-        route = await self._dp.route(request.name, request.version)
-        if isinstance(route, Forward):
+        route = self._route(context)
+        served = await self._dp.route(request.name, request.version)
+        if isinstance(served, Forward):
             deadline = self._control_deadline(context)
-            return await self._forward_to().model_metadata(request, self._remaining(deadline))
+            return await self._forward_to().model_metadata(request, self._remaining(deadline), route)
         versions = [e.version for e in self._dp.cache.repository.versions(request.name)]
-        return converters.metadata_to_proto(route, versions)
+        return converters.metadata_to_proto(served, versions)
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
         annotate_span(self._dp.identity, request.name, request.version)
-        route = await self._dp.route(request.name, request.version)
-        if isinstance(route, Forward):
+        route = self._route(context)
+        served = await self._dp.route(request.name, request.version)
+        if isinstance(served, Forward):
             deadline = self._control_deadline(context)
-            return await self._forward_to().model_config(request, self._remaining(deadline))
-        return pb.ModelConfigResponse(config=converters.config_to_proto(route))
+            return await self._forward_to().model_config(request, self._remaining(deadline), route)
+        return pb.ModelConfigResponse(config=converters.config_to_proto(served))
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
+        route = self._route(context)
         params = converters.params_from_proto(request.parameters)
-        deadline = self._dp.deadline(params, context.time_remaining())
-        route = await self._dp.route(request.model_name, request.model_version)
-        if isinstance(route, Forward):
-            return await self._forward(request, route, deadline)
-        annotate_span(self._dp.identity, route.name, route.version)
-        result = await self._dp.infer(route, converters.request_from_proto(request), deadline)
+        budget = self._dp.budget(params, context.time_remaining())
+        served = await self._dp.route(request.model_name, request.model_version)
+        if isinstance(served, Forward):
+            return await self._forward(request, served, self._dp.deadline(budget), route)
+        annotate_span(self._dp.identity, served.name, served.version)
+        deadline = self._dp.deadline(budget, served)
+        result = await self._dp.infer(served, converters.request_from_proto(request), deadline)
         if isinstance(result, Forward):
-            return await self._forward(request, result, deadline)
+            return await self._forward(request, result, deadline, route)
         return converters.response_to_proto(result)
 
-    async def _forward(self, request: pb.ModelInferRequest, forward: Forward, deadline: float) -> pb.ModelInferResponse:
+    async def _forward(
+        self, request: pb.ModelInferRequest, forward: Forward, deadline: float, route: tuple[str, ...]
+    ) -> pb.ModelInferResponse:
         annotate_span(self._dp.identity, request.model_name, request.model_version, forward.reason)
-        response = await self._forward_to().model_infer(request, self._remaining(deadline))
+        response = await self._forward_to().model_infer(request, self._remaining(deadline), route)
         converters.mark_forwarded(response, forward.reason, self._dp.identity)
         return response
 
@@ -116,35 +131,43 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         # A bad request ends only its own answer, as an error message on the
         # stream (Triton's behaviour); the stream stays open for the next one.
+        route = self._route(context)
         async for request in request_iterator:
             try:
-                async for response in self._stream_one(request, context):
+                async for response in self._stream_one(request, context, route):
                     yield response
             except EdgecascadeError as exc:
                 yield pb.ModelStreamInferResponse(error_message=exc.message)
+            except Exception:
+                # A bug met by one request must not end the stream for the ones after it.
+                trace_id = current_trace_id()
+                log.exception("unexpected error in a ModelStreamInfer request (trace id %s)", trace_id)
+                yield pb.ModelStreamInferResponse(error_message=f"internal error; reported with trace id {trace_id}")
 
     async def _stream_one(
-        self, request: pb.ModelInferRequest, context: Context
+        self, request: pb.ModelInferRequest, context: Context, route: tuple[str, ...]
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         params = converters.params_from_proto(request.parameters)
-        deadline = self._dp.deadline(params, context.time_remaining())
-        route = await self._dp.route(request.model_name, request.model_version)
-        if isinstance(route, Forward):
-            annotate_span(self._dp.identity, request.model_name, request.model_version, route.reason)
-            async for response in self._forward_to().model_stream_infer(request, self._remaining(deadline)):
+        budget = self._dp.budget(params, context.time_remaining())
+        served = await self._dp.route(request.model_name, request.model_version)
+        if isinstance(served, Forward):
+            annotate_span(self._dp.identity, request.model_name, request.model_version, served.reason)
+            remaining = self._remaining(self._dp.deadline(budget))
+            async for response in self._forward_to().model_stream_infer(request, remaining, route):
                 if response.HasField("infer_response"):
-                    converters.mark_forwarded(response.infer_response, route.reason, self._dp.identity)
+                    converters.mark_forwarded(response.infer_response, served.reason, self._dp.identity)
                 yield response
             return
-        annotate_span(self._dp.identity, route.name, route.version)
+        annotate_span(self._dp.identity, served.name, served.version)
+        deadline = self._dp.deadline(budget, served)
         decoded = converters.request_from_proto(request)
-        if route.tokenizer is not None and TEXT_INPUT in decoded.inputs:
-            async for token in self._dp.generate(route, decoded, deadline):
+        if served.tokenizer is not None and TEXT_INPUT in decoded.inputs:
+            async for token in self._dp.generate(served, decoded, deadline):
                 yield pb.ModelStreamInferResponse(infer_response=converters.response_to_proto(token))
             return
-        result = await self._dp.infer(route, decoded, deadline)
+        result = await self._dp.infer(served, decoded, deadline)
         if isinstance(result, Forward):
-            answer = await self._forward(request, result, deadline)
+            answer = await self._forward(request, result, deadline, route)
         else:
             answer = converters.response_to_proto(result)
         yield pb.ModelStreamInferResponse(infer_response=answer)

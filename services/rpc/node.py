@@ -115,7 +115,7 @@ class Node:
             self.identity,
             self._cache,
             has_upstream=bool(cfg.upstream.address),
-            limits=RequestLimits(cfg.batching.default_timeout_us, cfg.requests.max_timeout_us),
+            limits=RequestLimits(cfg.requests.max_timeout_us, cfg.requests.max_hops),
         )
         if cfg.upstream.address:
             self._upstream = InferenceClient(cfg.upstream.address, self._tracer_provider, cfg.server.max_message_bytes)

@@ -106,7 +106,8 @@ def _sent_error_class(exc: aio.AioRpcError) -> type[errors.EdgecascadeError] | N
     return None
 
 
-def _trace_id() -> str:
+def current_trace_id() -> str:
+    """The trace id of the current span, for error messages that send people to the log ("none" if unsampled)."""
     context = trace.get_current_span().get_span_context()
     return f"{context.trace_id:032x}" if context.is_valid else "none"
 
@@ -118,7 +119,7 @@ async def _abort(context: aio.ServicerContext[Any, Any], exc: BaseException, met
         return
     if isinstance(exc, errors.EdgecascadeError):
         await context.abort(status_for(exc), exc.message, trailing_metadata=((ERROR_CLASS_KEY, type(exc).__name__),))
-    trace_id = _trace_id()
+    trace_id = current_trace_id()
     log.error("unexpected error in %s (trace id %s)", method, trace_id, exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error; reported with trace id {trace_id}")
 

@@ -10,6 +10,9 @@ import pytest
 
 from services.errors import InvalidArgumentError, ModelNotReadyError
 from services.generation import (
+    MAX_STOP_CHARS,
+    MAX_STOP_PARAMETER_CHARS,
+    MAX_STOP_STRINGS,
     CharTokenizer,
     GenerationParams,
     GenerationSummary,
@@ -55,6 +58,42 @@ def test_bad_sampling_parameters(params: dict[str, Any], message: str) -> None:
 
 def test_stop_accepts_a_json_list() -> None:
     assert GenerationParams.from_parameters({"stop": '["\\n", "."]'}).stop == ("\n", ".")
+
+
+@pytest.mark.parametrize(
+    ("stop", "message"),
+    [
+        (json.dumps(["x"] * (MAX_STOP_STRINGS + 1)), f"holds {MAX_STOP_STRINGS + 1} strings; the limit is"),
+        ("y" * (MAX_STOP_CHARS + 1), f"string of {MAX_STOP_CHARS + 1} characters"),
+        (json.dumps(["z" * (MAX_STOP_CHARS + 1)]), f"string of {MAX_STOP_CHARS + 1} characters"),
+        # The 6 MB list that stalled a node's event loop is refused before it is parsed.
+        (json.dumps(["ab"] * 1_000_000), f"the limit is {MAX_STOP_PARAMETER_CHARS}"),
+    ],
+)
+def test_stop_strings_are_bounded(stop: str, message: str) -> None:
+    with pytest.raises(InvalidArgumentError, match=message):
+        GenerationParams.from_parameters({"stop": stop})
+
+
+def test_stop_at_the_limits_is_accepted() -> None:
+    stops = [chr(ord("a") + i) * MAX_STOP_CHARS for i in range(MAX_STOP_STRINGS)]
+    assert GenerationParams.from_parameters({"stop": json.dumps(stops)}).stop == tuple(stops)
+
+
+async def test_a_stop_string_spanning_many_tokens_still_stops() -> None:
+    tok = CharTokenizer(VOCAB, context_length=2)
+    cycle = iter([4, 2, 3] * 20)  # "cab" repeated
+
+    async def step(ids: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        probs = np.zeros((1, len(VOCAB)))
+        probs[0, next(cycle)] = 1.0
+        return probs
+
+    summary: list[GenerationSummary] = []
+    params = GenerationParams(max_tokens=40, temperature=0, stop=("zz", "bcabca"))
+    text = "".join([t.text async for t in generate(tok, step, "", params, summary)])
+    assert text == "cabcabca"
+    assert summary[0].finish_reason == "stop"
 
 
 def test_choose_never_picks_padding_and_greedy_is_argmax() -> None:

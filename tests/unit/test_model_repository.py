@@ -33,7 +33,7 @@ def test_resolve_errors(tmp_path: Path) -> None:
         repo.resolve("m", "7")
 
 
-@pytest.mark.parametrize("name", ["", "../escape", "a/b", ".hidden", "x" * 200])
+@pytest.mark.parametrize("name", ["", "../escape", "a/b", ".hidden", "x" * 200, "trailing\n", "m\n"])
 def test_unsafe_names_are_refused(tmp_path: Path, name: str) -> None:
     with pytest.raises(InvalidArgumentError):
         ModelRepository(tmp_path).add(name, linear_model(tmp_path / "m.onnx"))
