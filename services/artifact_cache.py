@@ -10,21 +10,29 @@ Layout under the cache directory::
 
 Requests (paths as in the artifact service):
 
-* ``metadata/timestamp.json`` refreshes from upstream at most once per
-  ``refresh_interval_s`` and serves the last timestamp that passed
-  verification; an upstream that is down, replays old metadata or signs with
-  the wrong key does not displace it.
+* ``metadata/timestamp.json`` is served at once from the last timestamp that
+  passed verification while that copy is within its signed expiry; when it is
+  older than ``refresh_interval_s`` the request also starts a refresh from
+  upstream in the background (stale-while-revalidate, one refresh at a time,
+  failures logged and counted), and a later request gets what it verified.
+  Only when no unexpired verified copy exists does a request wait for the
+  upstream (and get its error if that refresh fails). An upstream that is
+  down, slow, replays old metadata or signs with the wrong key does not
+  displace or delay the verified copy.
 * ``metadata/<N>.<role>.json`` is served when that version was verified here
   (after one refresh attempt if it is not known yet); otherwise NOT_FOUND, so
   a client's root-rotation walk ends cleanly.
 * ``targets/<dir>/<sha256>.<name>`` is served from ``blobs/`` when the digest
   is cached; otherwise the signed targets must list ``<dir>/<name>`` with that
-  digest, and it is downloaded once — one upstream download per digest however
-  many requests wait for it — verified against its signed length and hashes,
-  and only then moved into ``blobs/``. A blob that fails is never cached and
-  every waiting request gets the integrity error.
+  digest — checked for every request, before it joins a download in flight —
+  and it is downloaded once — one upstream download per digest however many
+  requests wait for it — verified against its signed length and hashes, and
+  only then moved into ``blobs/``. A blob that fails is never cached and every
+  waiting request gets the integrity error.
 
 Cached blobs and metadata keep being served while the upstream is down.
+Metadata work (refreshes, lookups in the signed targets) and blob transfers
+run in separate thread pools, so metadata never queues behind a slow blob.
 """
 
 from __future__ import annotations
@@ -39,20 +47,27 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import ParamSpec, TypeVar
+
+from tuf.api.metadata import TargetFile
 
 from services.artifact_store import METADATA_PREFIX, TARGETS_PREFIX, check_artifact_path
 from services.atomic_files import fsync_directory, write_atomically
 from services.errors import ArtifactNotFoundError, EdgecascadeError, UnavailableError
-from services.tuf_client import ArtifactSource, TufClient
+from services.tuf_client import HASH_ALGORITHM, ArtifactSource, TufClient, is_sha256
 
 log = logging.getLogger("edgecascade.artifact_cache")
 
 ROLES = ("root", "snapshot", "targets")
+TIMESTAMP = "timestamp.json"
 # ngclient and the upstream client block; they get threads of their own so that a
-# busy default executor (or many waiting requests) can never starve them.
+# busy default executor (or many waiting requests) can never starve them. Blob
+# transfers and metadata work (refreshes, target lookups) have separate pools:
+# a slow blob must never hold up a timestamp.
 WORKER_THREADS = 4
+METADATA_THREADS = 2
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -93,6 +108,7 @@ class ArtifactCache:
         config: Directories and intervals.
         what: Names the upstream in messages.
         clock: Monotonic seconds (tests pass a fake one).
+        wall_clock: The current UTC time, compared with signed expiry dates (tests pass a fake one).
 
     Raises:
         IntegrityError: ``trusted_root`` is not valid root metadata.
@@ -105,6 +121,7 @@ class ArtifactCache:
         config: ArtifactCacheConfig,
         what: str = "upstream",
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._dir = config.cache_dir
         self._served = self._dir / "served"
@@ -115,15 +132,23 @@ class ArtifactCache:
         self._client = TufClient(source, self._dir / "tuf", trusted_root, what)
         self._interval = config.refresh_interval_s
         self._clock = clock
-        self._refresh_lock = asyncio.Lock()
+        self._wall_clock = wall_clock
         self._last_attempt = -float("inf")
         self._refreshed = False
+        self._refresh_task: asyncio.Task[None] | None = None
+        self._timestamp_expires = _expiry_of(self._served / TIMESTAMP)
         self._inflight: dict[str, asyncio.Task[Path]] = {}
-        self._executor = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="artifact-cache")
+        self._blob_executor = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="artifact-cache-blob")
+        self._metadata_executor = ThreadPoolExecutor(METADATA_THREADS, thread_name_prefix="artifact-cache-metadata")
         self.stats = CacheStats()
 
-    async def _blocking(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+    async def _blob_work(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._blob_executor, functools.partial(fn, *args, **kwargs))
+
+    async def _metadata_work(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._metadata_executor, functools.partial(fn, *args, **kwargs))
 
     async def open(self, path: str) -> Path:
         """Returns a verified local file for an artifact path.
@@ -146,12 +171,8 @@ class ArtifactCache:
         if "/" in name:
             raise ArtifactNotFoundError(f"no metadata file metadata/{name}")
         served = self._served / name
-        if name == "timestamp.json":
-            await self._refresh(self._interval, required=not served.is_file())
-            if served.is_file():
-                self.stats.hits += 1
-                return served
-            raise ArtifactNotFoundError("no verified timestamp.json is cached")
+        if name == TIMESTAMP:
+            return await self._timestamp(served)
         version, _, role = name.partition(".")
         if not version.isdigit() or role.removesuffix(".json") not in ROLES or not role.endswith(".json"):
             raise ArtifactNotFoundError(f"no metadata file metadata/{name}")
@@ -162,22 +183,54 @@ class ArtifactCache:
             return served
         raise ArtifactNotFoundError(f"no verified metadata/{name}")
 
+    async def _timestamp(self, served: Path) -> Path:
+        if self._timestamp_valid():
+            # Stale-while-revalidate: the verified copy is answered now; upstream is asked behind it.
+            self._revalidate()
+            self.stats.hits += 1
+            return served
+        # Nothing verified and unexpired to serve: this request waits for upstream (joining a refresh in flight).
+        await self._refresh(0.0, required=True)
+        if self._timestamp_expires is not None:  # set once a verified timestamp is in served/
+            self.stats.hits += 1
+            return served
+        raise ArtifactNotFoundError(f"no verified {TIMESTAMP} is cached")
+
+    def _timestamp_valid(self) -> bool:
+        expires = self._timestamp_expires
+        return expires is not None and self._wall_clock() < expires
+
     async def _blob(self, hashed: str) -> Path:
         directory, sep, base = hashed.rpartition("/")
         digest, dot, name = base.partition(".")
-        if not dot or len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
+        if not dot or not is_sha256(digest):
             raise ArtifactNotFoundError(f"no target at targets/{hashed} (expected <dir>/<sha256>.<name>)")
         cached = self._blobs / digest
         if cached.is_file():
             self.stats.hits += 1
             return cached
+        # Each request proves its own path before it joins a download of the digest: one for a path the
+        # signed targets do not list must neither get the blob nor fail the download for the others.
+        info = await self._signed_info(f"{directory}{sep}{name}", digest)
+        if cached.is_file():  # downloaded while this request looked its path up
+            self.stats.hits += 1
+            return cached
         task = self._inflight.get(digest)
         if task is None:
             # The download belongs to no single request: one that gives up must not cancel it for the others.
-            task = asyncio.create_task(self._download(f"{directory}{sep}{name}", digest), name=f"fetch {digest[:12]}")
+            task = asyncio.create_task(self._download(info, digest), name=f"fetch {digest[:12]}")
             self._inflight[digest] = task
             task.add_done_callback(functools.partial(self._finished, digest))
         return await asyncio.shield(task)
+
+    async def _signed_info(self, target_path: str, digest: str) -> TargetFile:
+        await self._refresh(MISS_REFRESH_INTERVAL_S, required=not self._refreshed)
+        info = await self._metadata_work(self._client.target_info, target_path)
+        if info.hashes.get(HASH_ALGORITHM) != digest:
+            raise ArtifactNotFoundError(
+                f"the signed targets list {target_path} with another digest than {digest[:12]}…"
+            )
+        return info
 
     def _finished(self, digest: str, task: asyncio.Task[Path]) -> None:
         self._inflight.pop(digest, None)
@@ -185,57 +238,93 @@ class ArtifactCache:
             task.exception()  # retrieved here too, so a failure nobody awaited is not reported as lost
 
     async def close(self) -> None:
-        """Cancels downloads in flight and waits for them to end."""
-        tasks = list(self._inflight.values())
+        """Cancels downloads and the refresh in flight and waits for them to end."""
+        tasks: list[asyncio.Task[Path] | asyncio.Task[None]] = list(self._inflight.values())
+        if self._refresh_task is not None:
+            tasks.append(self._refresh_task)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         # A transfer already inside a worker thread ends with its call's deadline; nobody waits for it.
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._blob_executor.shutdown(wait=False, cancel_futures=True)
+        self._metadata_executor.shutdown(wait=False, cancel_futures=True)
 
-    async def _download(self, target_path: str, digest: str) -> Path:
-        await self._refresh(MISS_REFRESH_INTERVAL_S, required=not self._refreshed)
-        info = await self._blocking(self._client.target_info, target_path)
-        if info.hashes.get("sha256") != digest:
-            raise ArtifactNotFoundError(
-                f"the signed targets list {target_path} with another digest than {digest[:12]}…"
-            )
+    async def wait_refreshed(self) -> None:
+        """Waits for the refresh in flight, if any, to end (its failure is counted and logged, not raised)."""
+        task = self._refresh_task
+        if task is not None:
+            await asyncio.wait({task})
+
+    async def _download(self, info: TargetFile, digest: str) -> Path:
         try:
-            download = await self._blocking(self._client.download, info, self._staging)
+            download = await self._blob_work(self._client.download, info, self._staging)
         except EdgecascadeError as exc:
             if not isinstance(exc, UnavailableError | ArtifactNotFoundError):
                 self.stats.refused += 1
-                log.warning("refused to cache %s: %s", target_path, exc.message)
+                log.warning("refused to cache %s: %s", info.path, exc.message)
             raise
         cached = self._blobs / digest
-        await self._blocking(_move_into, download.path, cached)
+        await self._blob_work(_move_into, download.path, cached)
         self.stats.downloads += 1
-        log.info("cached %s (%d bytes, verified)", target_path, info.length)
+        log.info("cached %s (%d bytes, verified)", info.path, info.length)
         return cached
 
+    def _revalidate(self) -> None:
+        """Starts a background refresh if the last attempt is older than the refresh interval and none is running."""
+        if self._refresh_task is None and self._clock() - self._last_attempt >= self._interval:
+            self._start_refresh()
+
     async def _refresh(self, max_age: float, required: bool) -> None:
-        """Refreshes from upstream unless it was tried within ``max_age`` seconds.
+        """Waits for a refresh from upstream: the one in flight, or a new one unless one was tried within ``max_age`` s.
 
         A failure is raised only when ``required`` (nothing verified to fall back on).
         """
-        async with self._refresh_lock:
+        task = self._refresh_task
+        if task is None:
             if self._clock() - self._last_attempt < max_age and not (required and not self._refreshed):
                 return
-            self._last_attempt = self._clock()
-            try:
-                await self._blocking(self._client.refresh)
-            except EdgecascadeError as exc:
-                self.stats.refresh_failures += 1
-                if required:
-                    raise
-                log.warning("upstream metadata not refreshed, serving what was verified before: %s", exc.message)
-                return
-            self.stats.refreshes += 1
-            self._refreshed = True
-            await self._blocking(self._publish_verified)
+            task = self._start_refresh()
+        try:
+            # The refresh belongs to no single request: one that gives up must not cancel it for the others.
+            await asyncio.shield(task)
+        except EdgecascadeError:
+            if required:
+                raise
 
-    def _publish_verified(self) -> None:
-        """Copies what ngclient just verified into ``served/`` under the names clients ask for."""
+    def _start_refresh(self) -> asyncio.Task[None]:
+        self._last_attempt = self._clock()
+        task = asyncio.create_task(self._run_refresh(), name="refresh upstream metadata")
+        self._refresh_task = task
+        task.add_done_callback(self._refresh_finished)
+        return task
+
+    async def _run_refresh(self) -> None:
+        try:
+            await self._metadata_work(self._client.refresh)
+        except EdgecascadeError as exc:
+            self.stats.refresh_failures += 1
+            log.warning("upstream metadata not refreshed; serving what was verified before: %s", exc.message)
+            raise
+        self.stats.refreshes += 1
+        self._refreshed = True
+        self._timestamp_expires = await self._metadata_work(self._publish_verified)
+
+    def _refresh_finished(self, task: asyncio.Task[None]) -> None:
+        if self._refresh_task is task:
+            self._refresh_task = None
+        if task.cancelled():
+            return
+        exc = task.exception()  # retrieved here too, so a failure nobody awaited is not reported as lost
+        if exc is not None and not isinstance(exc, EdgecascadeError):
+            self.stats.refresh_failures += 1
+            log.error("refreshing upstream metadata failed unexpectedly", exc_info=exc)
+
+    def _publish_verified(self) -> datetime | None:
+        """Copies what ngclient just verified into ``served/`` under the names clients ask for.
+
+        Returns:
+            The signed expiry of the timestamp now served (None if there is none).
+        """
         tuf_dir = self._client.metadata_dir
         for role in ("snapshot", "targets"):
             source = tuf_dir / f"{role}.json"
@@ -249,9 +338,28 @@ class ArtifactCache:
             if not target.is_file():
                 write_atomically(target, root.read_bytes())
         # Last: a client that reads this timestamp finds every file it names.
-        timestamp = tuf_dir / "timestamp.json"
-        if timestamp.is_file():
-            write_atomically(self._served / "timestamp.json", timestamp.read_bytes())
+        timestamp = tuf_dir / TIMESTAMP
+        if not timestamp.is_file():
+            return None
+        data = timestamp.read_bytes()
+        write_atomically(self._served / TIMESTAMP, data)
+        return _expiry_from(data)
+
+
+def _expiry_of(path: Path) -> datetime | None:
+    """The signed expiry of a verified metadata file, or None if it is missing or unreadable."""
+    try:
+        return _expiry_from(path.read_bytes())
+    except OSError:
+        return None
+
+
+def _expiry_from(data: bytes) -> datetime | None:
+    try:
+        expires = datetime.fromisoformat(json.loads(data)["signed"]["expires"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    return expires if expires.tzinfo is not None else expires.replace(tzinfo=UTC)
 
 
 def _move_into(source: Path, target: Path) -> None:

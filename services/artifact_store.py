@@ -18,7 +18,8 @@ from services.errors import ArtifactNotFoundError, InvalidArgumentError
 METADATA_PREFIX = "metadata/"
 TARGETS_PREFIX = "targets/"
 MAX_PATH_CHARS = 1024
-_SAFE = re.compile(r"^[A-Za-z0-9._/-]+$")
+# Matched with fullmatch: ``$`` would also accept a trailing newline.
+_SAFE = re.compile(r"[A-Za-z0-9._/-]+")
 
 
 def check_artifact_path(path: str) -> str:
@@ -31,7 +32,7 @@ def check_artifact_path(path: str) -> str:
     accepted = "a relative path under metadata/ or targets/ made of letters, digits, '.', '_', '-' and '/'"
     if not path or len(path) > MAX_PATH_CHARS:
         raise InvalidArgumentError(f"artifact path must be 1-{MAX_PATH_CHARS} characters; expected {accepted}")
-    if path.startswith("/") or not _SAFE.match(path):
+    if path.startswith("/") or not _SAFE.fullmatch(path):
         raise InvalidArgumentError(f"artifact path {path[:200]!r} is not valid; expected {accepted}")
     parts = path.split("/")
     if any(p in ("", ".", "..") for p in parts):

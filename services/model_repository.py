@@ -49,13 +49,18 @@ def check_model_name(name: str) -> str:
     return name
 
 
+def _is_version(text: str) -> bool:
+    # ASCII only: str.isdigit() also accepts "¹", which int() refuses.
+    return text.isascii() and text.isdigit() and not text.startswith("0")
+
+
 def check_version(version: str) -> str:
     """Returns ``version`` if it is a positive integer written without leading zeros.
 
     Raises:
         InvalidArgumentError: It is not.
     """
-    if not version.isdigit() or version.startswith("0"):
+    if not _is_version(version):
         raise InvalidArgumentError(f"model version {version!r} is not valid: versions are positive integers")
     return version
 
@@ -94,7 +99,7 @@ class ModelRepository:
         found: list[ModelEntry] = []
         for model_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and _NAME.fullmatch(p.name)):
             for version_dir in sorted(
-                (p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)
+                (p for p in model_dir.iterdir() if p.is_dir() and _is_version(p.name)), key=lambda p: int(p.name)
             ):
                 entry = self._read(model_dir.name, version_dir)
                 if entry is not None:
@@ -110,7 +115,7 @@ class ModelRepository:
         model_dir = self.root / name
         if not _NAME.fullmatch(name) or not model_dir.is_dir():
             return []
-        versions = [self._read(name, p) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
+        versions = [self._read(name, p) for p in model_dir.iterdir() if p.is_dir() and _is_version(p.name)]
         return sorted((e for e in versions if e is not None), key=lambda e: int(e.version))
 
     def resolve(self, name: str, version: str = "") -> ModelEntry:

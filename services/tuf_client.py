@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,8 @@ METADATA_BASE = URL_ROOT + "metadata/"
 TARGETS_PATH = "targets/"
 TARGETS_BASE = URL_ROOT + TARGETS_PATH
 HASH_ALGORITHM = "sha256"
+# A signed digest becomes a file name (``<sha256>.part``, ``blobs/<sha256>``): nothing but its 64 hex digits may.
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 class ArtifactSource(Protocol):
@@ -73,10 +76,36 @@ class ArtifactSource(Protocol):
         ...
 
 
+def is_sha256(value: object) -> bool:
+    """Whether ``value`` is a sha256 digest as written in metadata and file names: 64 lowercase hex characters."""
+    return isinstance(value, str) and _SHA256_HEX.fullmatch(value) is not None
+
+
+def signed_sha256(info: TargetFile) -> str:
+    """A target's signed sha256, checked before it is used in a file name or path.
+
+    Raises:
+        IntegrityError: The signed info has no sha256, or it is not 64 lowercase hex characters.
+    """
+    digest = info.hashes.get(HASH_ALGORITHM)
+    if not digest:
+        raise IntegrityError(f"target {info.path} has no {HASH_ALGORITHM} hash in its signed info")
+    if not is_sha256(digest):
+        raise IntegrityError(
+            f"target {info.path} has a signed {HASH_ALGORITHM} {digest[:80]!r} that is not 64 lowercase hex "
+            "characters; it is not used as a file name"
+        )
+    return digest
+
+
 def hashed_target_path(info: TargetFile) -> str:
-    """The file name of a target in a consistent-snapshot repository: ``<dir>/<sha256>.<basename>``."""
+    """The file name of a target in a consistent-snapshot repository: ``<dir>/<sha256>.<basename>``.
+
+    Raises:
+        IntegrityError: The signed sha256 is missing or malformed (see :func:`signed_sha256`).
+    """
     directory, sep, base = info.path.rpartition("/")
-    return f"{directory}{sep}{info.hashes[HASH_ALGORITHM]}.{base}"
+    return f"{directory}{sep}{signed_sha256(info)}.{base}"
 
 
 def domain_error(exc: BaseException, what: str) -> EdgecascadeError:
@@ -239,11 +268,12 @@ class TufClient:
 
         Raises:
             DigestMismatchError: Longer than signed, or length or hash differ.
+            IntegrityError: The signed sha256 is missing or not 64 lowercase hex
+                characters (nothing is written), or the source sent a chunk at
+                another offset than the next expected byte.
             ArtifactNotFoundError, UnavailableError: From the source.
         """
-        digest = info.hashes.get(HASH_ALGORITHM)
-        if not digest:
-            raise IntegrityError(f"target {info.path} has no {HASH_ALGORITHM} hash in its signed info")
+        digest = signed_sha256(info)
         staging_dir.mkdir(parents=True, exist_ok=True)
         final = staging_dir / f"{digest}.blob"
         part = staging_dir / f"{digest}.part"
@@ -292,10 +322,16 @@ def check_target_name(target_path: str) -> str:
     """Refuses a target path that could escape a directory when used as a file name.
 
     Raises:
-        InvalidArgumentError: Absolute, or with ``..``/``.``/empty segments.
+        InvalidArgumentError: Absolute, with ``..``/``.``/empty segments, or with
+            a backslash or control character (a newline included).
     """
     parts = target_path.split("/")
-    if not target_path or target_path.startswith("/") or any(p in ("", ".", "..") for p in parts):
+    if (
+        not target_path
+        or target_path.startswith("/")
+        or any(p in ("", ".", "..") for p in parts)
+        or any(c == "\\" or ord(c) < 0x20 or ord(c) == 0x7F for c in target_path)
+    ):
         raise InvalidArgumentError(f"target path {target_path!r} is not a plain relative path")
     return target_path
 
@@ -334,9 +370,10 @@ def model_target(info: TargetFile) -> ModelTarget:
     """Reads a model variant's signed facts from its target info.
 
     Raises:
-        IntegrityError: The target is not a model variant published by edgecascade.
+        IntegrityError: The target is not a model variant published by edgecascade,
+            or its signed sha256 is missing or not 64 lowercase hex characters.
     """
     custom = info.custom
     if not isinstance(custom, dict) or custom.get("kind") != "model" or "plaintext_sha256" not in custom:
         raise IntegrityError(f"target {info.path} is not a model variant published by edgecascade")
-    return ModelTarget(info.path, info.length, info.hashes.get(HASH_ALGORITHM, ""), dict(custom), info)
+    return ModelTarget(info.path, info.length, signed_sha256(info), dict(custom), info)

@@ -4,7 +4,9 @@ python-tuf's ngclient is synchronous, so its fetcher runs in worker threads;
 this client uses gRPC's blocking channel there instead of reaching back into
 the event loop. Failed calls become domain errors through the status table
 (NOT_FOUND → ``ArtifactNotFoundError``, which the fetcher turns into the 404
-ngclient expects).
+ngclient expects). Every chunk must sit at the next byte expected (the
+requested offset plus what arrived before); one that does not ends the
+transfer with an ``IntegrityError`` before its bytes reach the caller.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from grpc import aio
 
 from protos.edgecascade.v1 import artifacts_pb2 as pb
 from protos.edgecascade.v1 import artifacts_pb2_grpc as pb_grpc
-from services.errors import ArtifactNotFoundError, EdgecascadeError, NotFoundError
+from services.errors import ArtifactNotFoundError, EdgecascadeError, IntegrityError, NotFoundError
 from services.rpc.status_table import error_from_rpc
 
 
@@ -52,11 +54,20 @@ class GrpcArtifactSource:
 
         Raises:
             ArtifactNotFoundError: Nothing exists at the path.
+            IntegrityError: A chunk is not at the next expected offset (a resumed
+                file would be corrupted by it); its bytes are not yielded.
             EdgecascadeError: The domain error for any other failed status.
         """
         call = self._stub.Fetch(pb.FetchRequest(path=path, offset=offset), timeout=self._timeout)
+        expected = offset
         try:
             for response in call:
+                if response.offset != expected:
+                    raise IntegrityError(
+                        f"{self._what} sent bytes of {path} at offset {response.offset}, expected {expected}; "
+                        "the transfer was stopped"
+                    )
+                expected += len(response.data)
                 yield response.data
         except grpc.RpcError as exc:
             raise _domain_error(exc, self._what) from None

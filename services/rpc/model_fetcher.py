@@ -66,6 +66,9 @@ class ModelFetcher:
 
         Raises:
             DigestMismatchError: The bytes are longer than signed or do not hash as signed.
+            IntegrityError: The signed sha256 is malformed, or the service sent a
+                chunk at another offset than the next expected byte (the partial
+                file is deleted).
             ArtifactNotFoundError, UnavailableError: From the artifact service.
         """
         return self._client.download(target.info, self.staging_dir)

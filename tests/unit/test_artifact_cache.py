@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
+from services import artifact_cache
 from services.artifact_cache import ArtifactCache, ArtifactCacheConfig
 from services.errors import ArtifactNotFoundError, DigestMismatchError, InvalidArgumentError, UnavailableError
 from services.tuf_client import hashed_target_path
-from tests.support.registry import DirectorySource, RegistryKit, new_registry, publish_lm
+from tests.support.registry import DirectorySource, FakeClock, RegistryKit, new_registry, publish_lm
+
+# Only a bound for a test that has already failed (something waited that should not have); never reached when passing.
+LIMIT_S = 20.0
+TIMESTAMP = "metadata/timestamp.json"
 
 
 class Ticks:
@@ -31,9 +40,43 @@ def kit(tmp_path: Path) -> RegistryKit:
     return kit
 
 
-def _cache(kit: RegistryKit, tmp: Path, source: DirectorySource, clock: Ticks | None = None) -> ArtifactCache:
+class GatedSource(DirectorySource):
+    """An upstream whose chosen paths block (a slow region) while the test holds the gate closed."""
+
+    def __init__(self, root: Path, gated: Callable[[str], bool]) -> None:
+        super().__init__(root)
+        self.gated = gated
+        self.gate = threading.Event()
+        self.gate.set()
+        self.held: Counter[str] = Counter()
+        self._arrived = threading.Condition()
+
+    def fetch(self, path: str, offset: int = 0) -> Iterator[bytes]:
+        if self.gated(path) and not self.gate.is_set():
+            with self._arrived:
+                self.held[path] += 1
+                self._arrived.notify_all()
+            self.gate.wait(LIMIT_S)
+        yield from super().fetch(path, offset)
+
+    def wait_held(self, count: int) -> bool:
+        """Blocks until ``count`` fetches have reached the closed gate (False if they never do)."""
+        with self._arrived:
+            return self._arrived.wait_for(lambda: self.held.total() >= count, LIMIT_S)
+
+
+def _cache(
+    kit: RegistryKit,
+    tmp: Path,
+    source: DirectorySource,
+    clock: Ticks | None = None,
+    wall: FakeClock | None = None,
+) -> ArtifactCache:
     config = ArtifactCacheConfig(tmp / "edge-cache", refresh_interval_s=10.0)
-    return ArtifactCache(source, kit.registry.repository.trusted_root(), config, "test upstream", clock or Ticks())
+    root = kit.registry.repository.trusted_root()
+    if wall is None:
+        return ArtifactCache(source, root, config, "test upstream", clock or Ticks())
+    return ArtifactCache(source, root, config, "test upstream", clock or Ticks(), wall)
 
 
 def _blob_path(kit: RegistryKit, variant: str = "int8") -> str:
@@ -97,8 +140,9 @@ async def test_keeps_serving_what_it_verified_while_upstream_is_down(kit: Regist
     blob = await cache.open(path)
     await cache.open("metadata/timestamp.json")
     source.down = True
-    clock.now += 60  # the timestamp is stale: the cache asks upstream, fails, serves its verified copy
+    clock.now += 60  # the timestamp is stale: the cache serves its verified copy and asks upstream, which fails
     assert (await cache.open("metadata/timestamp.json")).is_file()
+    await cache.wait_refreshed()
     assert await cache.open(path) == blob
     assert cache.stats.refresh_failures == 1
     with pytest.raises(UnavailableError):
@@ -122,7 +166,9 @@ async def test_replayed_metadata_does_not_displace_verified_metadata(kit: Regist
     (metadata / "timestamp.json").write_bytes(old)  # the origin now replays version 2
     clock.now += 60
     assert (await cache.open("metadata/timestamp.json")).read_bytes() == current
+    await cache.wait_refreshed()
     assert cache.stats.refresh_failures == 1
+    assert (await cache.open("metadata/timestamp.json")).read_bytes() == current
     await cache.close()
 
 
@@ -132,4 +178,135 @@ async def test_a_digest_the_signed_targets_do_not_list_is_not_found(kit: Registr
         await cache.open("targets/models/lm/1/" + "0" * 64 + ".int8")
     with pytest.raises(ArtifactNotFoundError):
         await cache.open("targets/models/lm/1/int8")
+    await cache.close()
+
+
+async def test_a_path_the_targets_do_not_list_does_not_fail_a_download_of_its_digest(
+    kit: RegistryKit, tmp_path: Path
+) -> None:
+    source = DirectorySource(kit.registry.repository_dir)
+    cache = _cache(kit, tmp_path, source)
+    await cache.open(TIMESTAMP)
+    path = _blob_path(kit)
+    digest = kit.registry.target("lm", "1", "int8").hashes["sha256"]
+    bogus = asyncio.create_task(cache.open(f"targets/nope/{digest}.x"))  # asks first, for the same digest
+    legit = [asyncio.create_task(cache.open(path)) for _ in range(3)]
+    with pytest.raises(ArtifactNotFoundError):
+        await bogus
+    served = await asyncio.gather(*legit)
+    assert {p.read_bytes() for p in served} == {(kit.registry.repository_dir / path).read_bytes()}
+    assert source.requests[path] == 1 and cache.stats.downloads == 1
+    await cache.close()
+
+
+async def test_a_path_the_targets_do_not_list_gets_nothing_from_a_download_in_flight(
+    kit: RegistryKit, tmp_path: Path
+) -> None:
+    source = GatedSource(kit.registry.repository_dir, lambda p: p.startswith("targets/"))
+    cache = _cache(kit, tmp_path, source)
+    await cache.open(TIMESTAMP)
+    path = _blob_path(kit)
+    digest = kit.registry.target("lm", "1", "int8").hashes["sha256"]
+    source.gate.clear()
+    legit = asyncio.create_task(cache.open(path))
+    try:
+        assert await asyncio.to_thread(source.wait_held, 1)  # the real download is in flight, held upstream
+        bogus = asyncio.create_task(cache.open(f"targets/models/lm/9/{digest}.int8"))
+        await asyncio.sleep(0)  # it gets as far as it can while the download is still held
+    finally:
+        source.gate.set()
+    with pytest.raises(ArtifactNotFoundError):
+        await bogus
+    assert (await legit).read_bytes() == (kit.registry.repository_dir / path).read_bytes()
+    assert source.requests[path] == 1
+    await cache.close()
+
+
+async def test_a_cached_timestamp_is_served_at_once_while_the_region_is_slow(kit: RegistryKit, tmp_path: Path) -> None:
+    source = GatedSource(kit.registry.repository_dir, lambda p: p == TIMESTAMP)
+    clock = Ticks()
+    cache = _cache(kit, tmp_path, source, clock)
+    old = (await cache.open(TIMESTAMP)).read_bytes()
+    publish_lm(kit, version="2", seed=1)
+    new = (kit.registry.repository.metadata_dir / "timestamp.json").read_bytes()
+    assert json.loads(new)["signed"]["version"] > json.loads(old)["signed"]["version"]
+    source.gate.clear()
+    clock.now += 60  # past the refresh interval: the region is asked again, and it hangs
+    try:
+        served = await asyncio.wait_for(asyncio.gather(*(cache.open(TIMESTAMP) for _ in range(5))), LIMIT_S)
+        assert [p.read_bytes() for p in served] == [old] * 5
+        assert await asyncio.to_thread(source.wait_held, 1)
+        assert source.held[TIMESTAMP] == 1  # one background refresh for all five requests
+        assert (await cache.open(TIMESTAMP)).read_bytes() == old  # still answered while the refresh waits
+    finally:
+        source.gate.set()
+    await asyncio.wait_for(cache.wait_refreshed(), LIMIT_S)
+    assert (await cache.open(TIMESTAMP)).read_bytes() == new
+    assert cache.stats.refreshes == 2 and cache.stats.refresh_failures == 0
+    await cache.close()
+
+
+async def test_metadata_never_queues_behind_blob_transfers(
+    kit: RegistryKit, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(artifact_cache, "WORKER_THREADS", 2)
+    source = GatedSource(kit.registry.repository_dir, lambda p: p.startswith("targets/"))
+    clock = Ticks()
+    cache = _cache(kit, tmp_path, source, clock)
+    old = (await cache.open(TIMESTAMP)).read_bytes()
+    publish_lm(kit, version="2", seed=1)
+    source.gate.clear()
+    blobs = [asyncio.create_task(cache.open(_blob_path(kit, v))) for v in ("int8", "fp32")]
+    try:
+        assert await asyncio.to_thread(source.wait_held, 2)  # every blob thread is busy with a slow transfer
+        clock.now += 60
+        assert (await asyncio.wait_for(cache.open(TIMESTAMP), LIMIT_S)).read_bytes() == old
+        await asyncio.wait_for(cache.wait_refreshed(), LIMIT_S)  # the refresh ran while the blobs were held
+        current = (kit.registry.repository.metadata_dir / "timestamp.json").read_bytes()
+        assert (await cache.open(TIMESTAMP)).read_bytes() == current != old
+        assert not any(b.done() for b in blobs)
+    finally:
+        source.gate.set()
+    assert all(p.is_file() for p in await asyncio.gather(*blobs))
+    await cache.close()
+
+
+async def test_an_expired_cached_timestamp_waits_for_the_refresh(kit: RegistryKit, tmp_path: Path) -> None:
+    source = GatedSource(kit.registry.repository_dir, lambda p: p == TIMESTAMP)
+    wall = FakeClock(datetime.now(UTC))
+    cache = _cache(kit, tmp_path, source, wall=wall)
+    old = (await cache.open(TIMESTAMP)).read_bytes()
+    publish_lm(kit, version="2", seed=1)
+    new = (kit.registry.repository.metadata_dir / "timestamp.json").read_bytes()
+    wall.advance(timedelta(days=2))  # the cached copy's signed expiry (a day) has passed; the interval has not
+    source.gate.clear()
+    request = asyncio.create_task(cache.open(TIMESTAMP))
+    try:
+        held = asyncio.create_task(asyncio.to_thread(source.wait_held, 1))
+        await asyncio.wait({request, held}, return_when=asyncio.FIRST_COMPLETED)
+        assert not request.done(), "an expired timestamp was served without asking the region"
+        assert await held
+    finally:
+        source.gate.set()
+    served = (await asyncio.wait_for(request, LIMIT_S)).read_bytes()
+    assert served == new != old
+    await cache.close()
+
+
+async def test_an_expired_cached_timestamp_is_never_served_when_the_region_is_down(
+    kit: RegistryKit, tmp_path: Path
+) -> None:
+    source = DirectorySource(kit.registry.repository_dir)
+    clock = Ticks()
+    wall = FakeClock(datetime.now(UTC))
+    cache = _cache(kit, tmp_path, source, clock, wall)
+    blob = await cache.open(_blob_path(kit))
+    source.down = True
+    wall.advance(timedelta(days=2))
+    for _ in range(2):
+        clock.now += 60
+        with pytest.raises(UnavailableError):
+            await cache.open(TIMESTAMP)
+    assert await cache.open(_blob_path(kit)) == blob  # verified blobs are still served
+    assert cache.stats.refresh_failures == 2
     await cache.close()

@@ -27,6 +27,9 @@ from services.errors import ArtifactNotFoundError, InvalidArgumentError
         "metadata",
         "targets/a b",
         "metadata/timestamp.json\x00",
+        "metadata/timestamp.json\n",
+        "targets/models/lm/1/ab.int8\n",
+        "metadata/timestamp.json\nmetadata",
         "x" * 2000,
     ],
 )

@@ -51,8 +51,14 @@ def test_duplicate_version_and_bad_files_leave_nothing_behind(tmp_path: Path) ->
         repo.add("m", junk)
     with pytest.raises(InvalidArgumentError, match="positive integers"):
         repo.add("m", model, version="01")
+    for bad in ("¹", "٣", "3\n"):
+        with pytest.raises(InvalidArgumentError, match="versions are positive integers"):
+            repo.add("m", model, version=bad)
     assert [e.version for e in repo.versions("m")] == ["3"]
     assert sorted(p.name for p in (tmp_path / "repo" / "m").iterdir()) == ["3"]
+    (tmp_path / "repo" / "m" / "¹").mkdir()  # made by hand: listing skips it instead of failing on int()
+    assert [e.version for e in repo.versions("m")] == ["3"]
+    assert [e.version for e in repo.entries()] == ["3"]
 
 
 def test_incomplete_version_directories_are_invisible(tmp_path: Path) -> None:

@@ -8,18 +8,20 @@ from pathlib import Path
 
 import pytest
 from securesystemslib.signer import CryptoSigner
-from tuf.api.metadata import Metadata, Timestamp
+from tuf.api.metadata import Metadata, TargetFile, Timestamp
 
 from services.errors import (
     ArtifactNotFoundError,
     DigestMismatchError,
+    IntegrityError,
+    InvalidArgumentError,
     MetadataExpiredError,
     MetadataSignatureError,
     StaleVersionError,
 )
 from services.registry.content_encryption import decrypt_artifact
 from services.registry.tuf_repository import ExpiryPolicy
-from services.tuf_client import TufClient, hashed_target_path, model_target
+from services.tuf_client import TufClient, check_target_name, hashed_target_path, model_target
 from tests.support.registry import DirectorySource, FakeClock, RegistryKit, lm_variants, new_registry, publish_lm
 
 
@@ -136,3 +138,31 @@ def test_the_root_rotation_walk_ends_on_not_found(kit: RegistryKit, tmp_path: Pa
     _client(kit, tmp_path / "device", source).refresh()
     assert source.requests["metadata/2.root.json"] == 1  # asked, told "does not exist", carried on
     assert json.loads((tmp_path / "device" / "metadata" / "timestamp.json").read_bytes())["signed"]["version"] == 2
+
+
+@pytest.mark.parametrize(
+    "digest",
+    ["../../escaped", "A" * 64, "a" * 63, "a" * 65, "a" * 64 + "\n", "g" * 64, "a" * 32 + "/" + "a" * 31],
+)
+def test_a_signed_sha256_that_is_not_64_lowercase_hex_never_becomes_a_file_name(
+    kit: RegistryKit, tmp_path: Path, digest: str
+) -> None:
+    genuine = kit.registry.target("lm", "1", "int8")
+    info = TargetFile(genuine.length, {"sha256": digest}, genuine.path, genuine.unrecognized_fields)
+    client = _client(kit, tmp_path / "device")
+    staging = tmp_path / "device" / "staging"
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(IntegrityError, match="not 64 lowercase hex"):
+        client.download(info, staging)
+    with pytest.raises(IntegrityError, match="not 64 lowercase hex"):
+        hashed_target_path(info)
+    with pytest.raises(IntegrityError, match="not 64 lowercase hex"):
+        model_target(info)
+    assert sorted(p for p in tmp_path.rglob("*") if p != staging) == [p for p in before if p != staging]
+    assert not staging.exists() or list(staging.iterdir()) == []
+
+
+@pytest.mark.parametrize("path", ["models/lm\n/1/int8", "models/lm/1/int8\n", "models/lm/1/\x00int8", "models/lm\\1"])
+def test_a_target_name_with_control_characters_is_refused(path: str) -> None:
+    with pytest.raises(InvalidArgumentError, match="is not a plain relative path"):
+        check_target_name(path)
