@@ -32,8 +32,12 @@ Sections and their environment variables (``EDGECASCADE_<SECTION>__<KEY>``):
     online key (``online.pem``) that re-signs snapshot and timestamp (empty:
     no re-signing), metadata lifetimes ``root_expiry_s``, ``targets_expiry_s``,
     ``snapshot_expiry_s``, ``timestamp_expiry_s``, ``resign_margin_s`` (re-sign
-    when less is left), ``resign_check_s`` (how often to look) and
-    ``chunk_bytes`` per streamed artifact message.
+    when less is left; longer than ``resign_check_s``, and snapshot and
+    timestamp must outlive margin + check), ``resign_check_s`` (how often to
+    look), ``resign_targets`` (load ``targets.pem`` from ``key_dir`` too and
+    re-sign targets in the last third of their lifetime; off by default so the
+    targets key stays offline, renewed with ``edgecascade model resign-targets``)
+    and ``chunk_bytes`` per streamed artifact message.
 ``[artifacts]`` (the edge only)
     ``cache_dir`` of the pull-through artifact cache (empty: no artifact
     service), ``trusted_root``: the root metadata file the cache trusts (required
@@ -176,6 +180,7 @@ class RegistrySection:
     timestamp_expiry_s: int = 86400
     resign_margin_s: int = 6 * 3600
     resign_check_s: float = 60.0
+    resign_targets: bool = False
     chunk_bytes: int = 256 * 1024
 
     def __post_init__(self) -> None:
@@ -193,9 +198,30 @@ class RegistrySection:
                 f"({self.timestamp_expiry_s - self.resign_margin_s} s), else a timestamp can expire between checks; "
                 f"got {self.resign_check_s}"
             )
+        # A role is re-signed at the first check that finds it inside the margin.
+        if self.resign_margin_s <= self.resign_check_s:
+            raise ConfigError(
+                f"[registry] resign_margin_s ({self.resign_margin_s} s) must be longer than resign_check_s "
+                f"({self.resign_check_s:g} s), else metadata can expire between two checks"
+            )
+        for name in ("snapshot_expiry_s", "timestamp_expiry_s"):
+            if getattr(self, name) <= self.resign_margin_s + self.resign_check_s:
+                raise ConfigError(
+                    f"[registry] {name} ({getattr(self, name)} s) must be longer than resign_margin_s + "
+                    f"resign_check_s ({self.resign_margin_s + self.resign_check_s:g} s), else it is re-signed "
+                    "at every check"
+                )
+        # Targets are re-signed a third of their lifetime before expiry (ExpiryPolicy.targets_margin).
+        if self.targets_expiry_s <= 3 * self.resign_check_s:
+            raise ConfigError(
+                f"[registry] targets_expiry_s ({self.targets_expiry_s} s) must be longer than 3 × resign_check_s "
+                f"({3 * self.resign_check_s:g} s): targets are re-signed in the last third of their lifetime"
+            )
         _check_chunk("registry", self.chunk_bytes)
         if self.key_dir and not self.path:
             raise ConfigError("[registry] key_dir is set but path is empty; set the registry path too")
+        if self.resign_targets and not self.key_dir:
+            raise ConfigError("[registry] resign_targets needs key_dir (where targets.pem is)")
 
     @property
     def expiry(self) -> ExpiryPolicy:

@@ -9,13 +9,17 @@ Commands::
     edgecascade repo add --repo DIR --name NAME FILE.onnx
     edgecascade repo demo --role device|edge|region --repo DIR
     edgecascade model init|quantize|profile|publish|list|show   the registry's publish pipeline
+    edgecascade model resign-targets|rotate-root                  keep the registry's metadata from expiring
+
+Each verb is bound to its handler where it is declared (``set_defaults(handler=…)``);
+:func:`main` calls that handler, and a verb declared without one is an error.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +35,8 @@ from services.model_repository import ModelRepository
 
 DEFAULT_STATE_DIR = Path(".edgecascade")
 
+Handler = Callable[[argparse.Namespace, Console], int]
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -45,8 +51,12 @@ def _parser() -> argparse.ArgumentParser:
         help="start the whole mesh (region, edge, devices) on this machine",
         description="Start Tier 2 (region), one Tier 1 (edge) and N Tier 0 (device) processes on loopback, "
         "place the demo models on first start, print the endpoints and write <state-dir>/endpoints.json once "
-        "every node reports SERVING. Ctrl-C or SIGTERM stops every node cleanly. Settings in the environment "
-        "(EDGECASCADE_<SECTION>__<KEY>, OTEL_*) are passed to every node.",
+        "every node reports SERVING. Ctrl-C or SIGTERM stops every node cleanly. A node that exits is restarted "
+        "on its port with backoff (1 s doubling to 30 s) and given up on after 5 restarts in 5 minutes, while the "
+        "others keep running; <state-dir>/nodes.json records each node's state. Settings in the environment "
+        "(EDGECASCADE_<SECTION>__<KEY>, OTEL_*) are passed to every node, except the per-node ones the launcher "
+        "sets itself (server host/port/node_id/port_file, repository path, upstream address, registry and "
+        "artifacts paths), which are ignored for the nodes.",
     )
     up.add_argument("--devices", type=int, default=2, help="number of device nodes (default 2)")
     up.add_argument(
@@ -61,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_MODELS_DIR,
         help="where the demo ONNX models are (default: examples/models of this checkout)",
     )
+    up.set_defaults(handler=_up)
 
     for name, helptext in (
         ("generate", "stream generated text from a device (Tier 0) and show which tier served it"),
@@ -78,12 +89,20 @@ def _parser() -> argparse.ArgumentParser:
             cmd.add_argument("--top-k", type=int, default=0)
             cmd.add_argument("--seed", type=int, help="make the sampling repeatable")
             cmd.add_argument("--stop", help="stop after this string")
+            cmd.set_defaults(handler=_generate)
         else:
             cmd.add_argument("--top", type=int, default=5, help="candidates to show (default 5)")
+            cmd.set_defaults(handler=_infer)
 
-    status = sub.add_parser("status", help="show what every node of the running mesh reports")
+    status = sub.add_parser(
+        "status",
+        help="show what every node of the running mesh reports",
+        description="Show what every node of the running mesh reports, and warn when the region's registry "
+        "metadata is close to expiry (root or targets within 30 days).",
+    )
     status.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
     status.add_argument("--timeout", type=float, default=5.0)
+    status.set_defaults(handler=_status)
 
     repo = sub.add_parser("repo", help="manage a model repository directory")
     repo_sub = repo.add_subparsers(dest="repo_command", required=True)
@@ -92,15 +111,17 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--repo", type=Path, required=True, help="repository directory")
     add.add_argument("--name", required=True, help="model name")
     add.add_argument("--version", default="", help="version (default: next free integer)")
+    add.set_defaults(handler=_repo_add)
     demo = repo_sub.add_parser("demo", help="place the demo models meant for one role into a repository")
     demo.add_argument("--role", required=True, choices=["device", "edge", "region"])
     demo.add_argument("--repo", type=Path, required=True, help="repository directory")
     demo.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR, help="where the demo ONNX models are")
+    demo.set_defaults(handler=_repo_demo)
     model_commands.add_parser(sub)
     return parser
 
 
-def _up(console: Console, args: argparse.Namespace) -> int:
+def _up(args: argparse.Namespace, console: Console) -> int:
     mesh = Mesh(args.state_dir, args.devices, args.models_dir, console.print)
     mesh.place_models()
 
@@ -120,39 +141,53 @@ def _up(console: Console, args: argparse.Namespace) -> int:
     return run_until_signal(mesh, on_ready)
 
 
+def _status(args: argparse.Namespace, console: Console) -> int:
+    return client_commands.status(console, args.state_dir, args.timeout)
+
+
+def _infer(args: argparse.Namespace, console: Console) -> int:
+    address = client_commands.device_address(args.state_dir, args.address)
+    return client_commands.infer(console, address, args.model, args.prompt, args.top, args.timeout)
+
+
+def _generate(args: argparse.Namespace, console: Console) -> int:
+    address = client_commands.device_address(args.state_dir, args.address)
+    params: dict[str, Any] = {
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+    }
+    if args.seed is not None:
+        params["seed"] = args.seed
+    if args.stop:
+        params["stop"] = args.stop
+    return client_commands.generate(console, address, args.model, args.prompt, params, args.timeout)
+
+
+def _repo_add(args: argparse.Namespace, console: Console) -> int:
+    entry = ModelRepository(args.repo).add(args.name, args.file, args.version)
+    console.print(f"added {entry.name} version {entry.version} at {entry.path}")
+    return 0
+
+
+def _repo_demo(args: argparse.Namespace, console: Console) -> int:
+    for placement in place_demo_models(args.repo, args.role, args.models_dir):
+        console.print(f"placed {placement.name} ({placement.file}) in {args.repo}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``edgecascade`` console script."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    handler: Handler | None = getattr(args, "handler", None)
+    if not callable(handler):
+        # A verb declared without set_defaults(handler=…): a bug, never a fall-through to another verb.
+        verb = " ".join(str(v) for k, v in vars(args).items() if k.endswith("command") and v)
+        parser.error(f"no handler for {verb!r}; this is a bug in edgecascade")
     console = Console(highlight=False)
     try:
-        if args.command == "up":
-            return _up(console, args)
-        if args.command == "model":
-            return model_commands.run(args, console)
-        if args.command == "status":
-            return client_commands.status(console, args.state_dir, args.timeout)
-        if args.command == "infer":
-            address = client_commands.device_address(args.state_dir, args.address)
-            return client_commands.infer(console, address, args.model, args.prompt, args.top, args.timeout)
-        if args.command == "generate":
-            address = client_commands.device_address(args.state_dir, args.address)
-            params: dict[str, Any] = {
-                "max_tokens": args.max_tokens,
-                "temperature": args.temperature,
-                "top_k": args.top_k,
-            }
-            if args.seed is not None:
-                params["seed"] = args.seed
-            if args.stop:
-                params["stop"] = args.stop
-            return client_commands.generate(console, address, args.model, args.prompt, params, args.timeout)
-        if args.repo_command == "demo":
-            for placement in place_demo_models(args.repo, args.role, args.models_dir):
-                console.print(f"placed {placement.name} ({placement.file}) in {args.repo}")
-            return 0
-        entry = ModelRepository(args.repo).add(args.name, args.file, args.version)
-        console.print(f"added {entry.name} version {entry.version} at {entry.path}")
-        return 0
+        return handler(args, console)
     except EdgecascadeError as exc:
         console.print(f"[red]error:[/red] {exc.message}")
         return 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -10,11 +11,13 @@ from typing import Any
 import grpc
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from protos.edgecascade.v1 import mesh_pb2, mesh_pb2_grpc
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
+from services.cli.model_commands import registry_expiry_warnings
 from services.errors import ConfigError
 from services.generation import TEXT_INPUT, TEXT_OUTPUT
 from services.inference import FALLBACK_REASON, FINAL_RESPONSE, ROUTE, SERVED_BY, TOKEN_PROBABILITY
@@ -37,6 +40,21 @@ def read_endpoints(state_dir: Path) -> dict[str, Any]:
     except ValueError:
         raise ConfigError(f"{path} is not valid JSON") from None
     return endpoints
+
+
+def node_states(state_dir: Path) -> dict[str, dict[str, Any]]:
+    """What ``edgecascade up`` records about each node in ``<state-dir>/nodes.json``, by address.
+
+    Empty if the file is missing or unreadable (the launcher writes it atomically, so only a foreign file is),
+    or if the launcher that wrote it is gone (killed, so it could not remove the file).
+    """
+    try:
+        record = json.loads((state_dir / "nodes.json").read_text())
+        # No such process (or, PermissionError, another user's process under a reused pid): the launcher is gone.
+        os.kill(int(record["launcher_pid"]), 0)
+        return {str(node["address"]): node for node in record["nodes"] if node.get("address")}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
 
 
 def device_address(state_dir: Path, address: str | None) -> str:
@@ -131,8 +149,13 @@ def generate(
 
 
 def status(console: Console, state_dir: Path, timeout: float) -> int:
-    """Prints what every node of the running mesh reports about itself."""
+    """Prints what every node of the running mesh reports about itself.
+
+    A node that does not answer and that ``edgecascade up`` is restarting or gave
+    up on is shown with that state (from ``nodes.json``) instead of the RPC error.
+    """
     endpoints = read_endpoints(state_dir)
+    states = node_states(state_dir)
     addresses = [endpoints["region"], endpoints["edge"], *endpoints["devices"]]
     table = Table(title="edgecascade mesh")
     for column in ("address", "tier", "node", "upstream", "memory used / budget", "models"):
@@ -145,11 +168,20 @@ def status(console: Console, state_dir: Path, timeout: float) -> int:
                     mesh_pb2.GetTierInfoRequest(), timeout=timeout
                 )
             except grpc.RpcError as exc:
-                table.add_row(address, "?", "?", "?", "?", f"[red]{exc.code().name}[/red]")
+                node = states.get(address, {})
+                if node.get("state", "up") != "up":  # the launcher knows why: show that, not just the RPC error
+                    colour = "red" if node["state"] == "down" else "yellow"
+                    what = f"[{colour}]{escape(str(node['state']))}[/{colour}]: {escape(str(node.get('detail', '')))}"
+                    table.add_row(address, "?", escape(str(node.get("name", "?"))), "?", "?", what)
+                else:
+                    table.add_row(address, "?", "?", "?", "?", f"[red]{exc.code().name}[/red]")
                 failures += 1
                 continue
         models = ", ".join(f"{m.name} v{m.version} {m.state}" for m in info.models) or "-"
         memory = f"{megabytes(info.cache.used_bytes)} / {megabytes(info.cache.budget_bytes)}"
         table.add_row(address, info.tier_name, info.node_id, info.upstream or "-", memory, models)
     console.print(table)
+    # Registry metadata close to expiry (read from the region's artifact service): warned well ahead.
+    for warning in registry_expiry_warnings(endpoints["region"], timeout):
+        console.print(f"warning: {warning}", style="yellow", markup=False)
     return 1 if failures else 0

@@ -8,20 +8,37 @@ models are published into it; the region serves it and the edge caches it
 (``edge-1/artifacts``), trusting ``edge-1/trusted-root.json``. Each child binds a free port and
 reports it in its port file; the launcher chains the upstream addresses
 (device → edge → region), waits until every node answers its health check with
-SERVING, then writes ``<state-dir>/endpoints.json``. SIGINT or SIGTERM stops the
-children, devices first, each with SIGTERM and then SIGKILL after a grace
-period, and removes ``endpoints.json``.
+SERVING, then writes ``<state-dir>/endpoints.json``.
+
+The children inherit the launcher's environment, so every ``EDGECASCADE_*`` and
+``OTEL_*`` setting reaches every node, except the per-node settings the launcher
+writes into each ``config.toml`` (:data:`LAUNCHER_OWNED_SETTINGS`: address, node
+id, port file, repository, upstream, registry and artifact cache paths): those
+variables are left out of the children's environment, and the launcher says once
+which ones it ignored.
+
+A node that exits is reported with the tail of its log and restarted after a
+backoff (:class:`RestartPolicy`, like compose's ``restart: on-failure``) on the
+port it had, so the upstream address its children use stays valid; the other
+nodes keep running. After too many restarts within the policy's window the
+launcher gives up on that node only. The state of every node (``starting``,
+``up``, ``restarting``, ``down``) is kept in ``<state-dir>/nodes.json``, written
+atomically on every change; ``edgecascade status`` shows it for nodes that do
+not answer. SIGINT or SIGTERM stops the children, devices first, each with
+SIGTERM and then SIGKILL after a grace period, and removes ``endpoints.json``
+and ``nodes.json``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -29,21 +46,123 @@ from typing import IO, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from rich.markup import escape
 
 from services.atomic_files import write_atomically
 from services.cli.demo_models import place_demo_models
 from services.cli.demo_registry import publish_demo_models, trusted_root
+from services.config import ENV_PREFIX
 from services.errors import ConfigError, UnavailableError
 
 START_TIMEOUT_S = 60.0
 STOP_GRACE_S = 10.0
+SUPERVISE_INTERVAL_S = 0.2
+HEALTH_CHECK_TIMEOUT_S = 2.0
 
 ROLE_MODULES = {"region": "tier2_region", "edge": "tier1_edge", "device": "tier0_device"}
+
+# The states of a node in nodes.json.
+STARTING = "starting"  # first start, not yet serving
+UP = "up"  # serving
+RESTARTING = "restarting"  # exited; waiting for the backoff or for the new process to serve
+DOWN = "down"  # exited too often; the launcher gave up on it
+
+# Every ([section], key) the launcher writes into some node's config.toml. The
+# launcher decides these per node, so the environment may not override them.
+LAUNCHER_OWNED_SETTINGS: tuple[tuple[str, str], ...] = (
+    ("server", "host"),
+    ("server", "port"),
+    ("server", "node_id"),
+    ("server", "port_file"),
+    ("repository", "path"),
+    ("upstream", "address"),
+    ("registry", "path"),
+    ("registry", "key_dir"),
+    ("artifacts", "cache_dir"),
+    ("artifacts", "trusted_root"),
+)
+
+# Runs a tier module the way ``python -m`` does, after asking Linux to SIGTERM the
+# node if the launcher dies (no orphaned nodes). This is done in the child itself,
+# not in a preexec_fn: restarts happen while the launcher runs gRPC's threads, and
+# running Python code between fork and exec is unsafe then.
+_CHILD_BOOTSTRAP = """\
+import ctypes, os, runpy, signal, sys
+launcher, module = int(sys.argv[1]), sys.argv[2]
+if sys.platform.startswith("linux"):
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+if os.getppid() != launcher:
+    sys.exit("edgecascade up exited before this node started")
+sys.argv = [module, *sys.argv[3:]]
+runpy.run_module(module, run_name="__main__", alter_sys=True)
+"""
+
+
+def _setting_of(name: str) -> tuple[str, str] | None:
+    """The ``(section, key)`` an environment variable sets, read the way :mod:`services.config` reads it."""
+    if not name.startswith(ENV_PREFIX):
+        return None
+    section, separator, key = name[len(ENV_PREFIX) :].partition("__")
+    return (section.lower(), key.lower()) if separator else None
+
+
+def child_environment(environ: Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
+    """The environment of the nodes: ``environ`` without the variables for :data:`LAUNCHER_OWNED_SETTINGS`.
+
+    Returns:
+        The environment, and the names of the variables left out (sorted).
+    """
+    owned = set(LAUNCHER_OWNED_SETTINGS)
+    env: dict[str, str] = {}
+    ignored: list[str] = []
+    for name, value in environ.items():
+        if _setting_of(name) in owned:
+            ignored.append(name)
+        else:
+            env[name] = value
+    return env, sorted(ignored)
+
+
+@dataclass
+class RestartPolicy:
+    """When to restart a node that exited: compose's ``restart: on-failure`` with exponential backoff.
+
+    The n-th exit within the last ``window_s`` seconds is followed by a restart
+    after ``base_delay_s * factor ** (n - 1)`` seconds, at most ``max_delay_s``.
+    An exit that would be restart number ``max_restarts + 1`` within the window
+    gets none: the launcher gives up on that node. Exits older than the window
+    are forgotten, and the backoff with them.
+
+    Raises:
+        ValueError: A delay or factor is not positive, or ``max_restarts`` is negative.
+    """
+
+    base_delay_s: float = 1.0
+    factor: float = 2.0
+    max_delay_s: float = 30.0
+    max_restarts: int = 5
+    window_s: float = 300.0
+    clock: Callable[[], float] = time.monotonic
+    _exits: list[float] = field(default_factory=list, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if min(self.base_delay_s, self.max_delay_s, self.window_s) <= 0 or self.factor < 1:
+            raise ValueError("restart delays and window must be positive and the factor at least 1")
+        if self.max_restarts < 0:
+            raise ValueError(f"max_restarts must not be negative, got {self.max_restarts}")
+
+    def on_exit(self) -> float | None:
+        """Records an exit now; returns the delay before the restart, or None to give up."""
+        now = self.clock()
+        self._exits = [t for t in self._exits if now - t < self.window_s] + [now]
+        if len(self._exits) > self.max_restarts:
+            return None
+        return float(min(self.max_delay_s, self.base_delay_s * self.factor ** (len(self._exits) - 1)))
 
 
 @dataclass
 class Child:
-    """One tier process."""
+    """One tier process and what the launcher knows about it."""
 
     name: str
     role: str
@@ -51,6 +170,14 @@ class Child:
     process: subprocess.Popen[bytes] | None = None
     address: str = ""
     log: IO[bytes] | None = field(default=None, repr=False)
+    upstream: str = ""
+    port: int = 0  # 0 until the first start has bound one; restarts reuse it
+    state: str = STARTING
+    restarts: int = 0
+    detail: str = ""
+    policy: RestartPolicy = field(default_factory=RestartPolicy, repr=False)
+    restart_at: float | None = None  # while waiting out the backoff
+    serve_deadline: float = 0.0  # while a restarted process has not served yet
 
     @property
     def port_file(self) -> Path:
@@ -63,19 +190,6 @@ class Child:
         return self.directory / "models"
 
 
-def _die_with_parent() -> None:
-    """Asks Linux to SIGTERM the child if the launcher itself is killed (no orphaned nodes)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
-def _toml_string(value: str) -> str:
-    return json.dumps(value)  # a JSON string literal is a valid TOML basic string
-
-
 class Mesh:
     """The children of one ``edgecascade up``.
 
@@ -83,18 +197,33 @@ class Mesh:
         state_dir: Where everything is kept.
         devices: Number of device nodes.
         models_dir: Where the demo models are.
-        say: Prints a progress line.
+        say: Prints a progress line (rich markup).
+        clock: Monotonic seconds, for the restart schedule.
+        restart_policy: Makes each child's restart policy.
     """
 
-    def __init__(self, state_dir: Path, devices: int, models_dir: Path, say: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        devices: int,
+        models_dir: Path,
+        say: Callable[[str], None],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        restart_policy: Callable[[], RestartPolicy] = RestartPolicy,
+    ) -> None:
         if devices < 1:
             raise ConfigError("--devices must be at least 1")
         self.state_dir = state_dir.resolve()
         self.models_dir = models_dir
         self.say = say
+        self.clock = clock
         self.region = Child("region-1", "region", self.state_dir / "region-1")
         self.edge = Child("edge-1", "edge", self.state_dir / "edge-1")
         self.devices = [Child(f"device-{i}", "device", self.state_dir / f"device-{i}") for i in range(1, devices + 1)]
+        for child in self.children:
+            child.policy = restart_policy()
+        self._environment, self._ignored_variables = child_environment(os.environ)
 
     @property
     def children(self) -> list[Child]:
@@ -105,6 +234,11 @@ class Mesh:
     def endpoints_file(self) -> Path:
         """``<state-dir>/endpoints.json``."""
         return self.state_dir / "endpoints.json"
+
+    @property
+    def state_file(self) -> Path:
+        """``<state-dir>/nodes.json``: every node's state, as the launcher sees it."""
+        return self.state_dir / "nodes.json"
 
     def place_models(self) -> None:
         """Puts the demo models into each node's repository the first time.
@@ -150,7 +284,12 @@ class Mesh:
         Raises:
             UnavailableError: A child exited or did not serve in time (its log tail is in the message).
         """
+        self.state_dir.mkdir(parents=True, exist_ok=True)
         self.endpoints_file.unlink(missing_ok=True)
+        if self._ignored_variables:
+            self.say(
+                "ignored for the nodes (`edgecascade up` sets these per node): " + ", ".join(self._ignored_variables)
+            )
         self._spawn(self.region, upstream="")
         self._spawn(self.edge, upstream=self.region.address)
         for device in self.devices:
@@ -159,61 +298,90 @@ class Mesh:
             self._await_port(device)
         for child in self.children:
             self._await_serving(child)
+            child.state = UP
+        self._write_state()
         endpoints = {
             "region": self.region.address,
             "edge": self.edge.address,
             "devices": [d.address for d in self.devices],
         }
-        tmp = self.endpoints_file.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(endpoints, indent=2) + "\n")
-        os.replace(tmp, self.endpoints_file)
+        write_atomically(self.endpoints_file, (json.dumps(endpoints, indent=2) + "\n").encode())
         return endpoints
 
+    def node_settings(self, child: Child, upstream: str, port: int) -> dict[str, dict[str, str | int]]:
+        """The settings the launcher decides for one node (all of them in :data:`LAUNCHER_OWNED_SETTINGS`)."""
+        settings: dict[str, dict[str, str | int]] = {
+            "server": {"host": "127.0.0.1", "port": port, "node_id": child.name, "port_file": str(child.port_file)},
+            "repository": {"path": str(child.repository)},
+            "upstream": {"address": upstream},
+        }
+        if child.role == "region":
+            settings["registry"] = {"path": str(self.registry_dir), "key_dir": str(self.key_dir)}
+        if child.role == "edge":
+            settings["artifacts"] = {
+                "cache_dir": str(child.directory / "artifacts"),
+                "trusted_root": str(self.trusted_root_file),
+            }
+        return settings
+
+    def node_config(self, child: Child, upstream: str, port: int) -> str:
+        """The text of a node's ``config.toml``."""
+        lines = [
+            "# Written by `edgecascade up`; rewritten on every start. EDGECASCADE_* variables",
+            "# for these settings are not passed to the node.",
+        ]
+        for section, values in self.node_settings(child, upstream, port).items():
+            lines.append(f"[{section}]")
+            # A JSON string literal is a valid TOML basic string.
+            lines.extend(f"{key} = {json.dumps(value)}" for key, value in values.items())
+        return "\n".join(lines) + "\n"
+
     def _spawn(self, child: Child, upstream: str, wait: bool = True) -> None:
-        child.directory.mkdir(parents=True, exist_ok=True)
-        child.port_file.unlink(missing_ok=True)
-        config = child.directory / "config.toml"
-        config.write_text(
-            "# Written by `edgecascade up`; rewritten on every start.\n"
-            "[server]\n"
-            'host = "127.0.0.1"\n'
-            "port = 0\n"
-            f"node_id = {_toml_string(child.name)}\n"
-            f"port_file = {_toml_string(str(child.port_file))}\n"
-            "[repository]\n"
-            f"path = {_toml_string(str(child.repository))}\n"
-            "[upstream]\n"
-            f"address = {_toml_string(upstream)}\n"
-            f"{self._artifact_sections(child)}"
-        )
-        child.log = (child.directory / "log.txt").open("ab")
-        child.process = subprocess.Popen(
-            [sys.executable, "-m", ROLE_MODULES[child.role], "--config", str(config)],
-            stdin=subprocess.DEVNULL,
-            stdout=child.log,
-            stderr=subprocess.STDOUT,
-            # Ctrl-C in the terminal goes to the launcher only; it stops the children in order.
-            start_new_session=True,
-            # No threads exist yet when children are spawned (health checks come after).
-            preexec_fn=_die_with_parent,  # noqa: PLW1509
-        )
+        child.upstream = upstream
+        child.state = STARTING
+        self._launch(child, upstream, child.port)
+        self._write_state()
         if wait:
             self._await_port(child)
 
-    def _artifact_sections(self, child: Child) -> str:
-        if child.role == "region":
-            return (
-                "[registry]\n"
-                f"path = {_toml_string(str(self.registry_dir))}\n"
-                f"key_dir = {_toml_string(str(self.key_dir))}\n"
-            )
-        if child.role == "edge":
-            return (
-                "[artifacts]\n"
-                f"cache_dir = {_toml_string(str(child.directory / 'artifacts'))}\n"
-                f"trusted_root = {_toml_string(str(self.trusted_root_file))}\n"
-            )
-        return ""
+    def _launch(self, child: Child, upstream: str, port: int) -> None:
+        """Writes the node's config and starts its process (``port`` 0: any free port)."""
+        child.directory.mkdir(parents=True, exist_ok=True)
+        child.port_file.unlink(missing_ok=True)
+        config = child.directory / "config.toml"
+        config.write_text(self.node_config(child, upstream, port))
+        if child.log is not None:
+            child.log.close()
+        child.log = (child.directory / "log.txt").open("ab")
+        child.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _CHILD_BOOTSTRAP,
+                str(os.getpid()),
+                ROLE_MODULES[child.role],
+                "--config",
+                str(config),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=child.log,
+            stderr=subprocess.STDOUT,
+            env=self._environment,
+            # Ctrl-C in the terminal goes to the launcher only; it stops the children in order.
+            start_new_session=True,
+        )
+
+    def _reported_address(self, child: Child) -> str | None:
+        """The address in the child's port file, if its current process wrote it."""
+        try:
+            record = json.loads(child.port_file.read_text())
+            address = str(record["address"])
+            pid = record.get("pid")
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # not there yet (it is written atomically), or a foreign file
+        if child.process is None or (pid is not None and pid != child.process.pid):
+            return None  # left over from an earlier process
+        return address
 
     def _await_port(self, child: Child) -> None:
         assert child.process is not None
@@ -223,29 +391,30 @@ class Mesh:
                 raise UnavailableError(
                     f"{child.name} exited with code {child.process.returncode}:\n{self.log_tail(child)}"
                 )
-            if child.port_file.is_file():
-                try:
-                    child.address = json.loads(child.port_file.read_text())["address"]
-                except (ValueError, KeyError):
-                    pass  # written atomically, so only a foreign file gets here; keep waiting
-                else:
-                    self.say(f"{child.name} ({child.role}) listening on {child.address}")
-                    return
+            address = self._reported_address(child)
+            if address is not None:
+                child.address = address
+                child.port = int(address.rsplit(":", 1)[1])
+                self.say(f"{child.name} ({child.role}) listening on {child.address}")
+                return
             time.sleep(0.05)
         raise UnavailableError(f"{child.name} did not start within {START_TIMEOUT_S:.0f} s:\n{self.log_tail(child)}")
 
+    def _serves(self, child: Child, timeout: float) -> bool:
+        """One health check: does the child answer SERVING?"""
+        with grpc.insecure_channel(child.address) as channel:
+            try:
+                status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+            except grpc.RpcError:
+                return False
+        return bool(status.status == health_pb2.HealthCheckResponse.SERVING)
+
     def _await_serving(self, child: Child) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
-        with grpc.insecure_channel(child.address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                try:
-                    status = stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
-                except grpc.RpcError:
-                    status = health_pb2.HealthCheckResponse.UNKNOWN
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-                time.sleep(0.1)
+        while time.monotonic() < deadline:
+            if self._serves(child, HEALTH_CHECK_TIMEOUT_S):
+                return
+            time.sleep(0.1)
         raise UnavailableError(f"{child.name} at {child.address} never reported SERVING")
 
     def log_tail(self, child: Child, lines: int = 20) -> str:
@@ -255,13 +424,96 @@ class Mesh:
             return "(no log)"
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
-    def failed(self) -> Child | None:
-        """A child that has exited, if any."""
-        return next((c for c in self.children if c.process is not None and c.process.poll() is not None), None)
+    def supervise(self) -> bool:
+        """One round of supervision after :meth:`start`: notices exits, restarts nodes when due.
+
+        A restarted node is ``up`` again once its new process has written its port
+        file and answers SERVING; one that does not within ``START_TIMEOUT_S`` is
+        killed and counts as another exit.
+
+        Returns:
+            False once the launcher has given up on every node.
+        """
+        changed = False
+        for child in self.children:
+            if child.state == DOWN:
+                continue
+            if child.process is None:
+                if child.restart_at is not None and self.clock() >= child.restart_at:
+                    self._restart(child)
+                    changed = True
+                continue
+            code = child.process.poll()
+            if code is not None:
+                self._exited(child, f"exited with code {code}")
+                changed = True
+            elif child.state == RESTARTING:
+                if self._reported_address(child) == child.address and self._serves(child, HEALTH_CHECK_TIMEOUT_S):
+                    child.state, child.detail = UP, ""
+                    self.say(f"[green]{child.name} is up again[/green] on {child.address} (restart {child.restarts})")
+                    changed = True
+                elif self.clock() >= child.serve_deadline:
+                    child.process.kill()
+                    self._reap(child)
+                    self._exited(child, f"did not serve within {START_TIMEOUT_S:.0f} s")
+                    changed = True
+        if changed:
+            self._write_state()
+        return any(child.state != DOWN for child in self.children)
+
+    def _exited(self, child: Child, reason: str) -> None:
+        self.say(f"[red]{child.name} {reason}[/red]:\n{escape(self.log_tail(child))}")
+        child.process = None
+        delay = child.policy.on_exit()
+        if delay is None:
+            child.state = DOWN
+            child.restart_at = None
+            child.detail = f"{reason}; gave up after {child.restarts} restarts within {child.policy.window_s:.0f} s"
+            self.say(f"[red]giving up on {child.name}[/red] ({child.detail}); the other nodes keep running")
+            return
+        child.state = RESTARTING
+        child.restart_at = self.clock() + delay
+        child.detail = f"{reason}; restart {child.restarts + 1} in {delay:.1f} s"
+        self.say(f"restarting {child.name} in {delay:.1f} s (restart {child.restarts + 1}) on {child.address}")
+
+    def _restart(self, child: Child) -> None:
+        child.restarts += 1
+        child.restart_at = None
+        child.serve_deadline = self.clock() + START_TIMEOUT_S
+        try:
+            self._launch(child, child.upstream, child.port)
+        except OSError as exc:
+            self._exited(child, f"could not be started: {exc}")
+            return
+        pid = child.process.pid if child.process is not None else "?"
+        child.detail = f"restart {child.restarts}: pid {pid}, waiting for it to serve"
+
+    @staticmethod
+    def _reap(child: Child) -> None:
+        if child.process is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):  # unkillable (stuck in the kernel): nothing to do
+                child.process.wait(STOP_GRACE_S)
+
+    def _write_state(self) -> None:
+        nodes = [
+            {
+                "name": child.name,
+                "role": child.role,
+                "address": child.address,
+                "pid": child.process.pid if child.process is not None else None,
+                "state": child.state,
+                "restarts": child.restarts,
+                "detail": child.detail,
+            }
+            for child in self.children
+        ]
+        record = {"launcher_pid": os.getpid(), "nodes": nodes}
+        write_atomically(self.state_file, (json.dumps(record, indent=2) + "\n").encode())
 
     def stop(self) -> None:
         """Stops every child, devices first; SIGKILL after the grace period."""
         self.endpoints_file.unlink(missing_ok=True)
+        self.state_file.unlink(missing_ok=True)
         for child in reversed(self.children):
             if child.process is not None and child.process.poll() is None:
                 child.process.send_signal(signal.SIGTERM)
@@ -269,9 +521,10 @@ class Mesh:
                     child.process.wait(STOP_GRACE_S)
                 except subprocess.TimeoutExpired:
                     child.process.kill()
-                    child.process.wait()
+                    self._reap(child)
             if child.log is not None:
                 child.log.close()
+                child.log = None
 
 
 class StopRequested(BaseException):
@@ -287,25 +540,24 @@ def _raise_stop(signum: int, frame: FrameType | None) -> None:
 
 
 def run_until_signal(mesh: Mesh, on_ready: Callable[[dict[str, Any]], None]) -> int:
-    """Starts the mesh, calls ``on_ready`` and blocks until SIGINT/SIGTERM or a child dies.
+    """Starts the mesh, calls ``on_ready`` and supervises it until SIGINT/SIGTERM.
+
+    A node that exits is restarted (see :meth:`Mesh.supervise`); the others keep running.
 
     Returns:
-        0 after a requested stop, 1 if a child failed.
+        0 after a requested stop; 1 if the mesh did not start, or once every node has been given up on.
     """
     previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         try:
             on_ready(mesh.start())
         except UnavailableError as exc:
-            mesh.say(f"[red]start failed:[/red] {exc.message}")
+            mesh.say(f"[red]start failed:[/red] {escape(exc.message)}")
             return 1
-        while True:
-            dead = mesh.failed()
-            if dead is not None:
-                code = dead.process.returncode if dead.process else "?"
-                mesh.say(f"[red]{dead.name} exited with code {code}[/red]:\n{mesh.log_tail(dead)}")
-                return 1
-            time.sleep(0.2)
+        while mesh.supervise():
+            time.sleep(SUPERVISE_INTERVAL_S)
+        mesh.say("[red]every node has exited too often; giving up[/red]")
+        return 1
     except StopRequested:
         return 0
     finally:

@@ -8,6 +8,8 @@ Commands::
     edgecascade model publish   gate, encrypt, sign and publish variants of a model version
     edgecascade model list      the registry's variants with their profiles
     edgecascade model show      one model's signed metadata
+    edgecascade model resign-targets  renew the targets metadata (same targets, new expiry)
+    edgecascade model rotate-root     root version N+1: new root keys, or --keep-keys to renew its expiry
 
 The registry and key directories default to the ones ``edgecascade up`` uses
 (``.edgecascade/region-1/registry`` and ``…/keys``); ``--config FILE.toml``
@@ -17,6 +19,7 @@ The registry and key directories default to the ones ``edgecascade up`` uses
 from __future__ import annotations
 
 import argparse
+import functools
 import getpass
 import importlib
 import importlib.util
@@ -33,8 +36,15 @@ from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElaps
 from rich.table import Table
 
 from services.config import load_config
-from services.errors import EdgecascadeError, InvalidArgumentError
+from services.errors import (
+    EdgecascadeError,
+    InvalidArgumentError,
+    NotFoundError,
+    UnavailableError,
+    UnimplementedError,
+)
 from services.memory import megabytes
+from services.registry.metadata_expiry import expiry_warnings, read_expiries
 from services.registry.model_inspection import inspect_model, signature_from_json
 from services.registry.pipeline import (
     DEFAULT_VALIDATION_ROWS,
@@ -50,7 +60,9 @@ from services.registry.quantization_gate import DEFAULT_MAX_DROP_POINTS, GateOve
 from services.registry.registry import ModelRegistry
 from services.registry.registry_database import VariantRecord
 from services.registry.signing_keys import generate_keys, load_keys, root_key_files
+from services.registry.tuf_repository import utc_now
 from services.registry.validation_sets import char_lm_tokenizer
+from services.rpc.artifact_client import GrpcArtifactSource
 from services.tier_config import TierConfig
 
 DEFAULT_REGISTRY = Path(".edgecascade/region-1/registry")
@@ -58,23 +70,40 @@ DEFAULT_KEYS = Path(".edgecascade/region-1/keys")
 # The demo's own corpus, in a checkout of edgecascade (absent from an installed package).
 DEMO_CORPUS_FILE = Path(__file__).resolve().parents[2] / "examples" / "charlm" / "corpus.py"
 
+Command = Callable[[argparse.Namespace, Console], int]
+
+
+def _refusing(command: Command) -> Command:
+    """The handler of a ``model`` verb: a refused request prints its reason and exits with 2."""
+
+    @functools.wraps(command)
+    def handler(args: argparse.Namespace, console: Console) -> int:
+        try:
+            return command(args, console)
+        except EdgecascadeError as exc:
+            console.print(f"[red]refused:[/red] {exc.message}")
+            return 2
+
+    return handler
+
+
+def registry_args(p: argparse.ArgumentParser, keys: bool) -> None:
+    """Adds ``--registry`` (and ``--keys``) and ``--config`` to a ``model`` verb."""
+    p.add_argument("--registry", type=Path, help=f"registry directory (default {DEFAULT_REGISTRY})")
+    if keys:
+        p.add_argument("--keys", type=Path, help=f"directory with targets.pem and online.pem (default {DEFAULT_KEYS})")
+    p.add_argument("--config", type=Path, help="TOML file whose [registry] section sets paths and expiries")
+
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Adds ``model`` and its subcommands to the ``edgecascade`` parser."""
     model = subparsers.add_parser(
         "model",
         help="quantize, profile and publish models into the region's TUF registry",
-        description="The publish pipeline: quantize → profile → gate → encrypt → sign → publish.",
+        description="The publish pipeline: quantize → profile → gate → encrypt → sign → publish; "
+        "resign-targets and rotate-root keep the registry's signed metadata from expiring.",
     )
     sub = model.add_subparsers(dest="model_command", required=True)
-
-    def registry_args(p: argparse.ArgumentParser, keys: bool) -> None:
-        p.add_argument("--registry", type=Path, help=f"registry directory (default {DEFAULT_REGISTRY})")
-        if keys:
-            p.add_argument(
-                "--keys", type=Path, help=f"directory with targets.pem and online.pem (default {DEFAULT_KEYS})"
-            )
-        p.add_argument("--config", type=Path, help="TOML file whose [registry] section sets paths and expiries")
 
     def profile_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--batch-sizes", default="1,8,64", help="batch sizes to measure (default 1,8,64)")
@@ -91,17 +120,20 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     init.add_argument("--root-key-count", type=int, default=1, help="number of root keys (default 1)")
     init.add_argument("--root-threshold", type=int, default=1, help="root signatures clients require (default 1)")
+    init.set_defaults(handler=_refusing(_init))
 
     q = sub.add_parser("quantize", help="write an int8 variant with onnxruntime dynamic quantization")
     q.add_argument("model", type=Path, help="the fp32 .onnx file")
     q.add_argument("--out", type=Path, help="output file (default: MODEL.int8.onnx next to it)")
     q.add_argument("--per-channel", action="store_true", help="one scale per output channel")
     q.add_argument("--weight-type", default="qint8", choices=["qint8", "quint8"])
+    q.set_defaults(handler=_refusing(_quantize))
 
     prof = sub.add_parser("profile", help="profile variants, each in a fresh process, against the first (fp32) file")
     prof.add_argument("models", type=Path, nargs="+", help="the reference (fp32) file first, then its variants")
     prof.add_argument("--out", type=Path, default=Path("profiles.json"), help="profiles file (default profiles.json)")
     profile_args(prof)
+    prof.set_defaults(handler=_refusing(_profile))
 
     pub = sub.add_parser("publish", help="gate, encrypt, sign and publish the variants of one model version")
     pub.add_argument("variants", nargs="+", metavar="VARIANT=FILE", help="e.g. fp32=model.onnx int8=model.int8.onnx")
@@ -128,32 +160,56 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     pub.add_argument("--min-onnxruntime", default="", help="oldest onnxruntime that may load it (default: profiler's)")
     registry_args(pub, keys=True)
     profile_args(pub)
+    pub.set_defaults(handler=_refusing(_publish))
 
+    _add_views(sub)
+    _add_metadata_verbs(sub)
+
+
+def _add_views(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``list`` and ``show``: what the registry holds."""
     lst = sub.add_parser("list", help="the registry's variants and their profiles")
     registry_args(lst, keys=False)
+    lst.set_defaults(handler=_refusing(_list))
 
     show = sub.add_parser("show", help="one model's signed metadata")
     show.add_argument("name")
     show.add_argument("version", nargs="?", default="")
     show.add_argument("--json", action="store_true", help="print the signed custom fields as JSON")
     registry_args(show, keys=False)
+    show.set_defaults(handler=_refusing(_show))
 
 
-def run(args: argparse.Namespace, console: Console) -> int:
-    """Runs one ``model`` subcommand; returns the exit code (2 with a message on a refused request)."""
-    commands: dict[str, Callable[[argparse.Namespace, Console], int]] = {
-        "init": _init,
-        "quantize": _quantize,
-        "profile": _profile,
-        "publish": _publish,
-        "list": _list,
-        "show": _show,
-    }
-    try:
-        return commands[args.model_command](args, console)
-    except EdgecascadeError as exc:
-        console.print(f"[red]refused:[/red] {exc.message}")
-        return 2
+def _add_metadata_verbs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``resign-targets`` and ``rotate-root``: keep the registry's metadata from expiring."""
+    resign = sub.add_parser(
+        "resign-targets",
+        help="renew the targets metadata: same targets, a new version and expiry (needs targets.pem)",
+        description="Re-sign the registry's targets metadata with the targets key (the same targets, the next "
+        "version, a new expiry), then snapshot and timestamp. Targets expire [registry] targets_expiry_s after "
+        "their last signature (90 days by default); once expired, every client refresh in the fleet fails. "
+        "`edgecascade status` warns 30 days ahead.",
+    )
+    registry_args(resign, keys=True)
+    resign.set_defaults(handler=_refusing(resign_targets))
+
+    rotate = sub.add_parser(
+        "rotate-root",
+        help="write root version N+1 with new root keys (or --keep-keys to renew root's expiry)",
+        description="Write root metadata version N+1, signed by a threshold of the current root keys and of the "
+        "new ones, so that clients holding any earlier root follow the chain. New keys are written as "
+        "root-<k>.pem (mode 600) in --new-root-keys-dir and the replaced ones move to retired-root-v<N>/ in "
+        "--root-keys-dir. Root expires [registry] root_expiry_s after it is signed (a year by default).",
+    )
+    registry_args(rotate, keys=True)
+    rotate.add_argument("--root-keys-dir", type=Path, help="directory with the current root keys (default: --keys)")
+    rotate.add_argument("--new-root-keys-dir", type=Path, help="where the new root keys go (default: --root-keys-dir)")
+    rotate.add_argument("--root-key-count", type=int, default=0, help="number of new root keys (default: as now)")
+    rotate.add_argument(
+        "--root-threshold", type=int, default=0, help="root signatures clients require from now on (default: as now)"
+    )
+    rotate.add_argument("--keep-keys", action="store_true", help="keep the current root keys; only renew root's expiry")
+    rotate.set_defaults(handler=_refusing(rotate_root))
 
 
 def _paths(args: argparse.Namespace) -> tuple[TierConfig, Path, Path]:
@@ -445,12 +501,73 @@ def _show(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def _open_existing(registry_dir: Path) -> ModelRegistry:
+def resign_targets(args: argparse.Namespace, console: Console) -> int:
+    """``model resign-targets``: renews the targets metadata with the targets key."""
+    config, registry_dir, key_dir = _paths(args)
+    keys = load_keys(key_dir)
+    registry = _open_existing(registry_dir, config)
+    try:
+        state = registry.resign_targets(keys)
+    finally:
+        registry.close()
+    targets = state.targets.signed
+    console.print(
+        f"re-signed targets: version {targets.version} ({len(targets.targets)} targets), "
+        f"expires {targets.expires.isoformat()}; snapshot {state.snapshot.signed.version}, "
+        f"timestamp {state.timestamp.signed.version}"
+    )
+    return 0
+
+
+def rotate_root(args: argparse.Namespace, console: Console) -> int:
+    """``model rotate-root``: root version N+1, signed by the old and the new root keys."""
+    config, registry_dir, key_dir = _paths(args)
+    root_dir = args.root_keys_dir or key_dir
+    registry = _open_existing(registry_dir, config)
+    try:
+        rotation = registry.rotate_root(
+            root_dir,
+            new_key_dir=args.new_root_keys_dir,
+            new_key_count=args.root_key_count,
+            threshold=args.root_threshold,
+            keep_keys=args.keep_keys,
+        )
+    finally:
+        registry.close()
+    for path in rotation.retired:
+        console.print(f"retired {path} (no longer a root key; keep it offline or destroy it)")
+    console.print(
+        f"root version {rotation.version}: threshold {rotation.threshold} of {len(rotation.key_files)} keys "
+        f"({', '.join(str(p) for p in rotation.key_files)}), expires {rotation.expires.isoformat()}; clients "
+        "that embed an earlier root follow the chain on their next refresh"
+    )
+    return 0
+
+
+def registry_expiry_warnings(address: str, timeout: float) -> list[str]:
+    """Warnings about the registry metadata a region serves (empty when it serves none or cannot be asked).
+
+    Reads the metadata from the region's artifact service, the files every
+    client fetches; see :mod:`services.registry.metadata_expiry`.
+    """
+    source = GrpcArtifactSource(address, timeout_s=timeout)
+    try:
+        expiries = read_expiries(source)
+    except (NotFoundError, UnimplementedError, UnavailableError):
+        return []  # no registry behind this region, or the region is down (the table shows that)
+    except EdgecascadeError as exc:
+        return [f"registry metadata expiry could not be read from {address}: {exc.message}"]
+    finally:
+        source.close()
+    return expiry_warnings(expiries, utc_now())
+
+
+def _open_existing(registry_dir: Path, config: TierConfig | None = None) -> ModelRegistry:
     if not (registry_dir / "repository" / "metadata" / "timestamp.json").is_file():
         raise InvalidArgumentError(
             f"no registry in {registry_dir}; create one with `edgecascade model init` or start `edgecascade up`"
         )
-    return ModelRegistry(registry_dir)
+    return ModelRegistry(registry_dir, config.registry.expiry if config is not None else None)
 
 
 @contextmanager

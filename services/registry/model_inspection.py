@@ -4,13 +4,18 @@ A file is publishable when ``onnx`` parses and checks it, it carries all its
 weights inline (one file is one artifact), and onnxruntime can load it on the
 CPU with tensor types the Open Inference Protocol can carry. Its signature is
 read from the loaded session, the way every tier will see it.
+
+The file is read once: every fact (digest, signature, properties) is about
+those bytes, and :attr:`ModelFacts.data` carries them on to profiling and
+publishing, so a file replaced on disk afterwards changes nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
+import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +40,7 @@ class ModelFacts:
         signature: Inputs and outputs as onnxruntime reports them.
         opset: The default-domain (``ai.onnx``) opset it imports.
         properties: Its ``edgecascade.*`` metadata properties.
+        data: The bytes inspected (what ``sha256`` covers); profiled and published as they are.
     """
 
     path: Path
@@ -43,6 +49,7 @@ class ModelFacts:
     signature: ModelSignature
     opset: int
     properties: dict[str, str]
+    data: bytes = field(repr=False, compare=False)
 
 
 def inspect_model(path: Path) -> ModelFacts:
@@ -72,10 +79,14 @@ def inspect_model(path: Path) -> ModelFacts:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
         raise InvalidModelError(f"{path.name} fails the ONNX checker: {first[:200]}") from None
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    try:
-        session = OnnxSession(path)
-    except EdgecascadeError as exc:
-        raise InvalidModelError(f"{path.name} is not servable: {exc.message}") from None
+    # Load the bytes already read (a private copy), not the path again: the file may change meanwhile.
+    with tempfile.TemporaryDirectory(prefix="edgecascade-inspect-") as tmp:
+        copy = Path(tmp) / path.name
+        copy.write_bytes(data)
+        try:
+            session = OnnxSession(copy)
+        except EdgecascadeError as exc:
+            raise InvalidModelError(f"{path.name} is not servable: {exc.message}") from None
     properties = {p.key: p.value for p in model.metadata_props if p.key.startswith(PROPERTY_PREFIX)}
     return ModelFacts(
         path=path,
@@ -84,6 +95,7 @@ def inspect_model(path: Path) -> ModelFacts:
         signature=session.signature,
         opset=int(opset),
         properties=properties,
+        data=data,
     )
 
 

@@ -150,8 +150,11 @@ def _profile(
 
 def _measure(facts: ModelFacts, validation_file: Path, settings: ProfileSettings, out_dir: Path) -> _Measurement:
     out_dir.mkdir(parents=True)
+    # Measure the bytes that were inspected (and will be published), not whatever is at the path now.
+    model_file = out_dir / facts.path.name
+    model_file.write_bytes(facts.data)
     request = {
-        "model": str(facts.path.resolve()),
+        "model": str(model_file),
         "validation": str(validation_file),
         "batch_sizes": list(settings.batch_sizes),
         "latency_runs": settings.latency_runs,

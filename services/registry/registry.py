@@ -20,19 +20,26 @@ settles the database with it on the next write.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
+import logging
 import re
 import secrets
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from tuf.api.metadata import TargetFile
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from securesystemslib.signer import CryptoSigner, Signer
+from tuf.api.metadata import Root, TargetFile
 
 from services.errors import (
+    ConfigError,
     DuplicateVariantError,
+    IntegrityError,
     InvalidArgumentError,
     ModelNotFoundError,
     PreconditionError,
@@ -48,17 +55,34 @@ from services.registry.signing_keys import (
     ONLINE_KEY_FILE,
     TARGETS_KEY_FILE,
     SigningKeys,
+    load_signer,
+    next_root_key_files,
+    private_directory,
     root_key_files,
+    write_private_key,
 )
-from services.registry.tuf_repository import Clock, ExpiryPolicy, NewTarget, TufRepository, utc_now
+from services.registry.tuf_repository import (
+    TARGETS_MAX_LENGTH,
+    Clock,
+    ExpiryPolicy,
+    NewTarget,
+    RepositoryState,
+    TufRepository,
+    metadata_expiries,
+    utc_now,
+)
+
+log = logging.getLogger("edgecascade.registry")
 
 REPOSITORY_DIR = "repository"
 DATABASE_FILE = "registry.sqlite"
 LOCK_FILE = ".lock"
 SCHEMA = "edgecascade.model/1"
 TASK_PROPERTY = "edgecascade.task"
+RETIRED_ROOT_PREFIX = "retired-root-v"
 
-_VARIANT = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+# Matched with fullmatch: ``$`` would also accept a name followed by a newline.
+_VARIANT = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 
 
 def check_variant_name(variant: str) -> str:
@@ -67,12 +91,28 @@ def check_variant_name(variant: str) -> str:
     Raises:
         InvalidArgumentError: It is not 1-32 lower-case letters, digits, '_' or '-'.
     """
-    if not _VARIANT.match(variant):
+    if not _VARIANT.fullmatch(variant):
         raise InvalidArgumentError(
             f"variant name {variant!r} is not valid: use 1-32 lower-case letters, digits, '_' or '-', "
             "starting with a letter or digit"
         )
     return variant
+
+
+def check_model_ref(name: str, version: str) -> tuple[str, str]:
+    """Returns ``(name, version)`` if both are valid in a target path.
+
+    Adds to :func:`check_model_name` and :func:`check_version` that a signed
+    version is ASCII digits (``str.isdigit`` also takes ``"¹"``).
+
+    Raises:
+        InvalidArgumentError: Either is not valid.
+    """
+    check_model_name(name)
+    check_version(version)
+    if not version.isascii():
+        raise InvalidArgumentError(f"model version {version!r} is not valid: versions are positive integers")
+    return name, version
 
 
 def target_path(name: str, version: str, variant: str) -> str:
@@ -134,6 +174,25 @@ class PublishedVariant:
     gate: GateDecision | None = None
 
 
+@dataclass(frozen=True)
+class RootRotation:
+    """A committed root rotation.
+
+    Attributes:
+        version: The new root version.
+        expires: When it expires.
+        threshold: Root signatures clients now require.
+        key_files: The root key files of the new version.
+        retired: Where the replaced root key files were moved.
+    """
+
+    version: int
+    expires: datetime
+    threshold: int
+    key_files: list[Path]
+    retired: list[Path]
+
+
 class ModelRegistry:
     """Opens a registry directory (creating the database if needed).
 
@@ -141,14 +200,23 @@ class ModelRegistry:
         directory: The registry directory.
         expiry: Metadata lifetimes used for every new signature.
         clock: Current UTC time (tests pass a fake one).
+        targets_max_length: The largest targets metadata a publish may write
+            (default: what python-tuf's client accepts).
     """
 
-    def __init__(self, directory: Path, expiry: ExpiryPolicy | None = None, clock: Clock = utc_now) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        expiry: ExpiryPolicy | None = None,
+        clock: Clock = utc_now,
+        targets_max_length: int = TARGETS_MAX_LENGTH,
+    ) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
-        self.repository = TufRepository(directory / REPOSITORY_DIR, expiry, clock)
+        self.repository = TufRepository(directory / REPOSITORY_DIR, expiry, clock, targets_max_length)
         self.database = RegistryDatabase(directory / DATABASE_FILE)
         self._clock = clock
+        self._warned_targets_version = 0
 
     def close(self) -> None:
         """Closes the database."""
@@ -242,11 +310,13 @@ class ModelRegistry:
                 differ from the declared signature or earlier variants of this version.
             DuplicateVariantError: A variant is already published.
             QuantizationGateError: A variant fails the gate without an override.
-            PreconditionError: The repository does not exist.
+            PreconditionError: The repository does not exist, or the signed
+                targets would outgrow what clients accept.
+            IntegrityError: A submission's bytes do not match its digest.
             ConfigError: A signing key is missing.
         """
         step = on_step or (lambda _name: None)
-        name, version = check_model_name(request.name), check_version(request.version)
+        name, version = check_model_ref(request.name, request.version)
         what = f"model '{name}' version {version}"
         if not request.variants:
             raise InvalidArgumentError(f"{what}: nothing to publish; give at least one variant")
@@ -303,7 +373,14 @@ class ModelRegistry:
         for sub in request.variants:
             path = target_path(request.name, request.version, sub.variant)
             golden = golden_path(request.name, request.version, sub.variant)
-            encrypted = encrypt_artifact(sub.facts.path.read_bytes(), path)
+            # The bytes inspected and profiled, never the file again: it may have been replaced since.
+            plaintext = sub.facts.data
+            if hashlib.sha256(plaintext).hexdigest() != sub.facts.sha256 or len(plaintext) != sub.facts.size:
+                raise IntegrityError(
+                    f"variant '{sub.variant}' ({sub.facts.path.name}): the bytes to publish are not the ones "
+                    "inspected; inspect and profile the file again"
+                )
+            encrypted = encrypt_artifact(plaintext, path)
             key_id = secrets.token_hex(16)
             custom = self._custom(request, sub, decisions[sub.variant], key_id, golden, now)
             golden_bytes = json.dumps(sub.profile.golden.to_json(), sort_keys=True).encode()
@@ -345,6 +422,8 @@ class ModelRegistry:
                     decisions[sub.variant],
                 )
             )
+        # Refusals of the repository (size limit, duplicates, keys) come before anything is written.
+        self.repository.check_targets(targets, keys)
         self.database.add_pending(records, content_keys, ALGORITHM)
         step("pending")
         try:
@@ -413,14 +492,115 @@ class ModelRegistry:
         }
 
     def refresh_online(self, keys: SigningKeys) -> list[str]:
-        """Re-signs snapshot and timestamp if they are close to expiry (see :meth:`TufRepository.refresh_online`).
+        """Re-signs what is close to expiry (see :meth:`TufRepository.refresh_online`).
+
+        Targets are re-signed here only if ``keys`` holds the targets key; without
+        it, targets close to expiry are logged once per targets version (run
+        ``edgecascade model resign-targets`` where the targets key is).
 
         Raises:
             ConfigError: The online key is missing.
             PreconditionError: The repository does not exist.
         """
         with self.locked():
-            return self.repository.refresh_online(keys)
+            roles = self.repository.refresh_online(keys)
+            if keys.targets is None:
+                self._warn_targets_expiry()
+            return roles
+
+    def _warn_targets_expiry(self) -> None:
+        targets = self.repository.state().targets.signed
+        margin = self.repository.expiry.targets_margin
+        if targets.expires <= self._clock() + margin and targets.version != self._warned_targets_version:
+            self._warned_targets_version = targets.version
+            log.warning(
+                "the registry's targets metadata expires at %s and this process has no targets key to renew it; "
+                "run `edgecascade model resign-targets` before then, or every client refresh will fail",
+                targets.expires.isoformat(),
+            )
+
+    def resign_targets(self, keys: SigningKeys) -> RepositoryState:
+        """Re-signs targets (same targets, new version and expiry), then snapshot and timestamp.
+
+        Raises:
+            ConfigError: The targets or online key is missing.
+            PreconditionError: The repository does not exist.
+        """
+        with self.locked():
+            self._reconcile()
+            return self.repository.resign_targets(keys)
+
+    def rotate_root(
+        self,
+        root_key_dir: Path,
+        *,
+        new_key_dir: Path | None = None,
+        new_key_count: int = 0,
+        threshold: int = 0,
+        keep_keys: bool = False,
+    ) -> RootRotation:
+        """Writes root version N+1, signed by a threshold of the current root keys and of the new ones.
+
+        New keys are generated (``root-<k>.pem``, the next free numbers in
+        ``new_key_dir``) and the replaced key files in ``root_key_dir`` move to
+        ``retired-root-v<N>/`` there. With ``keep_keys`` the keys stay and only
+        root's expiry is renewed.
+
+        Args:
+            root_key_dir: Holds (at least a threshold of) the current root keys.
+            new_key_dir: Where new root keys go (default: ``root_key_dir``).
+            new_key_count: How many new root keys (0: as many as root has now).
+            threshold: Root signatures required from now on (0: as now, at most the key count).
+            keep_keys: Keep the current root keys; only renew root's expiry.
+
+        Raises:
+            ConfigError: Too few current root keys, an impossible threshold, or a key file that exists.
+            PreconditionError: The repository does not exist.
+        """
+        with self.locked():
+            old = self.repository.state().root.signed
+            role = old.roles[Root.type]
+            current = {p: load_signer(p) for p in root_key_files(root_key_dir)}
+            new_keys: list[Ed25519PrivateKey] = []
+            if keep_keys:
+                new_signers: list[Signer] = [s for s in current.values() if s.public_key.keyid in role.keyids]
+            else:
+                count = new_key_count or len(role.keyids)
+                if count < 1:
+                    raise ConfigError(f"root needs at least one key, got {count}")
+                new_keys = [Ed25519PrivateKey.generate() for _ in range(count)]
+                new_signers = [CryptoSigner(k) for k in new_keys]
+            wanted = threshold or min(role.threshold, len(new_signers))
+            root = self.repository.next_root(list(current.values()), new_signers, wanted)
+            written: list[Path] = []
+            target_dir = new_key_dir or root_key_dir
+            if new_keys:
+                private_directory(target_dir)
+                for path, key in zip(next_root_key_files(target_dir, len(new_keys)), new_keys, strict=True):
+                    write_private_key(path, key)
+                    written.append(path)
+            self.repository.commit_root(root)
+            retired: list[Path] = []
+            if not keep_keys:
+                retired_dir = root_key_dir / f"{RETIRED_ROOT_PREFIX}{old.version}"
+                for path, signer in current.items():
+                    if signer.public_key.keyid in role.keyids and path not in written:
+                        private_directory(retired_dir)
+                        path.rename(retired_dir / path.name)
+                        retired.append(retired_dir / path.name)
+            files = written or [p for p, s in current.items() if s.public_key.keyid in role.keyids]
+            rows = [(Root.type, load_signer(p).public_key.keyid, str(p)) for p in files]
+            self.database.replace_signing_keys(Root.type, rows)
+            self.database.set_settings({"root_threshold": str(wanted), "root_version": str(root.signed.version)})
+            return RootRotation(root.signed.version, root.signed.expires, wanted, files, retired)
+
+    def expiries(self) -> dict[str, datetime]:
+        """When each top-level role's committed metadata expires.
+
+        Raises:
+            PreconditionError: The repository does not exist.
+        """
+        return metadata_expiries(self.repository.state())
 
     def variants(self, name: str = "", version: str = "") -> list[VariantRecord]:
         """Published variants, optionally of one model (and version)."""

@@ -200,6 +200,12 @@ class RegistryDatabase:
         with self.transaction() as db:
             db.executemany("INSERT OR REPLACE INTO signing_keys VALUES (?, ?, ?)", list(rows))
 
+    def replace_signing_keys(self, role: str, rows: Iterable[tuple[str, str, str]]) -> None:
+        """Replaces every row of ``role`` with ``rows`` (after a key rotation)."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM signing_keys WHERE role = ?", (role,))
+            db.executemany("INSERT OR REPLACE INTO signing_keys VALUES (?, ?, ?)", list(rows))
+
     def signing_keys(self) -> list[tuple[str, str, str]]:
         """``(role, key id, location)`` of every signing key, by role."""
         rows = self._db.execute("SELECT role, key_id, location FROM signing_keys ORDER BY role, key_id").fetchall()

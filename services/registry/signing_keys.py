@@ -11,6 +11,10 @@ key file that group or others may read is refused at load time. The root keys
 are needed only to create (or rotate) root metadata; in production they live in
 a directory the serving process cannot read, and the region process loads only
 the online key. For a dev set-up both directories may be the same.
+
+Rotating root (``edgecascade model rotate-root``) writes the new root keys with
+the next free numbers (``root-2.pem`` …) and moves the replaced ones into
+``<root-key-dir>/retired-root-v<N>/``, so the directory holds the current root keys.
 """
 
 from __future__ import annotations
@@ -70,19 +74,42 @@ def generate_keys(key_dir: Path, root_key_dir: Path | None = None, root_keys: in
         if path.exists():
             raise ConfigError(f"key file {path} already exists; refusing to overwrite a signing key")
     for directory in {key_dir, root_key_dir}:
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(directory, 0o700)
+        private_directory(directory)
     for path in plan:
-        pem = Ed25519PrivateKey.generate().private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
+        write_private_key(path, Ed25519PrivateKey.generate())
+    return plan
+
+
+def private_directory(directory: Path) -> Path:
+    """Creates ``directory`` (and parents) if needed and makes it 0700."""
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(directory, 0o700)
+    return directory
+
+
+def write_private_key(path: Path, key: Ed25519PrivateKey) -> None:
+    """Writes a private key as PKCS#8 PEM with mode 0600.
+
+    Raises:
+        ConfigError: The file already exists (a signing key is never overwritten).
+    """
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    try:
         # O_EXCL: a concurrent generator cannot silently replace a key another one just wrote.
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(pem)
-            fh.flush()
-            os.fsync(fh.fileno())
-    return plan
+    except FileExistsError:
+        raise ConfigError(f"key file {path} already exists; refusing to overwrite a signing key") from None
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(pem)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def next_root_key_files(root_key_dir: Path, count: int) -> list[Path]:
+    """The next ``count`` free root key file names of a directory (after the highest number in use)."""
+    files = root_key_files(root_key_dir)
+    last = int(files[-1].stem[len(ROOT_KEY_PREFIX) :]) if files else 0
+    return [root_key_dir / f"{ROOT_KEY_PREFIX}{last + i}.pem" for i in range(1, count + 1)]
 
 
 def load_signer(path: Path) -> CryptoSigner:

@@ -3,7 +3,7 @@
 Layout (consistent snapshots: every metadata version and every target blob is a
 new file, named by version or digest, and never rewritten)::
 
-    <repo>/metadata/1.root.json, root.json       root (offline keys, threshold configurable)
+    <repo>/metadata/<R>.root.json, root.json     root (offline keys, threshold configurable; every version kept)
     <repo>/metadata/<N>.targets.json             targets (publisher key)
     <repo>/metadata/<M>.snapshot.json            snapshot (online key)
     <repo>/metadata/timestamp.json               timestamp (online key): the commit point
@@ -15,6 +15,10 @@ repository's current state is whatever ``timestamp.json`` names, so a crash at
 any point leaves it valid at either the previous or the new version, never in
 between; files written before a crash that never got committed are unreferenced
 and harmless (:meth:`TufRepository.unreferenced_files` lists them).
+
+Root is rotated by writing ``<R+1>.root.json``, signed by a threshold of the
+old root keys and of the new ones: a client that trusts any earlier version
+walks the chain up from there. ``root.json`` is a copy of the newest version.
 
 Callers serialise writers (``services.registry.registry`` holds a file lock);
 readers need no lock because every file they can reach is complete.
@@ -36,6 +40,7 @@ from tuf.api.exceptions import RepositoryError
 from tuf.api.metadata import Metadata, MetaFile, Role, Root, Snapshot, T, TargetFile, Targets, Timestamp
 from tuf.api.serialization import DeserializationError
 from tuf.api.serialization.json import JSONSerializer
+from tuf.ngclient import UpdaterConfig
 
 from services.atomic_files import write_atomically
 from services.errors import ConfigError, DuplicateVariantError, InternalError, PreconditionError
@@ -44,6 +49,9 @@ from services.registry.signing_keys import SigningKeys
 METADATA_DIR = "metadata"
 TARGETS_DIR = "targets"
 HASH_ALGORITHM = "sha256"
+# The largest targets.json a client accepts: python-tuf's ngclient default, which
+# services.tuf_client (devices, the edge's cache) uses. A bigger one breaks every refresh.
+TARGETS_MAX_LENGTH: int = UpdaterConfig().targets_max_length
 
 Clock = Callable[[], datetime]
 
@@ -64,6 +72,9 @@ class ExpiryPolicy:
         timestamp: Lifetime of timestamp metadata.
         resign_margin: Snapshot or timestamp metadata with less than this left
             is re-signed by :meth:`TufRepository.refresh_online`.
+        targets_resign_margin: Targets metadata with less than this left is
+            re-signed by :meth:`TufRepository.refresh_online` when the targets
+            key is at hand (None: a third of the targets lifetime, 30 days by default).
     """
 
     root: timedelta = timedelta(days=365)
@@ -71,16 +82,28 @@ class ExpiryPolicy:
     snapshot: timedelta = timedelta(days=7)
     timestamp: timedelta = timedelta(days=1)
     resign_margin: timedelta = timedelta(hours=6)
+    targets_resign_margin: timedelta | None = None
 
     def __post_init__(self) -> None:
         for name in ("root", "targets", "snapshot", "timestamp"):
             if getattr(self, name) <= timedelta(0):
                 raise ConfigError(f"the {name} metadata expiry must be positive, got {getattr(self, name)}")
-        if not timedelta(0) <= self.resign_margin < self.timestamp:
+        for name in ("timestamp", "snapshot"):
+            if not timedelta(0) <= self.resign_margin < getattr(self, name):
+                raise ConfigError(
+                    f"the re-sign margin ({self.resign_margin}) must be shorter than the {name} expiry "
+                    f"({getattr(self, name)}), else the {name} would be re-signed on every check"
+                )
+        if not timedelta(0) <= self.targets_margin < self.targets:
             raise ConfigError(
-                f"the re-sign margin ({self.resign_margin}) must be shorter than the timestamp expiry "
-                f"({self.timestamp}), else the timestamp would be re-signed on every check"
+                f"the targets re-sign margin ({self.targets_margin}) must be shorter than the targets expiry "
+                f"({self.targets}), else targets would be re-signed on every check"
             )
+
+    @property
+    def targets_margin(self) -> timedelta:
+        """When targets metadata is re-signed: this long before it expires."""
+        return self.targets / 3 if self.targets_resign_margin is None else self.targets_resign_margin
 
 
 @dataclass(frozen=True)
@@ -108,6 +131,16 @@ class RepositoryState:
     targets: Metadata[Targets]
 
 
+def metadata_expiries(state: RepositoryState) -> dict[str, datetime]:
+    """When each top-level role's committed metadata expires, by role name."""
+    return {
+        Root.type: state.root.signed.expires,
+        Targets.type: state.targets.signed.expires,
+        Snapshot.type: state.snapshot.signed.expires,
+        Timestamp.type: state.timestamp.signed.expires,
+    }
+
+
 def blob_name(target: TargetFile) -> str:
     """The file of a target under ``targets/``: its digest prefixes the basename."""
     directory, sep, base = target.path.rpartition("/")
@@ -121,12 +154,21 @@ class TufRepository:
         root: The repository directory (what the artifact service serves).
         expiry: Metadata lifetimes.
         clock: Returns the current UTC time (tests pass a fake one).
+        targets_max_length: The largest targets metadata a change may write
+            (what clients accept; tests pass a small one).
     """
 
-    def __init__(self, root: Path, expiry: ExpiryPolicy | None = None, clock: Clock = utc_now) -> None:
+    def __init__(
+        self,
+        root: Path,
+        expiry: ExpiryPolicy | None = None,
+        clock: Clock = utc_now,
+        targets_max_length: int = TARGETS_MAX_LENGTH,
+    ) -> None:
         self.root = root
         self.expiry = expiry or ExpiryPolicy()
         self._clock = clock
+        self._targets_max_length = targets_max_length
         self._serializer = JSONSerializer(compact=False)
 
     @property
@@ -201,8 +243,15 @@ class TufRepository:
         snapshot = self._read(self.metadata_dir / f"{timestamp.signed.snapshot_meta.version}.snapshot.json", Snapshot)
         targets_version = snapshot.signed.meta["targets.json"].version
         targets = self._read(self.metadata_dir / f"{targets_version}.targets.json", Targets)
-        root = self._read(self.metadata_dir / "root.json", Root)
+        root = self._read(self.metadata_dir / f"{self.root_version()}.root.json", Root)
         return RepositoryState(root, timestamp, snapshot, targets)
+
+    def root_version(self) -> int:
+        """The newest root version: the last of the unbroken chain ``1.root.json``, ``2.root.json`` …"""
+        version = 1
+        while (self.metadata_dir / f"{version + 1}.root.json").is_file():
+            version += 1
+        return version
 
     def targets(self) -> dict[str, TargetFile]:
         """The committed targets by path.
@@ -239,35 +288,82 @@ class TufRepository:
 
         Raises:
             DuplicateVariantError: A target path is already in the repository (or twice in ``new``).
+            PreconditionError: The targets metadata would outgrow what clients accept.
             ConfigError: The targets or online key is missing.
         """
-        if keys.targets is None or keys.online is None:
-            raise ConfigError("publishing needs the targets key and the online key")
         step = on_step or (lambda _name: None)
         state = self.state()
+        targets, targets_bytes = self._next_targets(state, new, keys)
+        for item in new:
+            blob = self.targets_dir / blob_name(targets.targets[item.path])
+            blob.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(blob, item.data)
+        step("blobs")
+        write_atomically(self.metadata_dir / f"{targets.version}.targets.json", targets_bytes)
+        step("targets")
+        self._next_snapshot_and_timestamp(state, keys, targets.version, targets_bytes, step)
+        return self.state()
+
+    def check_targets(self, new: Sequence[NewTarget], keys: SigningKeys) -> None:
+        """Refuses, writing nothing, what :meth:`add_targets` would refuse.
+
+        Raises:
+            (what :meth:`add_targets` raises before its first write)
+        """
+        self._next_targets(self.state(), new, keys)
+
+    def _next_targets(
+        self, state: RepositoryState, new: Sequence[NewTarget], keys: SigningKeys
+    ) -> tuple[Targets, bytes]:
+        """The next targets version with ``new`` added, signed and serialised (nothing written)."""
+        if keys.targets is None or keys.online is None:
+            raise ConfigError("publishing needs the targets key and the online key")
         paths = [t.path for t in new]
         taken = sorted({p for p in paths if p in state.targets.signed.targets or paths.count(p) > 1})
         if taken:
             raise DuplicateVariantError(f"target {taken[0]} is already published; published variants are immutable")
-        now = self._clock()
         targets = copy.deepcopy(state.targets.signed)
         for item in new:
             info = TargetFile.from_data(item.path, item.data, [HASH_ALGORITHM])
             info.unrecognized_fields["custom"] = item.custom
-            blob = self.targets_dir / blob_name(info)
-            blob.parent.mkdir(parents=True, exist_ok=True)
-            write_atomically(blob, item.data)
             targets.targets[item.path] = info
-        step("blobs")
         targets.version += 1
-        targets.expires = now + self.expiry.targets
+        targets.expires = self._clock() + self.expiry.targets
+        data = self._signed(targets, keys.targets).to_bytes(self._serializer)
+        if len(data) > self._targets_max_length:
+            raise PreconditionError(
+                f"publishing {len(new)} more targets refused: the targets metadata would grow to {len(data)} bytes, "
+                f"over the limit of {self._targets_max_length} bytes that clients accept "
+                f"({len(state.targets.signed.targets)} targets are signed now); nothing was written. "
+                "Publish fewer variants, or move models to a new registry"
+            )
+        return targets, data
+
+    def resign_targets(self, keys: SigningKeys, on_step: Callable[[str], None] | None = None) -> RepositoryState:
+        """Re-signs the targets metadata unchanged but with a new expiry, then snapshot and timestamp.
+
+        Raises:
+            ConfigError: The targets or online key is missing.
+            PreconditionError: The repository does not exist.
+        """
+        if keys.targets is None or keys.online is None:
+            raise ConfigError("re-signing targets needs the targets key (targets.pem) and the online key")
+        step = on_step or (lambda _name: None)
+        state = self.state()
+        targets = copy.deepcopy(state.targets.signed)
+        targets.version += 1
+        targets.expires = self._clock() + self.expiry.targets
         targets_bytes = self._write_versioned(self._signed(targets, keys.targets))
         step("targets")
         self._next_snapshot_and_timestamp(state, keys, targets.version, targets_bytes, step)
         return self.state()
 
     def refresh_online(self, keys: SigningKeys) -> list[str]:
-        """Re-signs snapshot and timestamp when they are within the re-sign margin of expiring.
+        """Re-signs the roles that are within their re-sign margin of expiring.
+
+        Targets are re-signed only when ``keys`` holds the targets key (the
+        serving region normally does not: then ``edgecascade model
+        resign-targets`` does it); snapshot and timestamp follow a new targets version.
 
         Returns:
             The roles re-signed (empty when nothing was close to expiry).
@@ -279,7 +375,11 @@ class TufRepository:
         if keys.online is None:
             raise ConfigError("re-signing snapshot and timestamp needs the online key")
         state = self.state()
-        deadline = self._clock() + self.expiry.resign_margin
+        now = self._clock()
+        if keys.targets is not None and state.targets.signed.expires <= now + self.expiry.targets_margin:
+            self.resign_targets(keys)
+            return [Targets.type, Snapshot.type, Timestamp.type]
+        deadline = now + self.expiry.resign_margin
         if state.snapshot.signed.expires <= deadline:
             meta = state.snapshot.signed.meta["targets.json"]
             targets_bytes = (self.metadata_dir / f"{meta.version}.targets.json").read_bytes()
@@ -290,6 +390,69 @@ class TufRepository:
             self._commit_timestamp(state.timestamp.signed, state.snapshot, snapshot_bytes, keys)
             return [Timestamp.type]
         return []
+
+    def next_root(self, current_keys: Sequence[Signer], new_keys: Sequence[Signer], threshold: int) -> Metadata[Root]:
+        """Root version N+1 with ``new_keys`` as the root keys, signed by old and new keys (nothing written).
+
+        Args:
+            current_keys: Signers that include at least the threshold of the
+                current root's keys (others are ignored).
+            new_keys: The root keys of the new version (may be the current ones:
+                that only renews root's expiry).
+            threshold: Root signatures clients will require from now on.
+
+        Raises:
+            ConfigError: Too few of the current root keys, or a threshold the new keys cannot meet.
+            PreconditionError: The repository does not exist.
+        """
+        old = self.state().root.signed
+        role = old.roles[Root.type]
+        signers: dict[str, Signer] = {}
+        for signer in current_keys:
+            if signer.public_key.keyid in role.keyids:
+                signers.setdefault(signer.public_key.keyid, signer)
+        if len(signers) < role.threshold:
+            raise ConfigError(
+                f"rotating root version {old.version} needs {role.threshold} of its {len(role.keyids)} root keys; "
+                f"{len(signers)} of them were given (root keys: {', '.join(k[:12] for k in role.keyids)})"
+            )
+        new_ids = list(dict.fromkeys(k.public_key.keyid for k in new_keys))
+        if not 1 <= threshold <= len(new_ids):
+            raise ConfigError(
+                f"root threshold must be between 1 and the number of new root keys ({len(new_ids)}), got {threshold}"
+            )
+        root = copy.deepcopy(old)
+        root.version += 1
+        root.expires = self._clock() + self.expiry.root
+        for keyid in list(role.keyids):
+            root.revoke_key(keyid, Root.type)
+        for signer in new_keys:
+            if signer.public_key.keyid not in root.roles[Root.type].keyids:
+                root.add_key(signer.public_key, Root.type)
+        root.roles[Root.type].threshold = threshold
+        md = Metadata(root)
+        for signer in [*signers.values(), *new_keys]:
+            if signer.public_key.keyid not in md.signatures:
+                md.sign(signer, append=True)
+        # What a client checks: a threshold of the old root's keys and of the new root's keys.
+        if not root.get_root_verification_result(old, md.signed_bytes, md.signatures).verified:
+            raise InternalError("the new root metadata does not verify against the old and the new root")
+        return md
+
+    def commit_root(self, root: Metadata[Root]) -> None:
+        """Writes root version N+1: ``<N+1>.root.json`` (what clients walk to), then the ``root.json`` copy.
+
+        Raises:
+            PreconditionError: ``root`` is not the next version.
+        """
+        expected = self.root_version() + 1
+        if root.signed.version != expected:
+            raise PreconditionError(
+                f"root version {root.signed.version} cannot be committed: the next root version is {expected}"
+            )
+        data = root.to_bytes(self._serializer)
+        write_atomically(self.metadata_dir / f"{root.signed.version}.root.json", data)
+        write_atomically(self.metadata_dir / "root.json", data)
 
     def unreferenced_files(self) -> list[Path]:
         """Metadata and blobs newer than the committed state: left by an interrupted change."""

@@ -64,8 +64,10 @@ class ArtifactHost:
         if registry.path:
             self._registry = ModelRegistry(Path(registry.path), registry.expiry)
             if registry.key_dir:
-                # The serving process holds the online key only; root and targets keys stay out of its reach.
-                self._keys = load_keys(Path(registry.key_dir), publisher=False)
+                # By default the serving process holds the online key only; root and targets keys stay
+                # out of its reach. With resign_targets the operator trades that for targets that
+                # renew themselves (else `edgecascade model resign-targets` renews them).
+                self._keys = load_keys(Path(registry.key_dir), publisher=registry.resign_targets)
             provider = ArtifactDirectory(self._registry.repository_dir)
         elif artifacts.cache_dir:
             if not config.upstream.address:
@@ -150,3 +152,8 @@ class ArtifactHost:
     def cache(self) -> ArtifactCache | None:
         """The edge's cache (for status and tests), or None."""
         return self._cache
+
+    @property
+    def registry(self) -> ModelRegistry | None:
+        """The region's registry (for status and tests), or None."""
+        return self._registry

@@ -5,14 +5,27 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import grpc
+import numpy as np
 import pytest
+from rich.console import Console
 
-from services.cli.demo_models import DEFAULT_MODELS_DIR
-from tests.support.processes import wait_for_file
+from protos.edgecascade.v1 import mesh_pb2, mesh_pb2_grpc
+from protos.inference import grpc_service_pb2 as pb
+from protos.inference import grpc_service_pb2_grpc as pb_grpc
+from services.cli.client_commands import status
+from services.cli.demo_models import DEFAULT_MODELS_DIR, DEVICE_MODEL, EDGE_MODEL
+from services.generation import TEXT_INPUT
+from services.inference import SERVED_BY
+from services.rpc.converters import params_from_proto
+from services.tensors import encode_raw
+from tests.support.processes import wait_for_file, wait_until
 
 BIN = Path(sys.executable).parent
 TIER_MODULES = ["tier0_device", "tier1_edge", "tier2_region"]
@@ -142,3 +155,141 @@ def _exercise_running_mesh(state: Path) -> list[int]:
     pids = [json.loads((state / node / "port.json").read_text())["pid"] for node in nodes]
     assert all(_alive(pid) for pid in pids)
     return pids
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _tier_info(address: str) -> mesh_pb2.GetTierInfoResponse:
+    with grpc.insecure_channel(address) as channel:
+        info: mesh_pb2.GetTierInfoResponse = mesh_pb2_grpc.MeshServiceStub(channel).GetTierInfo(
+            mesh_pb2.GetTierInfoRequest(), timeout=10
+        )
+        return info
+
+
+@pytest.mark.slow
+def test_edgecascade_up_ignores_inherited_per_node_settings(tmp_path: Path) -> None:
+    """The Dockerfile's EDGECASCADE_SERVER__HOST/PORT (and friends) must not put every node on one port."""
+    state = tmp_path / "state"
+    port = _free_port()
+    env = {
+        **os.environ,
+        "EDGECASCADE_SERVER__HOST": "0.0.0.0",
+        "EDGECASCADE_SERVER__PORT": str(port),
+        "EDGECASCADE_SERVER__NODE_ID": "region-1",
+        "EDGECASCADE_SERVER__PORT_FILE": str(tmp_path / "port.json"),
+        "EDGECASCADE_REPOSITORY__PATH": str(tmp_path / "elsewhere"),
+        "EDGECASCADE_UPSTREAM__ADDRESS": "127.0.0.1:1",
+        # Not per node: passes through to every node.
+        "EDGECASCADE_CACHE__MEMORY_BUDGET_BYTES": "300000000",
+    }
+    log = tmp_path / "up.log"
+    with (
+        log.open("wb") as out,
+        subprocess.Popen(
+            [str(BIN / "edgecascade"), "up", "--state-dir", str(state), "--devices", "1"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        ) as up,
+    ):
+        try:
+            wait_for_file(state / "endpoints.json", up, 120)
+            endpoints = json.loads((state / "endpoints.json").read_text())
+            addresses = [endpoints["region"], endpoints["edge"], *endpoints["devices"]]
+            infos = [_tier_info(address) for address in addresses]
+        finally:
+            up.send_signal(signal.SIGTERM)
+            code = up.wait(60)
+    output = log.read_text()
+    assert code == 0, output
+    assert len(set(addresses)) == 3, addresses
+    assert all(a.startswith("127.0.0.1:") and a != f"127.0.0.1:{port}" for a in addresses), addresses
+    assert [i.node_id for i in infos] == ["region-1", "edge-1", "device-1"]
+    assert [i.upstream for i in infos] == ["", endpoints["region"], endpoints["edge"]]
+    assert all(i.cache.budget_bytes == 300_000_000 for i in infos)
+    assert not (tmp_path / "port.json").exists() and not (tmp_path / "elsewhere").exists()
+    flat = " ".join(output.split())  # rich wraps long lines
+    assert flat.count("EDGECASCADE_SERVER__PORT,") == 1, output  # reported once, not once per node
+    assert "EDGECASCADE_UPSTREAM__ADDRESS" in flat and "EDGECASCADE_CACHE" not in flat
+
+
+def _infer(address: str, model: str, prompt: str) -> dict[str, Any]:
+    request = pb.ModelInferRequest(model_name=model)
+    request.inputs.add(name=TEXT_INPUT, datatype="BYTES", shape=[1])
+    request.raw_input_contents.append(encode_raw(np.array([prompt.encode()], dtype=object)))
+    with grpc.insecure_channel(address) as channel:
+        response = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=20)
+    return dict(params_from_proto(response.parameters))
+
+
+def _node_states(state: Path) -> dict[str, dict[str, Any]]:
+    try:
+        record = json.loads((state / "nodes.json").read_text())
+    except FileNotFoundError:
+        return {}
+    return {node["name"]: node for node in record["nodes"]}
+
+
+def _edge_state(state: Path) -> str:
+    return str(_node_states(state).get("edge-1", {}).get("state", ""))
+
+
+@pytest.mark.slow
+def test_edgecascade_up_restarts_a_killed_node_and_keeps_the_others(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    log = tmp_path / "up.log"
+    with (
+        log.open("wb") as out,
+        subprocess.Popen(
+            [str(BIN / "edgecascade"), "up", "--state-dir", str(state), "--devices", "1"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        ) as up,
+    ):
+        try:
+            wait_for_file(state / "endpoints.json", up, 120)
+            endpoints = json.loads((state / "endpoints.json").read_text())
+            device, edge = endpoints["devices"][0], endpoints["edge"]
+            nodes = ("region-1", "edge-1", "device-1")
+            pids = {n: json.loads((state / n / "port.json").read_text())["pid"] for n in nodes}
+            assert _infer(device, EDGE_MODEL, "Return the")[SERVED_BY] == "tier1:edge-1"
+
+            os.kill(pids["edge-1"], signal.SIGKILL)
+            wait_until(lambda: _edge_state(state) == "restarting" or up.poll() is not None, 10, "edge-1 restarting")
+            # The launcher and the other nodes carry on; the device still answers what it holds.
+            assert up.poll() is None, log.read_text()
+            assert _alive(pids["region-1"]) and _alive(pids["device-1"])
+            console = Console(record=True, width=300)
+            assert status(console, state, timeout=2.0) == 1
+            edge_row = next(line for line in console.export_text().splitlines() if edge in line)
+            assert "edge-1" in edge_row and "restarting" in edge_row, edge_row
+            assert _infer(device, DEVICE_MODEL, "Return the valu")[SERVED_BY] == "tier0:device-1"
+            assert {n: r["state"] for n, r in _node_states(state).items() if n != "edge-1"} == {
+                "region-1": "up",
+                "device-1": "up",
+            }
+
+            wait_until(lambda: _edge_state(state) == "up", 60, "edge-1 up again")
+            record = _node_states(state)["edge-1"]
+            assert record["restarts"] == 1 and record["address"] == edge
+            new_edge = json.loads((state / "edge-1" / "port.json").read_text())
+            assert new_edge["address"] == edge and new_edge["pid"] != pids["edge-1"]  # same port, new process
+            assert _alive(pids["region-1"]) and _alive(pids["device-1"])
+            # Forwarding through the device to the edge works again.
+            assert _infer(device, EDGE_MODEL, "Return the")[SERVED_BY] == "tier1:edge-1"
+            assert _cli("status", "--state-dir", str(state)).returncode == 0
+        finally:
+            up.send_signal(signal.SIGTERM)
+            code = up.wait(60)
+    output = " ".join(log.read_text().split())  # rich wraps long lines
+    assert code == 0, output
+    assert "edge-1 exited with code -9" in output and "restarting edge-1" in output
+    assert f"edge edge-1 serving on {edge}" in output.split("edge-1 exited", 1)[1]  # with the edge's log tail
+    assert not (state / "endpoints.json").exists() and not (state / "nodes.json").exists()
+    assert not any(_alive(pid) for pid in [*pids.values(), new_edge["pid"]])

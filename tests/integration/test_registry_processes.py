@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+import onnxruntime as ort
 import pytest
 
 from services.errors import DuplicateVariantError
 from services.registry.model_inspection import inspect_model
-from services.registry.pipeline import PipelineOptions, prepare
+from services.registry.pipeline import PipelineOptions, ValidationChoice, prepare
 from services.registry.profiler import ProfileSettings
 from services.registry.registry import ModelRegistry
 from services.rpc.model_fetcher import ModelFetcher
@@ -96,6 +100,33 @@ def test_profiled_peak_memory_is_within_15_percent_of_a_fresh_process(tmp_path: 
         profiled = sub.profile.batch(batch).peak_memory_bytes
         real = sum(fresh) / len(fresh)
         assert abs(profiled - real) <= 0.15 * real, (batch, profiled, fresh)
+
+
+@pytest.mark.slow
+def test_profiling_measures_the_inspected_bytes_even_if_the_file_is_replaced(tmp_path: Path) -> None:
+    """Issue 7 #2: the profiling process measures the bytes inspected (and published), not the path again."""
+    model = tiny_char_lm(tmp_path / "lm.onnx", vocab=VOCAB, seed=0)
+    original = model.read_bytes()
+    other = tiny_char_lm(tmp_path / "other.onnx", vocab=VOCAB, seed=5).read_bytes()
+    options = PipelineOptions(
+        profile=ProfileSettings(batch_sizes=(1,), latency_runs=5, latency_budget_s=0.05),
+        validation=ValidationChoice(heldout_docs=["the quick brown fox jumps over the lazy dog. " * 8], rows=100),
+    )
+
+    def replace_before_profiling(_name: str) -> None:
+        model.write_bytes(other)
+
+    (sub,) = prepare({"fp32": model}, "fp32", options, on_progress=replace_before_profiling)
+    assert model.read_bytes() == other
+    assert sub.facts.sha256 == hashlib.sha256(original).hexdigest() == sub.profile.file_sha256
+    golden = sub.profile.golden
+
+    def outputs(data: bytes) -> np.ndarray[Any, Any]:
+        session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        return np.asarray(session.run(["probs"], golden.inputs)[0])
+
+    np.testing.assert_allclose(golden.outputs["probs"], outputs(original), rtol=1e-5, atol=1e-7)
+    assert not np.allclose(golden.outputs["probs"], outputs(other), rtol=1e-5, atol=1e-7)
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

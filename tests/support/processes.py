@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,3 +22,13 @@ def wait_for_file(path: Path, process: subprocess.Popen[bytes], seconds: float) 
         time.sleep(0.1)
     process.kill()
     pytest.fail(f"{path} did not appear within {seconds} s")
+
+
+def wait_until(condition: Callable[[], bool], seconds: float, what: str) -> None:
+    """Polls ``condition`` until it holds; fails the test if it does not within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    pytest.fail(f"timed out after {seconds} s waiting for: {what}")

@@ -2,31 +2,38 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tuf.api.metadata import Metadata
+from tuf.ngclient import UpdaterConfig
 
+from services import onnx_session
 from services.errors import (
     ConfigError,
     DuplicateVariantError,
     InvalidArgumentError,
     InvalidModelError,
+    PreconditionError,
     QuantizationGateError,
     SignatureMismatchError,
 )
+from services.registry import model_inspection, quantization_gate
+from services.registry import registry as registry_module
 from services.registry.content_encryption import decrypt_artifact
 from services.registry.model_inspection import inspect_model, signature_from_json
 from services.registry.pipeline import PipelineOptions, prepare, publish_model
 from services.registry.profiles import GoldenVectors
 from services.registry.quantization_gate import GateOverride
-from services.registry.registry import ModelRegistry
+from services.registry.registry import ModelRegistry, check_variant_name
 from services.registry.signing_keys import generate_keys, load_keys, load_signer
-from services.registry.tuf_repository import ExpiryPolicy, TufRepository
+from services.registry.tuf_repository import TARGETS_MAX_LENGTH, ExpiryPolicy, TufRepository
 from tests.support.onnx_models import linear_model
 from tests.support.registry import (
     FakeClock,
@@ -287,3 +294,83 @@ def test_reconcile_keeps_committed_pending_rows_and_drops_the_rest(kit: Registry
     # The failure handler settled the rows against the committed state: they were committed.
     assert [r.state for r in kit.registry.database.variants(include_pending=True)] == ["published", "published"]
     assert kit.registry.reconcile() == ([], [])
+
+
+def test_publish_encrypts_and_signs_the_bytes_that_were_inspected(
+    kit: RegistryKit, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 7 #2: a file replaced after inspection (here: while the gate runs) must not be published."""
+    files = lm_variants(kit.files)
+    subs = submissions(files)
+    inspected = {variant: path.read_bytes() for variant, path in files.items()}
+    others = lm_variants(kit.files / "other", seed=7)
+    real_gate = quantization_gate.check_gate
+
+    def replace_files_then_gate(*args: Any, **kwargs: Any) -> Any:
+        for variant, path in files.items():
+            path.write_bytes(others[variant].read_bytes())
+        return real_gate(*args, **kwargs)
+
+    monkeypatch.setattr(registry_module, "check_gate", replace_files_then_gate)
+    published = publish_model(kit.registry, kit.keys, "lm", "1", subs, PipelineOptions())
+    assert {v: p.read_bytes() for v, p in files.items()} != inspected  # the files on disk did change
+    repo = kit.registry.repository
+    for item in published:
+        blob = (repo.targets_dir / f"models/lm/1/{item.sha256}.{item.variant}").read_bytes()
+        record = next(r for r in kit.registry.variants() if r.variant == item.variant)
+        plaintext = decrypt_artifact(blob, kit.registry.database.content_key(record.key_id), item.target_path)
+        assert plaintext == inspected[item.variant]
+        assert hashlib.sha256(plaintext).hexdigest() == item.custom["plaintext_sha256"]
+        assert len(plaintext) == item.custom["plaintext_length"]
+
+
+def test_inspection_reads_the_file_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The signature is read from the same bytes that were hashed, even if the file is replaced meanwhile."""
+    lm = lm_variants(tmp_path)["fp32"]
+    original = lm.read_bytes()
+    other = linear_model(tmp_path / "lin.onnx").read_bytes()
+    real_session = onnx_session.OnnxSession
+
+    def replace_then_load(path: Path, *args: Any, **kwargs: Any) -> Any:
+        lm.write_bytes(other)
+        return real_session(path, *args, **kwargs)
+
+    monkeypatch.setattr(model_inspection, "OnnxSession", replace_then_load)
+    facts = inspect_model(lm)
+    assert facts.sha256 == hashlib.sha256(original).hexdigest()
+    assert [s.name for s in facts.signature.inputs] == ["input_ids"]
+
+
+@pytest.mark.parametrize("variant", ["fp32\n", "int8\n"])
+def test_a_variant_name_with_a_trailing_newline_is_refused(variant: str) -> None:
+    """Issue 7 #11b: ``$`` matches before a final newline; names must match in full."""
+    with pytest.raises(InvalidArgumentError, match="variant name"):
+        check_variant_name(variant)
+
+
+@pytest.mark.parametrize(("name", "version"), [("lm\n", "1"), ("lm", "1\n"), ("lm", "\u00b9")])
+def test_a_model_name_or_version_with_a_trailing_newline_is_refused(kit: RegistryKit, name: str, version: str) -> None:
+    before = tree(kit.registry.directory)
+    with pytest.raises(InvalidArgumentError):
+        publish_model(kit.registry, kit.keys, name, version, submissions(lm_variants(kit.files)), PipelineOptions())
+    assert tree(kit.registry.directory) == before
+
+
+def test_a_publish_that_would_outgrow_the_clients_targets_limit_is_refused(kit: RegistryKit) -> None:
+    """Issue 7 #11c: targets.json may not grow past what a client accepts (a small limit injected)."""
+    publish_lm(kit)
+    state = kit.registry.repository.state()
+    current = len((kit.registry.repository.metadata_dir / f"{state.targets.signed.version}.targets.json").read_bytes())
+    kit.registry.close()
+    small = ModelRegistry(kit.registry.directory, targets_max_length=current + 1000)
+    try:
+        before = tree(kit.registry.directory)
+        with pytest.raises(PreconditionError, match=r"targets metadata would grow to \d+ bytes") as refused:
+            publish_model(small, kit.keys, "lm", "2", submissions(lm_variants(kit.files, seed=1)), PipelineOptions())
+        assert f"{current + 1000}" in refused.value.message
+        assert tree(kit.registry.directory) == before
+        assert [r.version for r in small.variants()] == ["1", "1"]
+    finally:
+        small.close()
+    # The default limit is the one python-tuf's client enforces.
+    assert UpdaterConfig().targets_max_length == TARGETS_MAX_LENGTH

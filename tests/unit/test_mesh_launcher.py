@@ -1,0 +1,290 @@
+"""`edgecascade up` without processes: the children's environment, the restart policy, supervision."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.cli import mesh_launcher
+from services.cli.mesh_launcher import LAUNCHER_OWNED_SETTINGS, Child, Mesh, RestartPolicy, child_environment
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# --------------------------------------------------------------------------- defect 9: the children's environment
+
+
+def test_child_environment_drops_exactly_the_settings_the_launcher_writes_per_node() -> None:
+    inherited = {
+        # What the Dockerfile sets, and the rest of the per-node keys.
+        "EDGECASCADE_SERVER__HOST": "0.0.0.0",
+        "EDGECASCADE_SERVER__PORT": "8001",
+        "EDGECASCADE_SERVER__NODE_ID": "region-1",
+        "EDGECASCADE_SERVER__PORT_FILE": "/tmp/port.json",
+        "EDGECASCADE_REPOSITORY__PATH": "/var/lib/edgecascade/region-models",
+        "EDGECASCADE_UPSTREAM__ADDRESS": "127.0.0.1:8002",
+        "EDGECASCADE_REGISTRY__PATH": "/srv/registry",
+        "EDGECASCADE_ARTIFACTS__TRUSTED_ROOT": "/srv/root.json",
+        # The config loader reads section and key case-insensitively, so this one sets [server] port too.
+        "EDGECASCADE_server__port": "9000",
+        # Everything else passes through.
+        "EDGECASCADE_SERVER__GRACE_SECONDS": "2",
+        "EDGECASCADE_REPOSITORY__PRELOAD": "false",
+        "EDGECASCADE_CACHE__MEMORY_BUDGET_BYTES": "300000000",
+        "EDGECASCADE_REGISTRY__TIMESTAMP_EXPIRY_S": "7200",
+        "EDGECASCADE_LOG__LEVEL": "DEBUG",
+        "EDGECASCADE_PROFILE": "x",  # not a setting (no section): not ours to touch
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317",
+        "PATH": "/usr/bin",
+    }
+    env, ignored = child_environment(inherited)
+    assert ignored == sorted(
+        [
+            "EDGECASCADE_SERVER__HOST",
+            "EDGECASCADE_SERVER__PORT",
+            "EDGECASCADE_SERVER__NODE_ID",
+            "EDGECASCADE_SERVER__PORT_FILE",
+            "EDGECASCADE_REPOSITORY__PATH",
+            "EDGECASCADE_UPSTREAM__ADDRESS",
+            "EDGECASCADE_REGISTRY__PATH",
+            "EDGECASCADE_ARTIFACTS__TRUSTED_ROOT",
+            "EDGECASCADE_server__port",
+        ]
+    )
+    assert env == {name: value for name, value in inherited.items() if name not in ignored}
+    assert inherited["EDGECASCADE_SERVER__PORT"] == "8001"  # the launcher's own environment is left alone
+
+
+def test_owned_settings_are_exactly_the_keys_of_the_per_node_config_files(tmp_path: Path) -> None:
+    mesh = Mesh(tmp_path / "state", 2, tmp_path / "models", lambda _: None)
+    written: set[tuple[str, str]] = set()
+    for child in mesh.children:
+        config = tomllib.loads(mesh.node_config(child, upstream="127.0.0.1:1", port=0))
+        written |= {(section, key) for section, values in config.items() for key in values}
+    assert written == set(LAUNCHER_OWNED_SETTINGS)
+
+
+def test_node_config_pins_the_port_on_restart(tmp_path: Path) -> None:
+    mesh = Mesh(tmp_path / "state", 1, tmp_path / "models", lambda _: None)
+    config = tomllib.loads(mesh.node_config(mesh.edge, upstream="127.0.0.1:7001", port=7002))
+    assert config["server"] == {
+        "host": "127.0.0.1",
+        "port": 7002,
+        "node_id": "edge-1",
+        "port_file": str(mesh.edge.port_file),
+    }
+    assert config["upstream"] == {"address": "127.0.0.1:7001"}
+
+
+def test_no_variable_is_reported_when_nothing_is_inherited() -> None:
+    env, ignored = child_environment({"PATH": "/usr/bin", "EDGECASCADE_LOG__LEVEL": "INFO"})
+    assert ignored == [] and env == {"PATH": "/usr/bin", "EDGECASCADE_LOG__LEVEL": "INFO"}
+
+
+# --------------------------------------------------------------------------- defect 14: the restart policy
+
+
+def test_restart_policy_backs_off_exponentially_then_gives_up() -> None:
+    clock = FakeClock()
+    policy = RestartPolicy(base_delay_s=1.0, factor=2.0, max_delay_s=30.0, max_restarts=3, window_s=60.0, clock=clock)
+    delays = []
+    for _ in range(3):
+        delays.append(policy.on_exit())
+        clock.now += 5
+    assert delays == [1.0, 2.0, 4.0]
+    assert policy.on_exit() is None  # a fourth exit within the window: give up
+
+
+def test_restart_policy_caps_the_delay() -> None:
+    clock = FakeClock()
+    policy = RestartPolicy(base_delay_s=1.0, factor=2.0, max_delay_s=3.0, max_restarts=10, window_s=60.0, clock=clock)
+    assert [policy.on_exit() for _ in range(4)] == [1.0, 2.0, 3.0, 3.0]
+
+
+def test_restart_policy_forgets_exits_older_than_the_window() -> None:
+    clock = FakeClock()
+    policy = RestartPolicy(base_delay_s=1.0, factor=2.0, max_delay_s=30.0, max_restarts=2, window_s=10.0, clock=clock)
+    assert policy.on_exit() == 1.0
+    clock.now += 1
+    assert policy.on_exit() == 2.0
+    clock.now += 20  # both exits are out of the window: a fresh start, backoff included
+    assert policy.on_exit() == 1.0
+    clock.now += 1
+    assert policy.on_exit() == 2.0
+    clock.now += 1
+    assert policy.on_exit() is None
+
+
+def test_restart_policy_rejects_nonsense() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        RestartPolicy(base_delay_s=0)
+    with pytest.raises(ValueError, match="max_restarts"):
+        RestartPolicy(max_restarts=-1)
+
+
+# --------------------------------------------------------------------------- defect 14: supervision, no real processes
+
+
+class FakeProcess:
+    """Stands in for a Popen: alive until ``returncode`` is set."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self.signals: list[int] = []
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        self.signals.append(sig)
+        self.returncode = -sig
+
+    def kill(self) -> None:
+        self.send_signal(9)
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        return self.returncode
+
+
+class FakeMesh(Mesh):
+    """A mesh whose children are fake processes that write their port file at once and always serve."""
+
+    def __init__(self, state_dir: Path, clock: FakeClock, policy: dict[str, Any]) -> None:
+        self.said: list[str] = []
+        self.launches: list[tuple[str, str, int]] = []
+        self.next_pid = 100
+        self.next_port = 7000
+        super().__init__(
+            state_dir,
+            1,
+            state_dir / "models",
+            self.said.append,
+            clock=clock,
+            restart_policy=lambda: RestartPolicy(clock=clock, **policy),
+        )
+
+    def _launch(self, child: Child, upstream: str, port: int) -> None:
+        self.launches.append((child.name, upstream, port))
+        child.directory.mkdir(parents=True, exist_ok=True)
+        self.next_pid += 1
+        if not port:
+            self.next_port += 1
+            port = self.next_port
+        child.process = FakeProcess(self.next_pid)  # type: ignore[assignment]
+        (child.directory / "log.txt").write_text(f"{child.name} log line\n")
+        child.port_file.write_text(json.dumps({"address": f"127.0.0.1:{port}", "pid": self.next_pid}))
+
+    def _serves(self, child: Child, timeout: float) -> bool:
+        return True
+
+    def states(self) -> dict[str, str]:
+        record = json.loads((self.state_dir / "nodes.json").read_text())
+        return {node["name"]: node["state"] for node in record["nodes"]}
+
+
+def _kill(child: Child) -> None:
+    assert child.process is not None
+    child.process.returncode = -9
+
+
+def test_a_dead_node_is_restarted_on_its_port_and_given_up_on_alone(tmp_path: Path) -> None:
+    clock = FakeClock()
+    mesh = FakeMesh(
+        tmp_path / "state",
+        clock,
+        {"base_delay_s": 1.0, "factor": 2.0, "max_delay_s": 30.0, "max_restarts": 2, "window_s": 100.0},
+    )
+    endpoints = mesh.start()
+    assert endpoints == {"region": "127.0.0.1:7001", "edge": "127.0.0.1:7002", "devices": ["127.0.0.1:7003"]}
+    assert mesh.states() == {"region-1": "up", "edge-1": "up", "device-1": "up"}
+    others = [mesh.region.process, mesh.devices[0].process]
+    mesh.launches.clear()
+
+    _kill(mesh.edge)
+    assert mesh.supervise() is True
+    assert mesh.states()["edge-1"] == "restarting"
+    assert any("edge-1 exited with code -9" in line and "edge-1 log line" in line for line in mesh.said)
+    clock.now += 0.9
+    mesh.supervise()
+    assert mesh.launches == []  # still backing off
+    clock.now += 0.2
+    mesh.supervise()
+    assert mesh.launches == [("edge-1", "127.0.0.1:7001", 7002)]  # same upstream, same port
+    mesh.supervise()
+    assert mesh.states() == {"region-1": "up", "edge-1": "up", "device-1": "up"}
+    assert mesh.edge.address == "127.0.0.1:7002"
+
+    _kill(mesh.edge)
+    mesh.supervise()
+    clock.now += 1.5
+    mesh.supervise()
+    assert len(mesh.launches) == 1  # the second restart waits 2 s
+    clock.now += 1.0
+    mesh.supervise()
+    mesh.supervise()
+    assert len(mesh.launches) == 2 and mesh.states()["edge-1"] == "up"
+
+    _kill(mesh.edge)
+    assert mesh.supervise() is True  # the others still run
+    assert mesh.states() == {"region-1": "up", "edge-1": "down", "device-1": "up"}
+    assert any("giving up on edge-1" in line for line in mesh.said)
+    clock.now += 1000
+    mesh.supervise()
+    assert len(mesh.launches) == 2
+    assert [mesh.region.process, mesh.devices[0].process] == others
+    assert all(p is not None and p.poll() is None for p in others)
+    record = json.loads((mesh.state_dir / "nodes.json").read_text())
+    edge = next(node for node in record["nodes"] if node["name"] == "edge-1")
+    assert edge["restarts"] == 2 and edge["address"] == "127.0.0.1:7002" and "-9" in edge["detail"]
+
+    mesh.stop()
+    assert not (mesh.state_dir / "nodes.json").exists()
+    assert not (mesh.state_dir / "endpoints.json").exists()
+
+
+def test_supervision_ends_when_every_node_is_given_up(tmp_path: Path) -> None:
+    clock = FakeClock()
+    mesh = FakeMesh(
+        tmp_path / "state",
+        clock,
+        {"base_delay_s": 1.0, "factor": 2.0, "max_delay_s": 30.0, "max_restarts": 0, "window_s": 100.0},
+    )
+    mesh.start()
+    for child in mesh.children:
+        _kill(child)
+    assert mesh.supervise() is False
+    assert set(mesh.states().values()) == {"down"}
+    mesh.stop()
+
+
+def test_a_restart_that_never_serves_counts_as_a_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = FakeClock()
+    mesh = FakeMesh(
+        tmp_path / "state",
+        clock,
+        {"base_delay_s": 1.0, "factor": 2.0, "max_delay_s": 30.0, "max_restarts": 5, "window_s": 100.0},
+    )
+    mesh.start()
+    _kill(mesh.devices[0])
+    mesh.supervise()
+    clock.now += 1.0
+    monkeypatch.setattr(mesh, "_serves", lambda child, timeout: False)
+    mesh.supervise()  # relaunched, but never serves
+    hung = mesh.devices[0].process
+    clock.now += mesh_launcher.START_TIMEOUT_S + 1
+    mesh.supervise()
+    assert hung is not None and hung.poll() is not None  # killed
+    assert mesh.states()["device-1"] == "restarting"
+    assert any("device-1 did not serve" in line for line in mesh.said)
+    mesh.stop()
