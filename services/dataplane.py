@@ -165,12 +165,14 @@ class Dataplane:
         """Returns the absolute ``loop.time()`` deadline of a request.
 
         The tightest of the gRPC deadline, the ``timeout`` parameter and the
-        default timeout: the model's own (its ``edgecascade.batching.default_timeout_us``
+        default timeout: that of ``model`` (its ``edgecascade.batching.default_timeout_us``
         override, else the tier's ``[batching] default_timeout_us``) when a
-        local model answers, the tier's when the request goes upward.
+        local model was chosen — it stays the deadline if that model's queue
+        then sends the request upward — and the tier's when no local model
+        was. A default never exceeds ``max_timeout_us``, the most a client may ask for.
         """
         config = model.batcher.config if model is not None else self.cache.batching
-        candidates = [config.default_timeout_us / 1e6]
+        candidates = [min(config.default_timeout_us, self.limits.max_timeout_us) / 1e6]
         if budget.timeout_us:
             candidates.append(budget.timeout_us / 1e6)
         if budget.grpc_remaining is not None:
@@ -229,8 +231,9 @@ class Dataplane:
         if model.tokenizer is not None and TEXT_INPUT in inputs and INPUT_IDS not in inputs:
             prompt = self._prompt(inputs.pop(TEXT_INPUT))
             inputs[INPUT_IDS] = model.tokenizer.window(model.tokenizer.encode(prompt))
-        inputs = model.session.prepare(inputs, request.requested_outputs)
+        # Rows first: a request too large to run should not pay for decoding its text.
         self._check_rows(model, inputs)
+        inputs = model.session.prepare(inputs, request.requested_outputs)
         try:
             outputs = await self.cache.run(model, inputs, request.requested_outputs, deadline, _priority(request))
         except QueueFullError:
@@ -317,17 +320,19 @@ class Dataplane:
     def _check_rows(model: LoadedModel, inputs: Mapping[str, np.ndarray[Any, Any]]) -> None:
         """Refuses a request with more rows than the model's ``max_batch_size``.
 
-        Memory admission budgets a model's activations at that many rows, so a
-        larger request would take memory nobody accounted for. Refused here, on
-        whichever tier holds the model, it is never forwarded upward.
+        Memory admission budgets the activations of every input whose first
+        dimension is variable at that many rows, so a larger request would take
+        memory nobody accounted for. Refused here, on whichever tier holds the
+        model, it is never forwarded upward.
         """
-        if not model.signature.batchable:
-            return  # fixed shapes: the signature check already bounds the rows
         limit = model.entry.max_batch_size
-        for name, array in inputs.items():
-            if array.ndim and array.shape[0] > limit:
+        for spec in model.signature.inputs:
+            array = inputs.get(spec.name)
+            if array is None or not spec.shape or spec.shape[0] != -1 or not array.ndim:
+                continue  # missing or fixed-size: the signature check speaks for it
+            if array.shape[0] > limit:
                 raise InvalidArgumentError(
-                    f"input '{name}' has {array.shape[0]} rows; model '{model.name}' version {model.version} "
+                    f"input '{spec.name}' has {array.shape[0]} rows; model '{model.name}' version {model.version} "
                     f"takes at most {limit} (max_batch_size) per request: split the request"
                 )
 

@@ -41,8 +41,9 @@ MAX_PROMPT_BYTES = 64 * 1024
 # the event loop: their number and length are bounded so that check stays cheap.
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 64
-# The raw parameter: a JSON list of the longest strings, escaped, fits easily.
-MAX_STOP_PARAMETER_CHARS = 8 * 1024
+# The raw parameter: a JSON list of the most and longest strings fits even when
+# every character is escaped (json.dumps writes one outside the BMP as 12).
+MAX_STOP_PARAMETER_CHARS = MAX_STOP_STRINGS * (MAX_STOP_CHARS * 12 + 4) + 2
 
 
 class CharTokenizer:

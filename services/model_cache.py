@@ -383,6 +383,12 @@ class ModelCache:
         return model
 
     async def _load_admitted(self, entry: ModelEntry) -> LoadedModel:
+        if entry.max_batch_size < 1:
+            # Admission budgets activations at this many rows, and the batcher needs at least one.
+            raise ModelNotReadyError(
+                f"model '{entry.name}' version {entry.version}: metadata max_batch_size must be at least 1, "
+                f"got {entry.max_batch_size}"
+            )
         file_bytes = entry.model_file.stat().st_size
         estimate = estimate_footprint(file_bytes, entry.properties)
         async with self._load_lock:

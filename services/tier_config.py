@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -62,6 +63,22 @@ from services.registry.tuf_repository import ExpiryPolicy
 
 MIN_CHUNK_BYTES = 1024
 MAX_CHUNK_BYTES = 16 * 1024 * 1024
+# Node ids travel in gRPC metadata (the forwarding route) and file names: plain ASCII, no separators.
+_NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+def check_node_id(node_id: str) -> str:
+    """Returns ``node_id`` if it is 1-128 ASCII letters, digits, '_', '.' or '-', starting with a letter or digit.
+
+    Raises:
+        ConfigError: It is not.
+    """
+    if not _NODE_ID.fullmatch(node_id):
+        raise ConfigError(
+            f"[server] node_id {node_id!r} is not valid: use 1-128 ASCII letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit"
+        )
+    return node_id
 
 
 @dataclass(frozen=True)
@@ -82,6 +99,8 @@ class ServerSection:
             raise ConfigError(f"[server] max_message_bytes must be at least 1024, got {self.max_message_bytes}")
         if self.grace_seconds < 0:
             raise ConfigError(f"[server] grace_seconds must not be negative, got {self.grace_seconds}")
+        if self.node_id:
+            check_node_id(self.node_id)
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ from services.rpc.mesh_servicer import MeshServicer
 from services.rpc.server import GrpcServer, ServiceBinding
 from services.rpc.telemetry import NodeMetrics, build_meter_provider, build_tracer_provider, node_resource
 from services.run_pool import RunPool
-from services.tier_config import TierConfig
+from services.tier_config import TierConfig, check_node_id
 
 log = logging.getLogger("edgecascade.node")
 
@@ -76,7 +76,7 @@ class Node:
             raise ConfigError(f"the {spec.role} is the top of the chain; [upstream] address must be empty")
         self.spec = spec
         self.config = config
-        node_id = config.server.node_id or f"{spec.role}-{socket.gethostname()}"
+        node_id = check_node_id(config.server.node_id or f"{spec.role}-{socket.gethostname()}")
         self.identity = NodeIdentity(spec.tier, node_id)
         self._ready = False
         self._server: GrpcServer | None = None

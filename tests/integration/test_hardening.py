@@ -13,6 +13,7 @@ import socket
 import tracemalloc
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -22,11 +23,12 @@ from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from services.batcher import BatchingConfig
 from services.dataplane import Dataplane, RequestLimits
-from services.errors import ForwardingLoopError, InvalidArgumentError
+from services.errors import ForwardingLoopError, InvalidArgumentError, ModelNotReadyError
 from services.inference import NodeIdentity
 from services.model_cache import ModelCache
 from services.model_repository import ModelRepository
 from services.onnx_session import OnnxSession
+from services.rpc.inference_client import InferenceClient
 from services.rpc.node import Node
 from services.run_pool import RunPool
 from tests.integration.conftest import Chain, start_node
@@ -101,16 +103,70 @@ def test_text_memory_is_linear_in_the_request(tmp_path: Path) -> None:
 
 
 async def test_more_rows_than_max_batch_size_is_refused_on_the_device_and_not_forwarded(
-    chain: Chain, device_stub: pb_grpc.GRPCInferenceServiceStub
+    chain: Chain, device_stub: pb_grpc.GRPCInferenceServiceStub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    forwarded: list[str] = []
+    real = InferenceClient.model_infer
+
+    async def counting(self: InferenceClient, request: pb.ModelInferRequest, *args: Any, **kwargs: Any) -> Any:
+        forwarded.append(request.model_name)
+        return await real(self, request, *args, **kwargs)
+
+    monkeypatch.setattr(InferenceClient, "model_infer", counting)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await device_stub.ModelInfer(infer_request("lin", {"x": np.ones((65, 4), np.float32)}))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "input 'x' has 65 rows; model 'lin' version 1 takes at most 64" in (caught.value.details() or "")
-    assert chain.edge._cache is not None
-    assert not any(m.name == "lin" for m in chain.edge._cache.loaded())
     at_limit = await device_stub.ModelInfer(infer_request("lin", {"x": np.ones((64, 4), np.float32)}))
     assert output(at_limit, "y").shape == (64, 3)
+    assert forwarded == []
+    await device_stub.ModelInfer(infer_request("edge-only", {"x": X}))
+    assert forwarded == ["edge-only"]  # the count would see a forwarded request
+
+
+def _pooling_model(path: Path) -> Path:
+    """``y = ReduceMean(x, axis 0)``: a variable first dimension in, none out (so not "batchable")."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["x"], ["y"], axes=[0], keepdims=0)],
+        "pool",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    return path
+
+
+async def test_rows_are_capped_for_a_model_whose_outputs_have_no_batch_axis(tmp_path: Path) -> None:
+    repo = ModelRepository(tmp_path / "repo")
+    repo.add("pool", _pooling_model(tmp_path / "pool.onnx"))
+    node = await start_node(DEVICE, tmp_path / "repo", "pool-1")
+    try:
+        async with grpc.aio.insecure_channel(node.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.ModelInfer(infer_request("pool", {"x": np.ones((1_000, 4), np.float32)}))
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "input 'x' has 1000 rows; model 'pool' version 1 takes at most 64" in (caught.value.details() or "")
+            answer = await stub.ModelInfer(infer_request("pool", {"x": np.ones((64, 4), np.float32)}))
+            assert output(answer, "y").tolist() == [1.0] * 4
+    finally:
+        await node.stop()
+
+
+async def test_a_model_whose_metadata_says_max_batch_size_0_is_unavailable_not_internal(tmp_path: Path) -> None:
+    repo = ModelRepository(tmp_path / "repo")
+    entry = repo.add("lin", linear_model(tmp_path / "lin.onnx"))
+    meta = entry.path / "metadata.json"
+    meta.write_text(meta.read_text().replace('"max_batch_size": 64', '"max_batch_size": 0'))
+    cache = ModelCache(repo, RunPool(1), BatchingConfig(), 1 << 30)
+    try:
+        with pytest.raises(ModelNotReadyError, match="metadata max_batch_size must be at least 1, got 0"):
+            await cache.get("lin")
+    finally:
+        await cache.close()
 
 
 async def test_more_rows_than_max_batch_size_is_refused_by_the_edge_that_holds_the_model(
@@ -289,5 +345,8 @@ async def test_a_models_default_timeout_override_sets_its_requests_deadline(tmp_
         assert dp.deadline(shorter, await cache.get("quick")) == pytest.approx(shorter.arrived + 0.1)
         with pytest.raises(InvalidArgumentError, match="must not be negative"):
             dp.budget({"timeout": -1}, None)
+        # A model's default never exceeds what a client may ask for.
+        capped = Dataplane(NodeIdentity("tier0", "d"), cache, True, RequestLimits(max_timeout_us=200_000))
+        assert capped.deadline(budget, await cache.get("lin")) == pytest.approx(budget.arrived + 0.2)
     finally:
         await cache.close()

@@ -51,6 +51,11 @@ def test_env_name_convention() -> None:
         ("", {"EDGECASCADE_RUNTIME__INTRA_OP_THREADS": "4096"}, "exceeds"),
         ("", {"EDGECASCADE_LOG__LEVEL": "LOUD"}, "[log] level"),
         ("[server\n", {}, "not valid TOML"),
+        # Node ids travel in gRPC metadata (the forwarding route): ASCII only, no route separator.
+        ('[server]\nnode_id = "gerät"\n', {}, "node_id 'gerät' is not valid"),
+        ("", {"EDGECASCADE_SERVER__NODE_ID": "a > b"}, "node_id 'a > b' is not valid"),
+        ('[server]\nnode_id = "a\\nb"\n', {}, "is not valid"),
+        ("", {"EDGECASCADE_REQUESTS__MAX_HOPS": "0"}, "[requests] max_hops must be from 1 to 16"),
     ],
 )
 def test_bad_configuration_stops_with_a_clear_message(

@@ -78,6 +78,9 @@ def test_stop_strings_are_bounded(stop: str, message: str) -> None:
 def test_stop_at_the_limits_is_accepted() -> None:
     stops = [chr(ord("a") + i) * MAX_STOP_CHARS for i in range(MAX_STOP_STRINGS)]
     assert GenerationParams.from_parameters({"stop": json.dumps(stops)}).stop == tuple(stops)
+    # json.dumps escapes each character outside the BMP as 12: the documented limits still fit.
+    emoji = ["\U0001f600" * MAX_STOP_CHARS] * MAX_STOP_STRINGS
+    assert GenerationParams.from_parameters({"stop": json.dumps(emoji)}).stop == tuple(emoji)
 
 
 async def test_a_stop_string_spanning_many_tokens_still_stops() -> None:
