@@ -1,19 +1,27 @@
-"""The transport-neutral data plane every tier runs.
+"""The transport-neutral data plane every tier runs: the core that owns each answer.
 
-For each request it decides where the answer comes from: this node's own
-model, or the next tier up (the same call, forwarded with the remaining
-deadline). It validates request parameters, derives the deadline (the tightest
-of the gRPC deadline, the ``timeout`` parameter and the configured default),
-runs local inference and token-by-token generation, and labels every answer
-with the node that computed it.
+One entry point per kind of call decides and performs the whole flow: refuse a
+call that already came through here (a forwarding loop), read its time budget,
+find or load the local model (or the reason to go upward), validate, answer
+locally, and — when the local model is absent, cannot load, cannot fit in
+memory, or refuses the call because its queue is full — send the same call to
+the next tier through the :class:`Upstream` port with the remaining deadline.
+Every local answer is labelled with the node that computed it.
+
+The transport converts on both sides and holds no decisions: the gRPC servicer
+builds an :class:`InferCall`, calls :meth:`Dataplane.infer` or
+:meth:`Dataplane.stream`, and converts what comes back; its :class:`Upstream`
+adapter forwards the untouched message. Wrappers of the port (a circuit breaker,
+a cascade) change where answers come from without touching the transport.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from enum import StrEnum
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -38,9 +46,14 @@ from services.generation import (
     generate,
 )
 from services.inference import (
+    CONFIDENCE,
     FINAL_RESPONSE,
+    FINISH_REASON,
+    MIN_TOKEN_PROBABILITY,
     SERVED_BY,
     TOKEN_PROBABILITY,
+    TOKENS,
+    FallbackReason,
     InferRequest,
     InferResult,
     NodeIdentity,
@@ -53,20 +66,91 @@ from services.model_cache import LoadedModel, ModelCache
 COMMON_PARAMETERS = frozenset({"priority", "timeout", "triton_enable_empty_final_response"})
 
 
-class FallbackReason:
-    """Values of ``edgecascade.fallback_reason``."""
+@dataclass(frozen=True)
+class InferCall:
+    """One inference call as it arrived, before the data plane decides where it is answered.
 
-    MODEL_NOT_HELD = "model_not_held"
-    MODEL_UNAVAILABLE = "model_unavailable"
-    MEMORY = "memory"
-    QUEUE_FULL = "queue_full"
+    Attributes:
+        model_name: The model asked for.
+        model_version: The version asked for ("" = the newest).
+        parameters: The request parameters, parsed once.
+        decode: Decodes the tensors; called only when this node answers.
+        wire: The transport's own message, forwarded untouched by the :class:`Upstream` adapter.
+        grpc_remaining: Seconds left of the caller's deadline when the call arrived (None = none).
+        route: The nodes that forwarded the call so far, nearest the client first.
+    """
+
+    model_name: str
+    model_version: str
+    parameters: Mapping[str, ParamValue]
+    decode: Callable[[], InferRequest]
+    wire: Any = None
+    grpc_remaining: float | None = None
+    route: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
-class Forward:
-    """The decision to send a request to the next tier up."""
+class Relayed:
+    """An answer from the next tier up, in the transport's own form, already marked as forwarded here."""
 
-    reason: str
+    message: Any
+    reason: FallbackReason
+
+
+class ModelQuery(StrEnum):
+    """Questions about a model that the upstream answers when this node does not hold it."""
+
+    READY = "ready"
+    METADATA = "metadata"
+    CONFIG = "config"
+
+
+class Upstream(Protocol):
+    """The next tier up, as the core sees it (a port; the gRPC adapter lives in ``services.rpc``).
+
+    Each call gets the seconds left of the caller's deadline and the route to
+    pass on (this node last); failures arrive as domain errors.
+    """
+
+    def available(self) -> bool:
+        """Whether there is a next tier to send calls to."""
+        ...
+
+    async def infer(self, call: InferCall, reason: FallbackReason, timeout: float, route: Sequence[str]) -> Relayed:
+        """Sends one inference call upward and returns its answer."""
+        ...
+
+    def stream(
+        self, call: InferCall, reason: FallbackReason, timeout: float, route: Sequence[str]
+    ) -> AsyncIterator[Relayed]:
+        """Sends one call upward on a stream and yields every message of its answer."""
+        ...
+
+    async def query(self, query: ModelQuery, wire: Any, timeout: float, route: Sequence[str]) -> Any:
+        """Asks the upstream about a model (readiness, metadata or configuration); returns its answer as it came."""
+        ...
+
+
+class NoUpstream:
+    """The top of the chain: nothing above to ask."""
+
+    def available(self) -> bool:
+        """Always False."""
+        return False
+
+    async def infer(self, call: InferCall, reason: FallbackReason, timeout: float, route: Sequence[str]) -> Relayed:
+        """Never called: the core asks :meth:`available` first."""
+        raise AssertionError("the data plane forwards only when an upstream is available")
+
+    def stream(
+        self, call: InferCall, reason: FallbackReason, timeout: float, route: Sequence[str]
+    ) -> AsyncIterator[Relayed]:
+        """Never called: the core asks :meth:`available` first."""
+        raise AssertionError("the data plane forwards only when an upstream is available")
+
+    async def query(self, query: ModelQuery, wire: Any, timeout: float, route: Sequence[str]) -> Any:
+        """Never called: the core asks :meth:`available` first."""
+        raise AssertionError("the data plane forwards only when an upstream is available")
 
 
 @dataclass(frozen=True)
@@ -97,23 +181,103 @@ class TimeBudget:
 
 
 class Dataplane:
-    """Routes, validates and answers inference requests for one node.
+    """Decides, performs and labels the answer to every inference call of one node.
 
     Args:
-        identity: This node, for ``edgecascade.served_by``.
+        identity: This node, for ``edgecascade.served_by`` and the forwarding route.
         cache: The node's loaded models.
-        has_upstream: Whether a next tier exists to forward to.
+        upstream: The next tier up (:class:`NoUpstream` at the top of the chain).
         limits: Request bounds.
     """
 
-    def __init__(self, identity: NodeIdentity, cache: ModelCache, has_upstream: bool, limits: RequestLimits) -> None:
+    def __init__(self, identity: NodeIdentity, cache: ModelCache, upstream: Upstream, limits: RequestLimits) -> None:
         self.identity = identity
         self.cache = cache
-        self.has_upstream = has_upstream
+        self.upstream = upstream
         self.limits = limits
 
-    async def route(self, name: str, version: str = "") -> LoadedModel | Forward:
-        """Returns the local model that answers, or a :class:`Forward` decision.
+    # --- entry points -----------------------------------------------------------------------------
+
+    async def infer(self, call: InferCall) -> InferResult | Relayed:
+        """Answers one inference call, here or through the upstream.
+
+        A generator also accepts a ``text_input`` prompt instead of ``input_ids``
+        and answers the next-character distribution after it.
+
+        Raises:
+            ForwardingLoopError: The call already came through this node, or too many nodes.
+            InvalidArgumentError: Bad parameters, or inputs that do not fit the model.
+            ModelNotFoundError: Nobody here or above holds the model.
+            ModelNotReadyError, MemoryBudgetError, QueueFullError: The model cannot answer and there is no upstream.
+            DeadlineExceededError: The deadline passed.
+            EdgecascadeError: The upstream's error, for a call it refused.
+        """
+        route = self.check_route(call.route)
+        budget = self.budget(call.parameters, call.grpc_remaining)
+        served = await self._local_model(call.model_name, call.model_version)
+        if isinstance(served, FallbackReason):
+            return await self._relay(call, served, self.deadline(budget), route)
+        deadline = self.deadline(budget, served)
+        return await self._answer(call, served, call.decode(), deadline, route)
+
+    async def stream(self, call: InferCall) -> AsyncIterator[InferResult | Relayed]:
+        """Answers one call of a stream: a generation token by token, or one inference, here or upward.
+
+        A generator given a ``text_input`` streams one result per token and then
+        a final one (see :meth:`_generate`); anything else gets one answer.
+
+        Raises:
+            The errors of :meth:`infer`; a generation's errors end only its own answer.
+        """
+        route = self.check_route(call.route)
+        budget = self.budget(call.parameters, call.grpc_remaining)
+        served = await self._local_model(call.model_name, call.model_version)
+        if isinstance(served, FallbackReason):
+            remaining = self._remaining(self.deadline(budget))
+            async for message in self.upstream.stream(call, served, remaining, route):
+                yield message
+            return
+        deadline = self.deadline(budget, served)
+        request = call.decode()
+        if served.tokenizer is not None and TEXT_INPUT in request.inputs:
+            async for token in self._generate(served, request, deadline):
+                yield token
+            return
+        yield await self._answer(call, served, request, deadline, route)
+
+    async def describe(
+        self, query: ModelQuery, name: str, version: str, wire: Any, grpc_remaining: float | None, route: Sequence[str]
+    ) -> LoadedModel | Relayed:
+        """Returns the local model that describes itself (metadata, configuration), or the upstream's answer.
+
+        Raises:
+            The routing errors of :meth:`infer`.
+        """
+        onward = self.check_route(route)
+        served = await self._local_model(name, version)
+        if isinstance(served, FallbackReason):
+            remaining = self._remaining(self.deadline(self.budget({}, grpc_remaining)))
+            return Relayed(await self.upstream.query(query, wire, remaining, onward), served)
+        return served
+
+    async def ready(
+        self, name: str, version: str, wire: Any, grpc_remaining: float | None, route: Sequence[str]
+    ) -> bool | Relayed:
+        """Whether a model is ready here; for a model this node does not hold, the upstream's answer (never loads)."""
+        onward = self.check_route(route)
+        if self.cache.holds(name):
+            return self.cache.ready(name, version)
+        if not self.upstream.available():
+            return False
+        remaining = self._remaining(self.deadline(self.budget({}, grpc_remaining)))
+        return Relayed(
+            await self.upstream.query(ModelQuery.READY, wire, remaining, onward), FallbackReason.MODEL_NOT_HELD
+        )
+
+    # --- the steps --------------------------------------------------------------------------------
+
+    async def _local_model(self, name: str, version: str) -> LoadedModel | FallbackReason:
+        """Finds (loading it, which may evict idle models) the local model, or the reason to go upward.
 
         Raises:
             ModelNotFoundError: Nobody here or above holds the model.
@@ -122,21 +286,43 @@ class Dataplane:
         """
         if not name:
             raise InvalidArgumentError("model name is empty")
+        upward = self.upstream.available()
         try:
             return await self.cache.get(name, version)
         except MemoryBudgetError:
-            if self.has_upstream:
-                return Forward(FallbackReason.MEMORY)
+            if upward:
+                return FallbackReason.MEMORY
             raise
         except ModelNotFoundError as exc:
-            if self.has_upstream:
-                return Forward(FallbackReason.MODEL_NOT_HELD)
+            if upward:
+                return FallbackReason.MODEL_NOT_HELD
             what = f"model '{name}'" + (f" version {version}" if version else "")
             raise ModelNotFoundError(f"{what} is not held by {self.identity.served_by}, the top of the chain") from exc
         except ModelNotReadyError:
-            if self.has_upstream:
-                return Forward(FallbackReason.MODEL_UNAVAILABLE)
+            if upward:
+                return FallbackReason.MODEL_UNAVAILABLE
             raise
+
+    async def _answer(
+        self, call: InferCall, model: LoadedModel, request: InferRequest, deadline: float, route: Sequence[str]
+    ) -> InferResult | Relayed:
+        """Runs one request on a local model; a full queue sends it upward (the second chance)."""
+        try:
+            return await self._infer_local(model, request, deadline)
+        except QueueFullError:
+            if self.upstream.available():
+                return await self._relay(call, FallbackReason.QUEUE_FULL, deadline, route)
+            raise
+
+    async def _relay(self, call: InferCall, reason: FallbackReason, deadline: float, route: Sequence[str]) -> Relayed:
+        return await self.upstream.infer(call, reason, self._remaining(deadline), route)
+
+    @staticmethod
+    def _remaining(deadline: float) -> float:
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            raise DeadlineExceededError("deadline passed before the request could be forwarded")
+        return remaining
 
     def budget(self, parameters: Mapping[str, ParamValue], grpc_remaining: float | None) -> TimeBudget:
         """Reads the time a request allows, at its arrival.
@@ -215,16 +401,13 @@ class Dataplane:
         if isinstance(priority, bool) or not isinstance(priority, int) or priority < 0:
             raise InvalidArgumentError(f"parameter 'priority' must be a non-negative integer, got {priority!r}")
 
-    async def infer(self, model: LoadedModel, request: InferRequest, deadline: float) -> InferResult | Forward:
-        """Answers one request with a local model, or decides to forward it when the queue is full.
-
-        A generator also accepts a ``text_input`` prompt instead of ``input_ids``
-        and answers the next-character distribution after it.
+    async def _infer_local(self, model: LoadedModel, request: InferRequest, deadline: float) -> InferResult:
+        """Answers one request with a local model.
 
         Raises:
             InvalidArgumentError: The inputs do not fit the model.
             DeadlineExceededError: The deadline passed.
-            QueueFullError: The model's queue is full and there is no upstream.
+            QueueFullError: The model's queue is full.
         """
         self.check_parameters(request.parameters, model)
         inputs = dict(request.inputs)
@@ -234,12 +417,7 @@ class Dataplane:
         # Rows first: a request too large to run should not pay for decoding its text.
         self._check_rows(model, inputs)
         inputs = model.session.prepare(inputs, request.requested_outputs)
-        try:
-            outputs = await self.cache.run(model, inputs, request.requested_outputs, deadline, _priority(request))
-        except QueueFullError:
-            if self.has_upstream:
-                return Forward(FallbackReason.QUEUE_FULL)
-            raise
+        outputs = await self.cache.run(model, inputs, request.requested_outputs, deadline, _priority(request))
         return InferResult(
             model_name=model.name,
             model_version=model.version,
@@ -248,7 +426,7 @@ class Dataplane:
             parameters={SERVED_BY: self.identity.served_by},
         )
 
-    async def generate(self, model: LoadedModel, request: InferRequest, deadline: float) -> AsyncIterator[InferResult]:
+    async def _generate(self, model: LoadedModel, request: InferRequest, deadline: float) -> AsyncIterator[InferResult]:
         """Streams a generation: one result per token, then a final result.
 
         The final result carries no outputs and the parameters
@@ -294,10 +472,10 @@ class Dataplane:
             {},
             {
                 FINAL_RESPONSE: True,
-                "edgecascade.tokens": done.tokens,
-                "edgecascade.finish_reason": done.finish_reason,
-                "edgecascade.confidence": done.mean_probability,
-                "edgecascade.min_token_probability": done.min_probability,
+                TOKENS: done.tokens,
+                FINISH_REASON: done.finish_reason,
+                CONFIDENCE: done.mean_probability,
+                MIN_TOKEN_PROBABILITY: done.min_probability,
             },
         )
 

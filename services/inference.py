@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import numpy as np
@@ -15,13 +16,27 @@ import numpy as np
 # A request or response parameter value, as the protocol's InferParameter holds it.
 ParamValue = bool | int | float | str
 
-# Response parameter names the mesh sets (DESIGN.md §3).
+# Response parameter names the mesh sets, all in one place.
 SERVED_BY = "edgecascade.served_by"
 FALLBACK_REASON = "edgecascade.fallback_reason"
 ROUTE = "edgecascade.route"
 TOKEN_PROBABILITY = "edgecascade.token_probability"
+# On the final response of a generation.
+TOKENS = "edgecascade.tokens"
+FINISH_REASON = "edgecascade.finish_reason"
+CONFIDENCE = "edgecascade.confidence"
+MIN_TOKEN_PROBABILITY = "edgecascade.min_token_probability"
 # Triton's flag on the last response of a decoupled (streamed) request.
 FINAL_RESPONSE = "triton_final_response"
+
+
+class FallbackReason(StrEnum):
+    """Why a node sent a request to the next tier up (``edgecascade.fallback_reason``)."""
+
+    MODEL_NOT_HELD = "model_not_held"
+    MODEL_UNAVAILABLE = "model_unavailable"
+    MEMORY = "memory"
+    QUEUE_FULL = "queue_full"
 
 
 @dataclass(frozen=True)

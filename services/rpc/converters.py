@@ -70,8 +70,10 @@ def _has_typed_contents(contents: pb.InferTensorContents) -> bool:
     return bool(contents.ListFields())
 
 
-def request_from_proto(request: pb.ModelInferRequest) -> InferRequest:
-    """Decodes a ModelInferRequest.
+def request_from_proto(
+    request: pb.ModelInferRequest, parameters: Mapping[str, ParamValue] | None = None
+) -> InferRequest:
+    """Decodes a ModelInferRequest (``parameters``: already parsed by :func:`params_from_proto`, else parsed here).
 
     Raises:
         InvalidArgumentError: A protocol rule is broken or a tensor does not decode.
@@ -105,7 +107,7 @@ def request_from_proto(request: pb.ModelInferRequest) -> InferRequest:
         request_id=request.id,
         inputs=inputs,
         requested_outputs=tuple(o.name for o in request.outputs),
-        parameters=params_from_proto(request.parameters),
+        parameters=params_from_proto(request.parameters) if parameters is None else parameters,
     )
 
 

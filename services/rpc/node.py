@@ -31,7 +31,7 @@ from protos.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from services import __version__
 from services.atomic_files import write_atomically
 from services.config import load_config
-from services.dataplane import Dataplane, RequestLimits
+from services.dataplane import Dataplane, NoUpstream, RequestLimits, Upstream
 from services.errors import ConfigError
 from services.inference import NodeIdentity
 from services.model_cache import ModelCache
@@ -42,6 +42,7 @@ from services.rpc.inference_servicer import InferenceServicer
 from services.rpc.mesh_servicer import MeshServicer
 from services.rpc.server import GrpcServer, ServiceBinding
 from services.rpc.telemetry import NodeMetrics, build_meter_provider, build_tracer_provider, node_resource
+from services.rpc.upstream import GrpcUpstream
 from services.run_pool import RunPool
 from services.tier_config import TierConfig, check_node_id
 
@@ -80,7 +81,7 @@ class Node:
         self.identity = NodeIdentity(spec.tier, node_id)
         self._ready = False
         self._server: GrpcServer | None = None
-        self._upstream: InferenceClient | None = None
+        self._upstream: GrpcUpstream | None = None
         self._cache: ModelCache | None = None
         self._pool: RunPool | None = None
         self._artifacts: ArtifactHost | None = None
@@ -111,15 +112,20 @@ class Node:
             observers=self._metrics.for_model,
         )
         self._metrics.attach(self._cache)
+        upstream: Upstream = NoUpstream()
+        if cfg.upstream.address:
+            self._upstream = GrpcUpstream(
+                InferenceClient(cfg.upstream.address, self._tracer_provider, cfg.server.max_message_bytes),
+                self.identity,
+            )
+            upstream = self._upstream
         dataplane = Dataplane(
             self.identity,
             self._cache,
-            has_upstream=bool(cfg.upstream.address),
-            limits=RequestLimits(cfg.requests.max_timeout_us, cfg.requests.max_hops),
+            upstream,
+            RequestLimits(cfg.requests.max_timeout_us, cfg.requests.max_hops),
         )
-        if cfg.upstream.address:
-            self._upstream = InferenceClient(cfg.upstream.address, self._tracer_provider, cfg.server.max_message_bytes)
-        inference = InferenceServicer(dataplane, self._upstream, lambda: self._ready)
+        inference = InferenceServicer(dataplane, lambda: self._ready)
         mesh = MeshServicer(dataplane, cfg.upstream.address)
         self._artifacts = ArtifactHost(self.spec.artifact_role, cfg)
         self._server = GrpcServer(

@@ -22,7 +22,7 @@ import pytest
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from services.batcher import BatchingConfig
-from services.dataplane import Dataplane, RequestLimits
+from services.dataplane import Dataplane, NoUpstream, RequestLimits
 from services.errors import ForwardingLoopError, InvalidArgumentError, ModelNotReadyError
 from services.inference import NodeIdentity
 from services.model_cache import ModelCache
@@ -231,7 +231,7 @@ async def test_a_bad_shape_does_not_end_the_stream(device_stub: pb_grpc.GRPCInfe
 async def test_an_unexpected_error_ends_only_its_own_request_on_a_stream(
     device_stub: pb_grpc.GRPCInferenceServiceStub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = Dataplane.infer
+    real = Dataplane._infer_local
     calls = 0
 
     async def explode_once(self: Dataplane, *args: object, **kwargs: object) -> object:
@@ -241,7 +241,7 @@ async def test_an_unexpected_error_ends_only_its_own_request_on_a_stream(
             raise ValueError("secret internals")
         return await real(self, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(Dataplane, "infer", explode_once)
+    monkeypatch.setattr(Dataplane, "_infer_local", explode_once)
     request = infer_request("lin", {"x": X})
     replies = [r async for r in device_stub.ModelStreamInfer(_stream(request, request))]
     assert len(replies) == 2
@@ -311,7 +311,7 @@ async def test_a_chain_longer_than_max_hops_is_refused(tmp_path: Path) -> None:
 
 
 def test_check_route_unit() -> None:
-    dp = Dataplane(NodeIdentity("tier1", "e"), None, True, RequestLimits(max_hops=3))  # type: ignore[arg-type]
+    dp = Dataplane(NodeIdentity("tier1", "e"), None, NoUpstream(), RequestLimits(max_hops=3))  # type: ignore[arg-type]
     assert dp.check_route(()) == ("tier1:e",)
     assert dp.check_route(("tier0:d",)) == ("tier0:d", "tier1:e")
     with pytest.raises(ForwardingLoopError, match="forwarding loop: tier1:e > tier2:r > tier1:e"):
@@ -335,7 +335,7 @@ async def test_a_models_default_timeout_override_sets_its_requests_deadline(tmp_
         properties={"edgecascade.batching.default_timeout_us": "250000"},
     )
     cache = ModelCache(repo, RunPool(1), BatchingConfig(default_timeout_us=9_000_000), 1 << 30)
-    dp = Dataplane(NodeIdentity("tier0", "d"), cache, True, RequestLimits())
+    dp = Dataplane(NodeIdentity("tier0", "d"), cache, NoUpstream(), RequestLimits())
     try:
         budget = dp.budget({}, None)
         assert dp.deadline(budget, await cache.get("quick")) == pytest.approx(budget.arrived + 0.25)
@@ -346,7 +346,7 @@ async def test_a_models_default_timeout_override_sets_its_requests_deadline(tmp_
         with pytest.raises(InvalidArgumentError, match="must not be negative"):
             dp.budget({"timeout": -1}, None)
         # A model's default never exceeds what a client may ask for.
-        capped = Dataplane(NodeIdentity("tier0", "d"), cache, True, RequestLimits(max_timeout_us=200_000))
+        capped = Dataplane(NodeIdentity("tier0", "d"), cache, NoUpstream(), RequestLimits(max_timeout_us=200_000))
         assert capped.deadline(budget, await cache.get("lin")) == pytest.approx(budget.arrived + 0.2)
     finally:
         await cache.close()
