@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import grpc
-from grpc import aio
 
 from protos.edgecascade.v1 import artifacts_pb2 as pb
 from protos.edgecascade.v1 import artifacts_pb2_grpc as pb_grpc
@@ -76,12 +75,7 @@ class GrpcArtifactSource:
 
 
 def _domain_error(exc: grpc.RpcError, what: str) -> EdgecascadeError:
-    # The status table speaks aio's error type; the blocking call carries the same fields.
-    call = exc if isinstance(exc, grpc.Call) else None
-    if call is None:
-        return error_from_rpc(aio.AioRpcError(grpc.StatusCode.UNKNOWN, aio.Metadata(), aio.Metadata(), ""), what)
-    trailing = aio.Metadata(*(call.trailing_metadata() or ()))
-    error = error_from_rpc(aio.AioRpcError(call.code(), aio.Metadata(), trailing, call.details()), what)
+    error = error_from_rpc(exc, what)
     if isinstance(error, NotFoundError) and not isinstance(error, ArtifactNotFoundError):
         # Any NOT_FOUND from the artifact service means "no such file".
         return ArtifactNotFoundError(error.message)

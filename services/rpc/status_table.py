@@ -3,8 +3,9 @@
 Servers: :class:`ErrorInterceptor` wraps every handler; a domain error becomes
 its status code with its message; anything else becomes INTERNAL with a fixed
 message that carries only the trace id, and the traceback goes to the log.
-Clients: :func:`error_from_rpc` turns a failed call back into the domain error
-for its status, so cores never see ``grpc`` types.
+Clients: :func:`error_from_status` turns a failed call's status code, details
+and trailers back into the domain error (:func:`error_from_rpc` reads them off
+either gRPC API's error), so cores never see ``grpc`` types.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 import grpc
@@ -74,18 +75,20 @@ def status_for(exc: errors.EdgecascadeError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def error_from_rpc(exc: aio.AioRpcError, what: str) -> errors.EdgecascadeError:
-    """Returns the domain error for a failed call.
+def error_from_status(
+    code: grpc.StatusCode, details: str, trailing: Iterable[tuple[str, str | bytes]] | None, what: str
+) -> errors.EdgecascadeError:
+    """Returns the domain error for a failed call, from its status code, details and trailing metadata.
 
     Args:
-        exc: The failed call.
+        code: The call's status code.
+        details: Its details ("" if none).
+        trailing: Its trailing metadata (a peer of ours names the error class there).
         what: Who was called, e.g. ``upstream 127.0.0.1:8002``; used when the
             peer sent no message of its own and for transport failures.
     """
-    code = exc.code()
-    details = exc.details() or ""
     cls = _ERROR_FOR_CODE.get(code, errors.InternalError)
-    sent = _sent_error_class(exc)
+    sent = _sent_error_class(trailing)
     if sent is not None and issubclass(sent, cls):
         # Our own peer named the exact class; its message is already meant for people.
         return sent(details)
@@ -97,8 +100,18 @@ def error_from_rpc(exc: aio.AioRpcError, what: str) -> errors.EdgecascadeError:
     return cls(details or f"{what} answered {code.name}")
 
 
-def _sent_error_class(exc: aio.AioRpcError) -> type[errors.EdgecascadeError] | None:
-    for key, value in exc.trailing_metadata() or ():
+def error_from_rpc(exc: grpc.RpcError, what: str) -> errors.EdgecascadeError:
+    """Returns the domain error for a failed call of either gRPC API (``aio`` or blocking).
+
+    An ``RpcError`` that is not a call (it carries no status) maps to INTERNAL's error.
+    """
+    if not isinstance(exc, grpc.Call | aio.AioRpcError):
+        return error_from_status(grpc.StatusCode.UNKNOWN, "", None, what)
+    return error_from_status(exc.code(), exc.details() or "", exc.trailing_metadata(), what)
+
+
+def _sent_error_class(trailing: Iterable[tuple[str, str | bytes]] | None) -> type[errors.EdgecascadeError] | None:
+    for key, value in trailing or ():
         if key == ERROR_CLASS_KEY and isinstance(value, str):
             cls = getattr(errors, value, None)
             if isinstance(cls, type) and issubclass(cls, errors.EdgecascadeError):

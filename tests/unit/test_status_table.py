@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from services import errors
-from services.rpc.status_table import STATUS_TABLE, error_from_rpc, status_for
+from services.rpc.status_table import STATUS_TABLE, error_from_rpc, error_from_status, status_for
 
 ERROR_CLASSES = [
     cls
@@ -43,38 +43,52 @@ def test_design_mapping(cls: type[errors.EdgecascadeError], code: grpc.StatusCod
     assert status_for(cls("x")) == code
 
 
-class _FakeRpcError(grpc.aio.AioRpcError):
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
-
-
 @pytest.mark.parametrize("code", [c for c in grpc.StatusCode if c != grpc.StatusCode.OK])
 def test_every_status_maps_back_to_a_domain_error(code: grpc.StatusCode) -> None:
-    error = error_from_rpc(_FakeRpcError(code, "peer said so"), "upstream 127.0.0.1:1")
+    error = error_from_status(code, "peer said so", None, "upstream 127.0.0.1:1")
     assert isinstance(error, errors.EdgecascadeError)
     assert error.message
 
 
 def test_round_trip_keeps_class_family_and_message() -> None:
-    back = error_from_rpc(_FakeRpcError(grpc.StatusCode.NOT_FOUND, "model 'm' is not here"), "upstream")
+    back = error_from_status(grpc.StatusCode.NOT_FOUND, "model 'm' is not here", None, "upstream")
     assert isinstance(back, errors.NotFoundError)
     assert back.message == "model 'm' is not here"
-    unavailable = error_from_rpc(
-        _FakeRpcError(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses"), "upstream 127.0.0.1:9"
+    unavailable = error_from_status(
+        grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses", None, "upstream 127.0.0.1:9"
     )
     assert isinstance(unavailable, errors.UpstreamUnavailableError)
     assert unavailable.message == "upstream 127.0.0.1:9 is unavailable"
 
 
 def test_a_peer_named_class_survives_the_hop() -> None:
-    trailing = grpc.aio.Metadata(("edgecascade-error", "ModelNotReadyError"))
-    exc = grpc.aio.AioRpcError(
-        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), trailing, "model 'm' failed its warm-up run"
-    )
-    back = error_from_rpc(exc, "upstream 127.0.0.1:9")
+    trailing = [("edgecascade-error", "ModelNotReadyError")]
+    back = error_from_status(grpc.StatusCode.UNAVAILABLE, "model 'm' failed its warm-up run", trailing, "upstream")
     assert type(back) is errors.ModelNotReadyError
     assert back.message == "model 'm' failed its warm-up run"
     # A class name that does not fit the status is ignored, not trusted.
-    forged = grpc.aio.Metadata(("edgecascade-error", "ModelNotFoundError"))
-    exc = grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), forged, "x")
-    assert type(error_from_rpc(exc, "upstream 127.0.0.1:9")) is errors.UpstreamUnavailableError
+    forged = [("edgecascade-error", "ModelNotFoundError")]
+    assert (
+        type(error_from_status(grpc.StatusCode.UNAVAILABLE, "x", forged, "upstream")) is errors.UpstreamUnavailableError
+    )
+
+
+async def test_a_real_failed_call_of_either_api_maps_through_the_same_table() -> None:
+    # Nothing listens on this port: both APIs fail with UNAVAILABLE, a transport failure.
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    from protos.inference import grpc_service_pb2 as pb
+    from protos.inference import grpc_service_pb2_grpc as pb_grpc
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as aio_failure:
+            await pb_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest(), timeout=2)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as blocking, pytest.raises(grpc.RpcError) as sync_failure:
+        pb_grpc.GRPCInferenceServiceStub(blocking).ServerLive(pb.ServerLiveRequest(), timeout=2)
+    for failure in (aio_failure.value, sync_failure.value):
+        back = error_from_rpc(failure, f"upstream 127.0.0.1:{port}")
+        assert type(back) is errors.UpstreamUnavailableError
+        assert back.message == f"upstream 127.0.0.1:{port} is unavailable"
