@@ -27,7 +27,7 @@ import contextlib
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -108,34 +108,50 @@ def hashed_target_path(info: TargetFile) -> str:
     return f"{directory}{sep}{signed_sha256(info)}.{base}"
 
 
+# ngclient's errors and the domain errors they become, most specific first: the first matching row wins.
+_NGCLIENT_ERRORS: tuple[tuple[type[Exception], Callable[[str, Exception], EdgecascadeError]], ...] = (
+    (
+        tuf_errors.ExpiredMetadataError,
+        lambda what, exc: MetadataExpiredError(
+            f"{what}: {exc}; nothing new can be installed until the registry re-signs it"
+        ),
+    ),
+    (
+        tuf_errors.BadVersionNumberError,
+        lambda what, exc: StaleVersionError(
+            f"{what}: {exc or 'metadata version is older than the one already trusted'} (rollback refused)"
+        ),
+    ),
+    (
+        tuf_errors.UnsignedMetadataError,
+        lambda what, exc: MetadataSignatureError(f"{what}: {exc}; the metadata is not signed by the keys root trusts"),
+    ),
+    (tuf_errors.LengthOrHashMismatchError, lambda what, exc: DigestMismatchError(f"{what}: {exc}")),
+    (tuf_errors.DownloadLengthMismatchError, lambda what, exc: DigestMismatchError(f"{what}: {exc}")),
+    (tuf_errors.RepositoryError, lambda what, exc: IntegrityError(f"{what}: metadata refused: {exc}")),
+    (tuf_errors.DownloadError, lambda what, exc: UpstreamUnavailableError(f"{what}: download failed")),
+)
+
+
 def domain_error(exc: BaseException, what: str) -> EdgecascadeError:
-    """The domain error for an ngclient or fetcher failure.
+    """The domain error for an ngclient or fetcher failure, by :data:`_NGCLIENT_ERRORS`.
+
+    A domain error raised by our fetcher inside ngclient comes back as itself;
+    a 404 (the end of a root-rotation walk) is "not found".
 
     Args:
         exc: What ngclient (or our fetcher) raised.
         what: Names the operation and source in the message.
     """
-    cause = exc.__cause__
     if isinstance(exc, EdgecascadeError):
         return exc
-    if isinstance(cause, EdgecascadeError) and isinstance(exc, tuf_errors.DownloadError):
-        return cause
-    if isinstance(exc, tuf_errors.ExpiredMetadataError):
-        return MetadataExpiredError(f"{what}: {exc}; nothing new can be installed until the registry re-signs it")
-    if isinstance(exc, tuf_errors.BadVersionNumberError):
-        return StaleVersionError(
-            f"{what}: {exc or 'metadata version is older than the one already trusted'} (rollback refused)"
-        )
-    if isinstance(exc, tuf_errors.UnsignedMetadataError):
-        return MetadataSignatureError(f"{what}: {exc}; the metadata is not signed by the keys root trusts")
-    if isinstance(exc, tuf_errors.LengthOrHashMismatchError | tuf_errors.DownloadLengthMismatchError):
-        return DigestMismatchError(f"{what}: {exc}")
+    if isinstance(exc.__cause__, EdgecascadeError) and isinstance(exc, tuf_errors.DownloadError):
+        return exc.__cause__
     if isinstance(exc, tuf_errors.DownloadHTTPError) and exc.status_code == 404:
         return ArtifactNotFoundError(f"{what}: not found")
-    if isinstance(exc, tuf_errors.RepositoryError):
-        return IntegrityError(f"{what}: metadata refused: {exc}")
-    if isinstance(exc, tuf_errors.DownloadError):
-        return UpstreamUnavailableError(f"{what}: download failed")
+    for kind, error in _NGCLIENT_ERRORS:
+        if isinstance(exc, kind):
+            return error(what, exc)
     return IntegrityError(f"{what}: {type(exc).__name__}")
 
 
@@ -288,23 +304,8 @@ class TufClient:
         if offset > info.length:
             part.unlink()
             offset = 0
-        resumed_from = offset
         try:
-            with part.open("ab") as fh:
-                for chunk in self._source.fetch(TARGETS_PATH + hashed_target_path(info), offset):
-                    if offset + len(chunk) > info.length:
-                        raise DigestMismatchError(
-                            f"{info.path} from {self._what} is longer than its signed length of {info.length} bytes"
-                        )
-                    fh.write(chunk)
-                    offset += len(chunk)
-                fh.flush()
-                os.fsync(fh.fileno())
-            with part.open("rb") as fh:
-                info.verify_length_and_hashes(fh)
-        except tuf_errors.LengthOrHashMismatchError as exc:
-            part.unlink(missing_ok=True)
-            raise DigestMismatchError(f"{info.path} from {self._what} does not match its signed info: {exc}") from None
+            self._stream_capped(info, part, offset)
         except IntegrityError:
             part.unlink(missing_ok=True)
             raise
@@ -313,9 +314,42 @@ class TufClient:
                 if part.stat().st_size == 0:
                     part.unlink()
             raise
+        self._verify_or_discard(info, part)
         os.replace(part, final)
         fsync_directory(staging_dir)
-        return Download(final, info, resumed_from)
+        return Download(final, info, offset)
+
+    def _stream_capped(self, info: TargetFile, part: Path, offset: int) -> None:
+        """Appends the target's bytes from ``offset`` to ``part``, stopping at once past the signed length.
+
+        Raises:
+            DigestMismatchError: The source sent more than the signed length.
+            IntegrityError: A chunk arrived at another offset (from the source).
+            ArtifactNotFoundError, UnavailableError: From the source (``part`` keeps what arrived, to resume).
+        """
+        with part.open("ab") as fh:
+            for chunk in self._source.fetch(TARGETS_PATH + hashed_target_path(info), offset):
+                if offset + len(chunk) > info.length:
+                    raise DigestMismatchError(
+                        f"{info.path} from {self._what} is longer than its signed length of {info.length} bytes"
+                    )
+                fh.write(chunk)
+                offset += len(chunk)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def _verify_or_discard(self, info: TargetFile, part: Path) -> None:
+        """Checks the whole file against the signed length and hashes; a file that fails is deleted.
+
+        Raises:
+            DigestMismatchError: The length or a hash differs.
+        """
+        try:
+            with part.open("rb") as fh:
+                info.verify_length_and_hashes(fh)
+        except tuf_errors.LengthOrHashMismatchError as exc:
+            part.unlink(missing_ok=True)
+            raise DigestMismatchError(f"{info.path} from {self._what} does not match its signed info: {exc}") from None
 
 
 def check_target_name(target_path: str) -> str:

@@ -1,7 +1,7 @@
 """The reference consumer of the registry: what a device's updater uses to find and fetch a model.
 
-A python-tuf ngclient session over the artifact service of an edge (or the
-region), anchored in an embedded trusted root. ``resolve`` refreshes the
+A python-tuf ngclient session over an artifact source (the artifact service of
+an edge or the region, in production), anchored in an embedded trusted root. ``resolve`` refreshes the
 metadata and returns a variant's signed facts; ``download`` fetches its
 encrypted blob resumably into the staging area, capped at the signed length,
 and returns it only once length and hash match. Everything is synchronous
@@ -16,32 +16,27 @@ from pathlib import Path
 from services.errors import IntegrityError
 from services.registry.profiles import GoldenVectors
 from services.registry.registry import target_path
-from services.rpc.artifact_client import GrpcArtifactSource
-from services.tuf_client import Download, ModelTarget, TufClient, check_target_name, model_target
+from services.tuf_client import ArtifactSource, Download, ModelTarget, TufClient, check_target_name, model_target
 
 
 class ModelFetcher:
     """Finds and downloads model variants, verifying everything against signed metadata.
 
     Args:
-        address: ``host:port`` of the artifact service (an edge, or the region).
+        source: Where repository files come from (e.g. ``GrpcArtifactSource`` of an
+            edge or the region); the caller owns it and closes it.
         trusted_root: The embedded trusted root metadata.
         state_dir: Holds ``metadata/`` (trusted metadata, kept across runs) and
             ``staging/`` (downloads); nothing is written elsewhere.
-        timeout_s: Deadline of one file's transfer.
+        what: Names the source in messages.
 
     Raises:
         IntegrityError: ``trusted_root`` is not valid root metadata.
     """
 
-    def __init__(self, address: str, trusted_root: bytes, state_dir: Path, timeout_s: float = 300.0) -> None:
-        self._source = GrpcArtifactSource(address, timeout_s=timeout_s)
+    def __init__(self, source: ArtifactSource, trusted_root: bytes, state_dir: Path, what: str) -> None:
         self.staging_dir = state_dir / "staging"
-        self._client = TufClient(self._source, state_dir / "metadata", trusted_root, f"artifact service {address}")
-
-    def close(self) -> None:
-        """Closes the channel."""
-        self._source.close()
+        self._client = TufClient(source, state_dir / "metadata", trusted_root, what)
 
     def refresh(self) -> None:
         """Refreshes the TUF metadata (see :meth:`TufClient.refresh` for the errors)."""

@@ -13,7 +13,7 @@ import functools
 import json
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -33,6 +33,7 @@ from services.registry.content_encryption import decrypt_artifact
 from services.registry.pipeline import PipelineOptions, ValidationChoice, prepare, publish_model
 from services.registry.profiler import ProfileSettings
 from services.registry.tuf_repository import ExpiryPolicy
+from services.rpc.artifact_client import GrpcArtifactSource
 from services.rpc.model_fetcher import ModelFetcher
 from services.rpc.node import Node, TierSpec
 from services.tier_config import TierConfig
@@ -59,14 +60,19 @@ class Mesh:
     root_file: Path
     tmp: Path
     devices: ThreadPoolExecutor
+    sources: list[GrpcArtifactSource] = field(default_factory=list)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Runs a blocking device call in the devices' own threads (never the loop's executor the nodes use)."""
         return await asyncio.get_running_loop().run_in_executor(self.devices, functools.partial(fn, *args))
 
     def fetcher(self, name: str, via: str = "edge") -> ModelFetcher:
+        """A device's fetcher over the artifact service of the edge or the region (its channel closes at teardown)."""
         address = self.edge.address if via == "edge" else self.region.address
-        return ModelFetcher(address, self.root_file.read_bytes(), self.tmp / "devices" / name)
+        source = GrpcArtifactSource(address, timeout_s=300.0)
+        self.sources.append(source)
+        root = self.root_file.read_bytes()
+        return ModelFetcher(source, root, self.tmp / "devices" / name, f"artifact service {address}")
 
     def blob(self, variant: str = "int8") -> Path:
         info = self.kit.registry.target("lm", "1", variant)
@@ -110,9 +116,12 @@ async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
         },
     )
     devices = ThreadPoolExecutor(16, thread_name_prefix="device")
+    mesh = Mesh(kit, region, edge, root_file, tmp_path, devices)
     try:
-        yield Mesh(kit, region, edge, root_file, tmp_path, devices)
+        yield mesh
     finally:
+        for source in mesh.sources:
+            source.close()
         await edge.stop()
         await region.stop()
         devices.shutdown(wait=False, cancel_futures=True)
@@ -140,7 +149,6 @@ async def test_a_device_fetches_a_model_through_the_edge_and_verifies_it(mesh: M
     assert mesh.edge.address != mesh.region.address
     edge_cache = mesh.edge._artifacts.cache if mesh.edge._artifacts else None
     assert edge_cache is not None and edge_cache.stats.downloads == 2  # the blob and its golden vectors
-    fetcher.close()
 
 
 async def test_many_devices_at_once_cost_one_upstream_download(mesh: Mesh) -> None:
@@ -153,8 +161,6 @@ async def test_many_devices_at_once_cost_one_upstream_download(mesh: Mesh) -> No
     assert len(set(blobs)) == 1 and blobs[0] == mesh.blob("fp32").read_bytes()
     cache = mesh.edge._artifacts.cache if mesh.edge._artifacts else None
     assert cache is not None and cache.stats.downloads == 1
-    for f in fetchers:
-        f.close()
 
 
 async def test_the_artifact_service_answers_not_found_bad_paths_and_offsets(mesh: Mesh) -> None:
@@ -200,8 +206,6 @@ async def test_a_flipped_byte_at_the_region_never_leaves_the_edge(mesh: Mesh) ->
     with pytest.raises(DigestMismatchError, match="does not match its signed info"):
         await mesh.run(direct.download, await mesh.run(direct.resolve, "lm", "1", "int8"))
     assert _staged(mesh) == []
-    via_edge.close()
-    direct.close()
 
 
 async def test_a_blob_longer_than_signed_is_refused(mesh: Mesh) -> None:
@@ -215,8 +219,6 @@ async def test_a_blob_longer_than_signed_is_refused(mesh: Mesh) -> None:
         await mesh.run(via_edge.download, await mesh.run(via_edge.resolve, "lm", "1", "fp32"))
     assert _staged(mesh) == []
     assert not list((mesh.tmp / "edge-cache" / "blobs").iterdir())
-    direct.close()
-    via_edge.close()
 
 
 async def test_forged_and_replayed_metadata_are_refused(mesh: Mesh) -> None:
@@ -244,7 +246,6 @@ async def test_forged_and_replayed_metadata_are_refused(mesh: Mesh) -> None:
     with pytest.raises(StaleVersionError, match="rollback refused"):
         await mesh.run(mesh.fetcher("device-1", via="region").refresh)
     assert json.loads(newer)["signed"]["version"] > json.loads(genuine)["signed"]["version"]
-    device.close()
 
 
 async def test_the_edge_keeps_serving_when_the_region_is_gone(mesh: Mesh) -> None:
@@ -258,8 +259,6 @@ async def test_the_edge_keeps_serving_when_the_region_is_gone(mesh: Mesh) -> Non
     assert (await mesh.run(late.download, target)).path.read_bytes() == expected
     cache = mesh.edge._artifacts.cache if mesh.edge._artifacts else None
     assert cache is not None and cache.stats.refresh_failures >= 1
-    first.close()
-    late.close()
 
 
 async def test_the_region_re_signs_its_timestamp_before_it_expires(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from services.registry.model_inspection import inspect_model
 from services.registry.pipeline import PipelineOptions, ValidationChoice, prepare
 from services.registry.profiler import ProfileSettings
 from services.registry.registry import ModelRegistry
+from services.rpc.artifact_client import GrpcArtifactSource
 from services.rpc.model_fetcher import ModelFetcher
 from services.tuf_client import TufClient
 from tests.support.onnx_models import linear_model, mlp_model, tiny_char_lm
@@ -199,11 +200,12 @@ def test_up_publishes_the_demo_models_and_the_edge_serves_them(tmp_path: Path) -
             wait_for_file(state / "endpoints.json", up, 180)
             endpoints = json.loads((state / "endpoints.json").read_text())
             root = (state / "edge-1" / "trusted-root.json").read_bytes()
-            fetcher = ModelFetcher(endpoints["edge"], root, tmp_path / "device")
+            source = GrpcArtifactSource(endpoints["edge"], timeout_s=300.0)
+            fetcher = ModelFetcher(source, root, tmp_path / "device", "the edge's artifact service")
             target = fetcher.resolve("charlm-device", "1", "int8")
             assert target.custom["gate"]["passed"] is True
             assert fetcher.download(target).path.stat().st_size == target.length
-            fetcher.close()
+            source.close()
             keys = state / "region-1" / "keys"
             assert all(oct(p.stat().st_mode & 0o777) == "0o600" for p in keys.iterdir())
         finally:

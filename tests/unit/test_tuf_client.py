@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from securesystemslib.signer import CryptoSigner
+from tuf.api import exceptions as tuf_errors
 from tuf.api.metadata import Metadata, TargetFile, Timestamp
 
 from services.errors import (
@@ -18,10 +19,11 @@ from services.errors import (
     MetadataExpiredError,
     MetadataSignatureError,
     StaleVersionError,
+    UpstreamUnavailableError,
 )
 from services.registry.content_encryption import decrypt_artifact
 from services.registry.tuf_repository import ExpiryPolicy
-from services.tuf_client import TufClient, check_target_name, hashed_target_path, model_target
+from services.tuf_client import TufClient, check_target_name, domain_error, hashed_target_path, model_target
 from tests.support.registry import DirectorySource, FakeClock, RegistryKit, lm_variants, new_registry, publish_lm
 
 
@@ -166,3 +168,24 @@ def test_a_signed_sha256_that_is_not_64_lowercase_hex_never_becomes_a_file_name(
 def test_a_target_name_with_control_characters_is_refused(path: str) -> None:
     with pytest.raises(InvalidArgumentError, match="is not a plain relative path"):
         check_target_name(path)
+
+
+@pytest.mark.parametrize(
+    ("raised", "expected"),
+    [
+        (tuf_errors.ExpiredMetadataError("timestamp.json is expired"), MetadataExpiredError),
+        (tuf_errors.BadVersionNumberError("older"), StaleVersionError),
+        (tuf_errors.UnsignedMetadataError("1/2 signatures"), MetadataSignatureError),
+        (tuf_errors.LengthOrHashMismatchError("hash"), DigestMismatchError),
+        (tuf_errors.DownloadLengthMismatchError("long"), DigestMismatchError),
+        (tuf_errors.RepositoryError("bad"), IntegrityError),
+        (tuf_errors.DownloadHTTPError("gone", 404), ArtifactNotFoundError),
+        (tuf_errors.DownloadHTTPError("teapot", 418), UpstreamUnavailableError),
+        (tuf_errors.DownloadError("reset"), UpstreamUnavailableError),
+        (ValueError("surprise"), IntegrityError),
+    ],
+)
+def test_every_ngclient_error_becomes_one_domain_error(raised: Exception, expected: type[Exception]) -> None:
+    error = domain_error(raised, "refreshing TUF metadata from edge")
+    assert type(error) is expected
+    assert error.message.startswith("refreshing TUF metadata from edge")
