@@ -45,6 +45,7 @@ from types import FrameType
 from typing import IO, Any
 
 import grpc
+import tomli_w
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.markup import escape
 
@@ -326,15 +327,11 @@ class Mesh:
 
     def node_config(self, child: Child, upstream: str, port: int) -> str:
         """The text of a node's ``config.toml``."""
-        lines = [
-            "# Written by `edgecascade up`; rewritten on every start. EDGECASCADE_* variables",
-            "# for these settings are not passed to the node.",
-        ]
-        for section, values in self.node_settings(child, upstream, port).items():
-            lines.append(f"[{section}]")
-            # A JSON string literal is a valid TOML basic string.
-            lines.extend(f"{key} = {json.dumps(value)}" for key, value in values.items())
-        return "\n".join(lines) + "\n"
+        header = (
+            "# Written by `edgecascade up`; rewritten on every start. EDGECASCADE_* variables\n"
+            "# for these settings are not passed to the node.\n"
+        )
+        return header + tomli_w.dumps(self.node_settings(child, upstream, port))
 
     def _spawn(self, child: Child, upstream: str, wait: bool = True) -> None:
         child.upstream = upstream
@@ -349,7 +346,7 @@ class Mesh:
         child.directory.mkdir(parents=True, exist_ok=True)
         child.port_file.unlink(missing_ok=True)
         config = child.directory / "config.toml"
-        config.write_text(self.node_config(child, upstream, port))
+        write_atomically(config, self.node_config(child, upstream, port).encode())
         if child.log is not None:
             child.log.close()
         child.log = (child.directory / "log.txt").open("ab")
