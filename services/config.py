@@ -17,7 +17,7 @@ import os
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -151,36 +151,52 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(items, list | tuple):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         return tuple(_coerce(v, item, where) for v in items)
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
-            return value.lower() in _TRUE
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        try:
-            return int(value) if isinstance(value, int | str) else _fail(where, "an integer", value)
-        except ValueError:
-            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
-    if hint is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        try:
-            return float(value) if isinstance(value, int | float | str) else _fail(where, "a number", value)
-        except ValueError:
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+    scalar = _SCALARS.get(hint)
+    if scalar is None:
+        raise ConfigError(f"{where}: unsupported setting type {hint!r}")
+    expected, coerce = scalar
+    try:
+        return coerce(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected {expected}, got {value!r}") from None
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
         return value
-    if hint is Path:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a path, got {value!r}")
-        return Path(value)
-    raise ConfigError(f"{where}: unsupported setting type {hint!r}")
+    if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+        return value.lower() in _TRUE
+    raise ValueError(value)
 
 
-def _fail(where: str, expected: str, value: Any) -> typing.NoReturn:
-    raise ConfigError(f"{where}: expected {expected}, got {value!r}")
+def _to_int(value: Any) -> int:
+    # bool is an int to Python, never to a config file; a float would be truncated silently.
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise TypeError(value)
+    return int(value)
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise TypeError(value)
+    return float(value)
+
+
+def _to_str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(value)
+    return value
+
+
+def _to_path(value: Any) -> Path:
+    return Path(_to_str(value))
+
+
+# Setting type → (what the message says was expected, the coercion from TOML or environment text).
+_SCALARS: dict[Any, tuple[str, Callable[[Any], Any]]] = {
+    bool: ("true or false", _to_bool),
+    int: ("an integer", _to_int),
+    float: ("a number", _to_float),
+    str: ("a string", _to_str),
+    Path: ("a path", _to_path),
+}
