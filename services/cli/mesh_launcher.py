@@ -18,7 +18,7 @@ variables are left out of the children's environment, and the launcher says once
 which ones it ignored.
 
 A node that exits is reported with the tail of its log and restarted after a
-backoff (:class:`RestartPolicy`, like compose's ``restart: on-failure``) on the
+backoff (:class:`RestartPolicy`, whatever the exit code, like compose's ``restart: always``) on the
 port it had, so the upstream address its children use stays valid; the other
 nodes keep running. After too many restarts within the policy's window the
 launcher gives up on that node only. The state of every node (``starting``,
@@ -38,7 +38,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -57,6 +57,7 @@ from services.errors import ConfigError, UnavailableError
 
 START_TIMEOUT_S = 60.0
 STOP_GRACE_S = 10.0
+LOG_TAIL_BYTES = 64 * 1024
 SUPERVISE_INTERVAL_S = 0.2
 HEALTH_CHECK_TIMEOUT_S = 2.0
 
@@ -126,7 +127,7 @@ def child_environment(environ: Mapping[str, str]) -> tuple[dict[str, str], list[
 
 @dataclass
 class RestartPolicy:
-    """When to restart a node that exited: compose's ``restart: on-failure`` with exponential backoff.
+    """When to restart a node that exited (whatever its exit code, like compose's ``restart: always``), with backoff.
 
     The n-th exit within the last ``window_s`` seconds is followed by a restart
     after ``base_delay_s * factor ** (n - 1)`` seconds, at most ``max_delay_s``.
@@ -178,6 +179,7 @@ class Child:
     detail: str = ""
     policy: RestartPolicy = field(default_factory=RestartPolicy, repr=False)
     restart_at: float | None = None  # while waiting out the backoff
+    log_offset: int = 0  # where the current process's output starts in log.txt
     serve_deadline: float = 0.0  # while a restarted process has not served yet
 
     @property
@@ -350,7 +352,13 @@ class Mesh:
         if child.log is not None:
             child.log.close()
         child.log = (child.directory / "log.txt").open("ab")
-        child.process = subprocess.Popen(
+        child.log_offset = child.log.tell()
+        # A stop that arrives while Popen runs must not leave a started child unrecorded (and so unstopped).
+        with _stop_deferred():
+            child.process = self._popen(child, config)
+
+    def _popen(self, child: Child, config: Path) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
             [
                 sys.executable,
                 "-c",
@@ -415,11 +423,16 @@ class Mesh:
         raise UnavailableError(f"{child.name} at {child.address} never reported SERVING")
 
     def log_tail(self, child: Child, lines: int = 20) -> str:
-        """The last lines of a child's log."""
+        """The last lines its current (or last) process wrote to a child's log (at most the last 64 KiB)."""
         path = child.directory / "log.txt"
-        if not path.is_file():
-            return "(no log)"
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        try:
+            with path.open("rb") as fh:
+                size = fh.seek(0, os.SEEK_END)
+                fh.seek(max(child.log_offset, size - LOG_TAIL_BYTES))
+                text = fh.read().decode(errors="replace")
+        except OSError as exc:
+            return f"(log {path} unreadable: {exc.strerror})"
+        return "\n".join(text.splitlines()[-lines:]) or "(the process wrote nothing)"
 
     def supervise(self) -> bool:
         """One round of supervision after :meth:`start`: notices exits, restarts nodes when due.
@@ -465,7 +478,9 @@ class Mesh:
         if delay is None:
             child.state = DOWN
             child.restart_at = None
-            child.detail = f"{reason}; gave up after {child.restarts} restarts within {child.policy.window_s:.0f} s"
+            child.detail = (
+                f"{reason}; gave up after {child.policy.max_restarts} restarts within {child.policy.window_s:.0f} s"
+            )
             self.say(f"[red]giving up on {child.name}[/red] ({child.detail}); the other nodes keep running")
             return
         child.state = RESTARTING
@@ -505,7 +520,11 @@ class Mesh:
             for child in self.children
         ]
         record = {"launcher_pid": os.getpid(), "nodes": nodes}
-        write_atomically(self.state_file, (json.dumps(record, indent=2) + "\n").encode())
+        try:
+            write_atomically(self.state_file, (json.dumps(record, indent=2) + "\n").encode())
+        except OSError as exc:
+            # A full disk or a removed state directory must not stop the nodes: status just sees less.
+            self.say(f"[yellow]could not record node states in {self.state_file}: {exc.strerror}[/yellow]")
 
     def stop(self) -> None:
         """Stops every child, devices first; SIGKILL after the grace period."""
@@ -528,11 +547,30 @@ class StopRequested(BaseException):
     """SIGINT or SIGTERM arrived; raised from the signal handler to end any wait at once."""
 
 
+# While a child is being started, a stop signal is held here and raised right after.
+_deferral = {"depth": 0, "pending": 0}
+
+
+@contextlib.contextmanager
+def _stop_deferred() -> Iterator[None]:
+    _deferral["depth"] += 1
+    try:
+        yield
+    finally:
+        _deferral["depth"] -= 1
+    pending, _deferral["pending"] = _deferral["pending"], 0
+    if pending and not _deferral["depth"]:
+        raise StopRequested(pending)
+
+
 def _raise_stop(signum: int, frame: FrameType | None) -> None:
     # Ignore repeats first: a second Ctrl-C (or a supervisor's SIGTERM after
     # ours) must not cut the orderly stop short.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
+    if _deferral["depth"]:
+        _deferral["pending"] = signum
+        return
     raise StopRequested(signum)
 
 

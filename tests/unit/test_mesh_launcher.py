@@ -288,3 +288,59 @@ def test_a_restart_that_never_serves_counts_as_a_failure(tmp_path: Path, monkeyp
     assert mesh.states()["device-1"] == "restarting"
     assert any("device-1 did not serve" in line for line in mesh.said)
     mesh.stop()
+
+
+# --------------------------------------------------------------------------- review: stop during a launch, logs, disk
+
+
+def test_a_stop_signal_during_a_launch_waits_until_the_child_is_recorded() -> None:
+    import os
+    import signal
+
+    previous = signal.signal(signal.SIGTERM, mesh_launcher._raise_stop)
+    recorded: list[str] = []
+
+    def launch() -> None:
+        with mesh_launcher._stop_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives while the child is being started
+            recorded.append("child recorded")  # still runs: the stop is held until here
+
+    try:
+        with pytest.raises(mesh_launcher.StopRequested):
+            launch()
+        assert recorded == ["child recorded"]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def test_the_log_tail_is_the_current_process_s_own(tmp_path: Path) -> None:
+    mesh = Mesh(tmp_path / "state", 1, tmp_path / "models", lambda _: None)
+    child = mesh.edge
+    child.directory.mkdir(parents=True)
+    log = child.directory / "log.txt"
+    log.write_text("an earlier run's last words\n")
+    child.log_offset = log.stat().st_size
+    assert mesh.log_tail(child) == "(the process wrote nothing)"
+    with log.open("a") as fh:
+        fh.write("x" * (mesh_launcher.LOG_TAIL_BYTES * 2) + "\nthis run failed\n")
+    tail = mesh.log_tail(child)
+    assert tail.endswith("this run failed") and "earlier run" not in tail
+    assert len(tail) <= mesh_launcher.LOG_TAIL_BYTES
+
+
+def test_a_state_file_that_cannot_be_written_does_not_stop_supervision(tmp_path: Path) -> None:
+    clock = FakeClock()
+    mesh = FakeMesh(
+        tmp_path / "state",
+        clock,
+        {"base_delay_s": 1.0, "factor": 2.0, "max_delay_s": 30.0, "max_restarts": 5, "window_s": 100.0},
+    )
+    mesh.start()
+    (mesh.state_dir / "nodes.json").unlink()
+    (mesh.state_dir / "nodes.json").mkdir()  # writes now fail with IsADirectoryError
+    _kill(mesh.edge)
+    assert mesh.supervise() is True
+    assert any("could not record node states" in line for line in mesh.said)
+    (mesh.state_dir / "nodes.json").rmdir()
+    mesh.stop()
