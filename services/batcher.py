@@ -1,10 +1,23 @@
-"""Deadline-aware dynamic batching for one model version.
+"""Deadline-aware dynamic batching for one model version: queues, futures and the dispatcher task.
 
 Requests wait in one FIFO queue per priority level (level 1 is the most
 urgent). A dispatcher loop takes an execution slot from the process-wide
 :class:`~services.run_pool.RunPool` *first* and only then forms a batch, so
 while every slot is busy requests pile up and the next free slot takes them
-together; with a free slot and one request, that request runs at once.
+together; with a free slot and nothing queued, a request runs at once from its
+caller (the fast path, no hand-over to the dispatcher).
+
+Who decides what:
+
+* :class:`~services.batch_policy.BatchPolicy` (pure, takes ``now``) decides
+  which requests are hopeless, whether a new request is refused, and how long
+  the dispatcher may wait for company; it holds the run-time and
+  inter-arrival estimates.
+* :mod:`services.batch_merge` concatenates a batch's inputs and slices the
+  outputs back per request.
+* Observers (:class:`BatchEvents`) are told what happened; counting into
+  :class:`~services.model_stats.ModelStats` (``batcher.stats``) is one of them,
+  metrics another. The batcher updates no counter itself.
 
 Rules, in the order the dispatcher applies them:
 
@@ -17,12 +30,8 @@ Rules, in the order the dispatcher applies them:
   the same input signature (names, dtypes, shapes after the batch axis) in
   priority order until ``max_batch_size`` rows. A request larger than
   ``max_batch_size`` on its own runs alone.
-* The dispatcher waits for more requests only while it can pay off: the batch
-  is not full, another run is in progress (otherwise nobody else is about to
-  send: a closed-loop caller waits on this very batch), ``max_queue_delay_us``
-  since the first request has not passed, the tightest deadline in the batch
-  still allows the predicted run, and the recent arrival rate says another
-  request is likely within that window.
+* The dispatcher waits for more requests only while it can pay off (see
+  :meth:`~services.batch_policy.BatchPolicy.company_wait`).
 * A full queue (``max_queue_size`` requests) refuses new ones at once with
   :class:`~services.errors.QueueFullError`; so does a queue holding more work
   ahead of a new request than its deadline leaves time for (predicted from
@@ -35,16 +44,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import deque
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields, replace
-from typing import Any, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from services.batch_merge import merge_inputs, rows_of, signature_of, split_outputs
+from services.batch_policy import BatchingConfig, BatchPolicy, Refusal
 from services.errors import (
-    ConfigError,
     DeadlineExceededError,
     EdgecascadeError,
     InternalError,
@@ -52,19 +61,21 @@ from services.errors import (
     ModelNotReadyError,
     QueueFullError,
 )
-from services.model_stats import ModelStats
+from services.model_stats import ModelStats, StatsObserver
 from services.run_pool import RunPool
+
+__all__ = ["Arrays", "BatchEvents", "BatchObserver", "BatchingConfig", "DynamicBatcher"]
 
 Arrays = dict[str, np.ndarray[Any, Any]]
 
 log = logging.getLogger("edgecascade.batcher")
 
-# Smoothing of the run-time and inter-arrival estimates.
-_EWMA = 0.2
+_CANCELLED = "cancelled"
+_EXPIRED = "expired"
 
 
 class BatchObserver(Protocol):
-    """Receives timings as they happen (the metrics adapter implements it)."""
+    """Receives a batcher's timings as they happen (the metrics adapter implements it)."""
 
     def queued(self, seconds: float) -> None:
         """A request waited ``seconds`` before its batch started."""
@@ -73,62 +84,47 @@ class BatchObserver(Protocol):
         """A batch of ``rows`` rows ran for ``seconds``."""
 
 
-class _Unobserved:
-    def queued(self, seconds: float) -> None:
-        pass
+@runtime_checkable
+class BatchEvents(BatchObserver, Protocol):
+    """Receives every event of a batcher: its timings and what became of each request.
 
-    def ran(self, rows: int, seconds: float) -> None:
-        pass
-
-
-@dataclass(frozen=True)
-class BatchingConfig:
-    """The ``[batching]`` settings (tier defaults, overridable per model).
-
-    Attributes:
-        max_batch_size: Most rows merged into one run; 1 turns batching off.
-        max_queue_delay_us: Longest a request waits for others to join it.
-        max_queue_size: Requests that may wait; more are refused at once.
-        priority_levels: Number of priority levels; request priority 1 is the
-            most urgent, 0 (or none) means the least urgent level.
-        default_timeout_us: Deadline of a request that brings none; a client's
-            ``timeout`` parameter or gRPC deadline may shorten it, never lengthen it.
+    Per answered request: :meth:`queued` then :meth:`answered`; per run: :meth:`ran`
+    (before its requests are answered); per request failed after it was queued:
+    :meth:`failed`; per request answered without being computed: :meth:`shed`
+    (an expired one also :meth:`failed`). Observers are called on the event
+    loop, before the caller is answered, and must not block.
     """
 
-    max_batch_size: int = 32
-    max_queue_delay_us: int = 500
-    max_queue_size: int = 512
-    priority_levels: int = 2
-    default_timeout_us: int = 60_000_000
+    def answered(self, seconds: float) -> None:
+        """A request was answered ``seconds`` after it was queued."""
 
-    def __post_init__(self) -> None:
-        limits = {
-            "max_batch_size": (1, 4096),
-            "max_queue_delay_us": (0, 1_000_000),
-            "max_queue_size": (1, 1_000_000),
-            "priority_levels": (1, 16),
-            "default_timeout_us": (1_000, 24 * 3600 * 1_000_000),
-        }
-        for f in fields(self):
-            value = getattr(self, f.name)
-            low, high = limits[f.name]
-            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise ConfigError(f"[batching] {f.name} must be an integer from {low} to {high}, got {value!r}")
+    def failed(self, seconds: float) -> None:
+        """A request failed ``seconds`` after it was queued (its deadline passed, or its run failed)."""
 
-    def with_overrides(self, overrides: Mapping[str, Any], where: str) -> BatchingConfig:
-        """Returns this configuration with per-model overrides applied.
+    def shed(self, reason: str) -> None:
+        """A request was answered without being computed: ``queue_full``, ``overloaded``, ``expired``, ``cancelled``."""
 
-        Raises:
-            ConfigError: An unknown key or an invalid value (``where`` names the source).
-        """
-        known = {f.name for f in fields(self)}
-        unknown = set(overrides) - known
-        if unknown:
-            raise ConfigError(f"{where}: unknown batching setting(s) {', '.join(sorted(unknown))}")
-        try:
-            return replace(self, **dict(overrides))
-        except ConfigError as exc:
-            raise ConfigError(f"{where}: {exc.message}") from None
+
+class _TimingsOnly:
+    """Lets an observer of timings alone receive every event (the others are ignored)."""
+
+    def __init__(self, timings: BatchObserver) -> None:
+        # Bound once, so forwarding a timing costs no extra call.
+        self.queued: Callable[[float], None] = timings.queued
+        self.ran: Callable[[int, float], None] = timings.ran
+
+    def answered(self, seconds: float) -> None:
+        pass
+
+    def failed(self, seconds: float) -> None:
+        pass
+
+    def shed(self, reason: str) -> None:
+        pass
+
+
+def _events(observer: BatchObserver) -> BatchEvents:
+    return observer if isinstance(observer, BatchEvents) else _TimingsOnly(observer)
 
 
 @dataclass(eq=False)
@@ -143,25 +139,6 @@ class _Request:
     future: asyncio.Future[Arrays]
 
 
-@dataclass
-class _RunTimes:
-    """Predicts how long a run of ``rows`` takes from recent runs."""
-
-    by_rows: dict[int, float] = field(default_factory=dict)
-
-    def observe(self, rows: int, seconds: float) -> None:
-        previous = self.by_rows.get(rows)
-        self.by_rows[rows] = seconds if previous is None else previous + _EWMA * (seconds - previous)
-
-    def predict(self, rows: int) -> float:
-        if rows in self.by_rows:
-            return self.by_rows[rows]
-        if not self.by_rows:
-            return 0.0
-        nearest = min(self.by_rows, key=lambda r: abs(r - rows))
-        return self.by_rows[nearest] * max(1.0, rows / nearest)
-
-
 class DynamicBatcher:
     """Queues, batches and runs the requests of one model version.
 
@@ -171,8 +148,9 @@ class DynamicBatcher:
         pool: The process-wide run pool.
         execute: Runs the model on a batch (blocking; called in the pool).
         batchable: Whether the model's inputs and outputs share a leading batch axis.
-        stats: Where to count.
-        observer: Receives queue and run timings (for metrics).
+        stats: Where the statistics observer counts (a new one when None); ``self.stats``.
+        observers: Also told every event (in order, after the statistics); one
+            that implements only :class:`BatchObserver` receives the timings.
     """
 
     def __init__(
@@ -182,16 +160,17 @@ class DynamicBatcher:
         pool: RunPool,
         execute: Callable[[Mapping[str, np.ndarray[Any, Any]]], Arrays],
         batchable: bool,
-        stats: ModelStats,
-        observer: BatchObserver | None = None,
+        stats: ModelStats | None = None,
+        observers: Sequence[BatchObserver] = (),
     ) -> None:
         self.name = name
-        self._observer: BatchObserver = observer or _Unobserved()
         self.config = config
-        self.stats = stats
+        self.stats = stats if stats is not None else ModelStats()
+        self._observers: tuple[BatchEvents, ...] = (StatsObserver(self.stats), *map(_events, observers))
         self._pool = pool
         self._execute = execute
         self._batchable = batchable and config.max_batch_size > 1
+        self._policy = BatchPolicy(config, self._batchable, pool.slots)
         self._queues: list[deque[_Request]] = [deque() for _ in range(config.priority_levels)]
         self._size = 0
         self._rows = [0] * config.priority_levels  # queued rows per level, for the wait prediction
@@ -203,9 +182,6 @@ class DynamicBatcher:
         self._runs: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._closing = False
-        self._run_times = _RunTimes()
-        self._last_arrival = 0.0
-        self._interarrival = 1.0
 
     @property
     def queue_depth(self) -> int:
@@ -264,7 +240,7 @@ class DynamicBatcher:
             priority: The request's ``priority`` parameter.
 
         Raises:
-            QueueFullError: The queue is full.
+            QueueFullError: The queue is full, or the work queued ahead cannot finish before the deadline.
             DeadlineExceededError: The deadline passed, or cannot be met, before the request ran.
             InvalidArgumentError: Bad priority, or the model rejected the input values.
             ModelNotReadyError: The batcher is closing (the model is being unloaded).
@@ -272,32 +248,19 @@ class DynamicBatcher:
         level = self.level_of(priority)
         if self._closing:
             raise ModelNotReadyError(f"model {self.name} is being unloaded")
-        if self._size >= self.config.max_queue_size:
-            self.stats.shed["queue_full"] += 1
-            raise QueueFullError(f"the queue of model {self.name} is full ({self.config.max_queue_size} requests)")
         loop = asyncio.get_running_loop()
         now = loop.time()
-        wait = self._predicted_wait(level)
-        if wait and now + wait > deadline:
-            # Queueing a request that cannot be answered in time only burns
-            # compute its caller will never see; refusing now lets a device
-            # send it upward while there is still time.
-            self.stats.shed["overloaded"] += 1
-            raise QueueFullError(
-                f"model {self.name} cannot answer within the deadline: "
-                f"about {wait * 1000:.0f} ms of work is queued ahead"
-            )
-        if self._last_arrival:
-            gap = now - self._last_arrival
-            self._interarrival += _EWMA * (gap - self._interarrival)
-        self._last_arrival = now
-        first = next(iter(inputs.values()), None)
-        rows = int(first.shape[0]) if self._batchable and first is not None and first.ndim else 1
-        if self._batchable and any(v.ndim == 0 or v.shape[0] != rows for v in inputs.values()):
-            sizes = ", ".join(f"'{k}': {v.shape[0] if v.ndim else 'scalar'}" for k, v in inputs.items())
-            raise InvalidArgumentError(f"every input must have the same batch size (first dimension); got {sizes}")
-        signature = tuple(sorted((k, v.dtype.str, v.shape[1:]) for k, v in inputs.items())) if self._batchable else ()
-        request = _Request(inputs, outputs, rows, signature, deadline, level, now, loop.create_future())
+        rows_ahead = sum(self._rows[: level + 1]) if self._size else 0
+        refusal = self._policy.refusal(self._size, rows_ahead, deadline, now)
+        if refusal is not None:
+            self._refuse(refusal, rows_ahead)
+        self._policy.arrivals.observe(now)
+        if self._batchable:
+            rows = rows_of(inputs)
+            key = signature_of(inputs)
+        else:
+            rows, key = 1, ()
+        request = _Request(inputs, outputs, rows, key, deadline, level, now, loop.create_future())
         if not self._size and not self._pool.busy:
             return await self._run_now(request)
         self._queues[level].append(request)
@@ -305,6 +268,16 @@ class DynamicBatcher:
         self._rows[level] += rows
         self._arrived.set()
         return await request.future
+
+    def _refuse(self, refusal: Refusal, rows_ahead: int) -> None:
+        for observer in self._observers:
+            observer.shed(refusal.value)
+        if refusal is Refusal.QUEUE_FULL:
+            raise QueueFullError(f"the queue of model {self.name} is full ({self.config.max_queue_size} requests)")
+        wait = self._policy.predicted_wait(rows_ahead)
+        raise QueueFullError(
+            f"model {self.name} cannot answer within the deadline: about {wait * 1000:.0f} ms of work is queued ahead"
+        )
 
     async def _run_now(self, request: _Request) -> Arrays:
         """Runs a request at once: nothing is queued and every slot is free.
@@ -332,16 +305,6 @@ class DynamicBatcher:
     def _dequeued(self, request: _Request) -> None:
         self._size -= 1
         self._rows[request.level] -= request.rows
-
-    def _predicted_wait(self, level: int) -> float:
-        """Seconds until a new request at ``level`` would start, from the work queued at its level or above."""
-        rows = sum(self._rows[: level + 1])
-        if not rows or not self._run_times.by_rows:
-            return 0.0
-        per_batch = self.config.max_batch_size if self._batchable else 1
-        batches = -(-rows // per_batch)  # ceiling division
-        rounds = -(-batches // self._pool.slots)
-        return rounds * self._run_times.predict(min(rows, per_batch))
 
     async def _dispatch(self) -> None:
         while True:
@@ -390,12 +353,16 @@ class DynamicBatcher:
         return None
 
     def _dead(self, request: _Request, now: float) -> bool:
+        """Whether ``request`` is not to be run (its caller left, or the policy finds it hopeless); answers it if so."""
         if request.future.done():  # cancelled by its caller
-            self.stats.shed["cancelled"] += 1
+            for observer in self._observers:
+                observer.shed(_CANCELLED)
             return True
-        if now + self._run_times.predict(request.rows) >= request.deadline:
-            self.stats.shed["expired"] += 1
-            self.stats.fail.add(int((now - request.enqueued) * 1e9))
+        if self._policy.hopeless(request, now):
+            waited = now - request.enqueued
+            for observer in self._observers:
+                observer.shed(_EXPIRED)
+                observer.failed(waited)
             request.future.set_exception(
                 DeadlineExceededError(f"deadline of a request to model {self.name} passed while it was queued")
             )
@@ -437,19 +404,14 @@ class DynamicBatcher:
         self._forming = len(batch)
         if not batch or not self._batchable:
             return
-        delay = self.config.max_queue_delay_us / 1e6
-        # With nothing else in flight, the next request can only come from a
-        # caller that is not waiting on us; in a closed loop (one client, or all
-        # clients in this batch) waiting would only add latency.
-        while rows < self.config.max_batch_size and delay > 0 and self._pool.busy > 1 and not self._closing:
+        while not self._closing:
             now = loop.time()
-            tightest = min(r.deadline for r in batch)
-            window_end = min(head.enqueued + delay, tightest - self._run_times.predict(self.config.max_batch_size))
-            if window_end <= now or self._interarrival > window_end - now:
-                break  # waiting would not pay off
+            wait = self._policy.company_wait(head, batch, rows, self._pool.busy > 1, now)
+            if wait <= 0:
+                break
             self._arrived.clear()
             try:
-                await asyncio.wait_for(self._arrived.wait(), window_end - now)
+                await asyncio.wait_for(self._arrived.wait(), wait)
             except TimeoutError:
                 break
             rows += self._take(head.signature, self.config.max_batch_size - rows, batch, loop.time())
@@ -468,11 +430,7 @@ class DynamicBatcher:
     async def _execute_batch(self, batch: list[_Request]) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
-        inputs: Mapping[str, np.ndarray[Any, Any]]
-        if len(batch) == 1:
-            inputs = batch[0].inputs
-        else:
-            inputs = {name: np.concatenate([r.inputs[name] for r in batch]) for name in batch[0].inputs}
+        inputs = merge_inputs(batch)
         try:
             outputs = await self._pool.run(lambda: self._execute(inputs))
         except InvalidArgumentError as exc:
@@ -492,31 +450,21 @@ class DynamicBatcher:
             self._fail(batch, InternalError(f"model {self.name} failed to run"), started)
             return
         finished = loop.time()
+        observers = self._observers
         rows = sum(r.rows for r in batch)
-        self._run_times.observe(rows, finished - started)
-        stats = self.stats
-        stats.execution_count += 1
-        stats.compute_infer.add(int((finished - started) * 1e9))
-        stats.batch(rows, int((finished - started) * 1e9))
-        self._observer.ran(rows, finished - started)
-        stats.last_inference_ms = time.time_ns() // 1_000_000
-        offset = 0
-        for request in batch:
-            part = {
-                name: (value[offset : offset + request.rows] if len(batch) > 1 else value)
-                for name, value in outputs.items()
-                if not request.outputs or name in request.outputs
-            }
-            offset += request.rows
-            stats.inference_count += 1
-            stats.queue.add(int((started - request.enqueued) * 1e9))
-            self._observer.queued(started - request.enqueued)
-            stats.success.add(int((finished - request.enqueued) * 1e9))
+        self._policy.run_times.observe(rows, finished - started)
+        for observer in observers:
+            observer.ran(rows, finished - started)
+        for request, answer in zip(batch, split_outputs(outputs, batch), strict=True):
+            for observer in observers:
+                observer.queued(started - request.enqueued)
+                observer.answered(finished - request.enqueued)
             if not request.future.done():
-                request.future.set_result(part)
+                request.future.set_result(answer)
 
     def _fail(self, batch: list[_Request], exc: EdgecascadeError, started: float) -> None:
         for request in batch:
-            self.stats.fail.add(int((started - request.enqueued) * 1e9))
+            for observer in self._observers:
+                observer.failed(started - request.enqueued)
             if not request.future.done():
                 request.future.set_exception(exc)

@@ -7,12 +7,15 @@ Invariants:
   models, least recently used first; a model with requests queued, running or
   streaming is never evicted. A model that cannot fit even alone is refused
   with :class:`~services.errors.MemoryBudgetError` (counted).
-* One load per model version at a time (single flight), and one load at a
-  time per node, so the memory a load really took can be measured.
-* A version becomes visible to new requests only after it loaded and passed a
-  warm-up run. Loading a new version while an old one serves swaps the new one
-  in once warm; requests already holding the old one finish on it, then it is
-  released (hot swap).
+* One load per model version at a time (single flight: a
+  :class:`~services.single_flight.SingleFlight` keyed by name and version),
+  and one load at a time per node, so the memory a load really took can be
+  measured.
+* A version becomes visible to new requests only after it loaded, passed a
+  warm-up run and was accepted by the load hooks (opening, warming up and
+  measuring are :mod:`services.model_loader`'s). Loading a new version while
+  an old one serves swaps the new one in once warm; requests already holding
+  the old one finish on it, then it is released (hot swap).
 * A version that failed to load is not retried on every request; an explicit
   :meth:`ModelCache.load` retries it.
 """
@@ -22,24 +25,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
 import numpy as np
 
 from services.batcher import BatchingConfig, BatchObserver, DynamicBatcher
-from services.errors import ConfigError, EdgecascadeError, MemoryBudgetError, ModelNotFoundError, ModelNotReadyError
-from services.generation import CHAR_LM_TASK, CharTokenizer
+from services.errors import EdgecascadeError, MemoryBudgetError, ModelNotFoundError, ModelNotReadyError
+from services.generation import CharTokenizer
 from services.inference import ModelSignature
-from services.memory import activation_bytes, estimate_footprint, megabytes, process_rss
+from services.memory import megabytes, process_rss
+from services.model_loader import LoadHooks, ModelLoader, SessionOpener
 from services.model_repository import ModelEntry, ModelRepository
 from services.model_stats import ModelStats
 from services.onnx_session import OnnxSession
 from services.run_pool import RunPool
-from services.tensors import DATATYPES
-
-BATCHING_PROPERTY_PREFIX = "edgecascade.batching."
+from services.single_flight import SingleFlight
 
 
 class ModelState(StrEnum):
@@ -52,8 +54,8 @@ class ModelState(StrEnum):
 
 
 @dataclass
-class CacheStats:
-    """Counters of the cache: hit rate is hits / (hits + misses)."""
+class ModelCacheStats:
+    """Counters of the model cache: hit rate is hits / (hits + misses)."""
 
     hits: int = 0
     misses: int = 0
@@ -116,6 +118,10 @@ class IndexEntry:
 class ModelCache:
     """Loads models from a repository on demand and keeps them within a memory budget.
 
+    Opening, warming up and measuring a version is the :class:`~services.model_loader.ModelLoader`'s;
+    the cache decides when (single flight, one at a time), whether it fits (admission, eviction) and
+    when a version serves and stops serving (hot swap, drain).
+
     Args:
         repository: Where the models are.
         pool: The process-wide run pool (loads and runs share its thread budget).
@@ -124,6 +130,8 @@ class ModelCache:
         intra_op_threads: onnxruntime threads per run.
         rss: Returns the process's resident memory (to measure real footprints).
         observers: Makes the timing observer of one model version (name, version), for metrics.
+        hooks: Called during each load; may refuse a model (see :class:`~services.model_loader.LoadHooks`).
+        opener: Where the models' bytes come from (the repository's files by default).
     """
 
     def __init__(
@@ -135,29 +143,27 @@ class ModelCache:
         intra_op_threads: int = 1,
         rss: Callable[[], int] = process_rss,
         observers: Callable[[str, str], BatchObserver] | None = None,
+        hooks: LoadHooks | None = None,
+        opener: SessionOpener | None = None,
     ) -> None:
-        self._observers = observers
         self.repository = repository
         self.budget = memory_budget_bytes
-        self.stats = CacheStats()
-        self._pool = pool
-        self._batching = batching
-        self._intra_op_threads = intra_op_threads
-        self._rss = rss
+        self.stats = ModelCacheStats()
+        self.loader = ModelLoader(pool, batching, intra_op_threads, rss, observers, hooks, opener)
         self._loaded: dict[tuple[str, str], LoadedModel] = {}
         self._latest: dict[str, LoadedModel] = {}
-        self._loading: dict[tuple[str, str], asyncio.Task[LoadedModel]] = {}
+        self._loads: SingleFlight[tuple[str, str], LoadedModel] = SingleFlight()
         self._failed: dict[tuple[str, str], str] = {}
         self._evicted: set[tuple[str, str]] = set()
         self._load_lock = asyncio.Lock()
         self._reserved = 0
-        self._closing: set[asyncio.Task[None]] = set()
+        self._drain_tasks: set[asyncio.Task[None]] = set()
         self._draining: set[LoadedModel] = set()
 
     @property
     def batching(self) -> BatchingConfig:
         """The tier-wide batching defaults (before any model's overrides)."""
-        return self._batching
+        return self.loader.batching
 
     @property
     def used_bytes(self) -> int:
@@ -171,7 +177,7 @@ class ModelCache:
             self._retire(model)
         for model in list(self._draining):
             self._drain(model)
-        await asyncio.gather(*self._closing, return_exceptions=True)
+        await asyncio.gather(*self._drain_tasks, return_exceptions=True)
 
     def holds(self, name: str) -> bool:
         """Whether the repository has any version of ``name`` (loaded or not)."""
@@ -237,7 +243,7 @@ class ModelCache:
             key = (entry.name, entry.version)
             if key in self._loaded:
                 rows.append(IndexEntry(entry.name, entry.version, ModelState.READY))
-            elif key in self._loading:
+            elif self._loads.in_flight(key):
                 rows.append(IndexEntry(entry.name, entry.version, ModelState.LOADING))
             else:
                 reason = self._failed.get(key) or ("evicted to make room" if key in self._evicted else "not loaded")
@@ -336,28 +342,18 @@ class ModelCache:
                 self._draining.discard(model)
 
         task = asyncio.create_task(drain(), name=f"drain {model.name} v{model.version}")
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+        self._drain_tasks.add(task)
+        task.add_done_callback(self._drain_tasks.discard)
 
     async def _load(self, entry: ModelEntry, force: bool = False) -> LoadedModel:
         key = (entry.name, entry.version)
         if not force and key in self._loaded:
             return self._loaded[key]
-        pending = self._loading.get(key)
-        if pending is None:
-            # The load is a task of its own: a caller that gives up (its
-            # deadline passed) neither cancels it nor the other callers' wait.
-            pending = asyncio.create_task(self._load_and_install(entry), name=f"load {entry.name} v{entry.version}")
-            self._loading[key] = pending
-            pending.add_done_callback(self._load_done)
-        return await asyncio.shield(pending)
-
-    def _load_done(self, task: asyncio.Task[LoadedModel]) -> None:
-        for key, pending in list(self._loading.items()):
-            if pending is task:
-                del self._loading[key]
-        if not task.cancelled():
-            task.exception()  # retrieved, so a load whose callers all left does not warn
+        # The load is a task of its own: a caller that gives up (its deadline
+        # passed) neither cancels it nor the other callers' wait.
+        return await self._loads.run(
+            key, lambda: self._load_and_install(entry), name=f"load {entry.name} v{entry.version}"
+        )
 
     async def _load_and_install(self, entry: ModelEntry) -> LoadedModel:
         key = (entry.name, entry.version)
@@ -383,77 +379,17 @@ class ModelCache:
         return model
 
     async def _load_admitted(self, entry: ModelEntry) -> LoadedModel:
-        if entry.max_batch_size < 1:
-            # Admission budgets activations at this many rows, and the batcher needs at least one.
-            raise ModelNotReadyError(
-                f"model '{entry.name}' version {entry.version}: metadata max_batch_size must be at least 1, "
-                f"got {entry.max_batch_size}"
-            )
-        file_bytes = entry.model_file.stat().st_size
-        estimate = estimate_footprint(file_bytes, entry.properties)
+        loaded = await self.loader.load(entry, self._admission)
+        footprint = loaded.footprint
+        return LoadedModel(entry, loaded.session, loaded.tokenizer, loaded.batcher, footprint.total, footprint.measured)
+
+    @contextlib.asynccontextmanager
+    async def _admission(self, entry: ModelEntry, estimate: int) -> AsyncIterator[None]:
+        """Holds ``estimate`` bytes of the budget (evicting if needed) while a load opens; one load at a time."""
         async with self._load_lock:
             self._admit(entry, estimate)
             self._reserved += estimate
             try:
-                await self._pool.acquire()
-                try:
-                    before = self._rss()
-                    session, tokenizer = await self._pool.run(lambda: self._open(entry))
-                    gained = self._rss() - before
-                finally:
-                    self._pool.release()
+                yield
             finally:
                 self._reserved -= estimate
-        # What the process really gained replaces the estimate, unless the
-        # allocator reused freed memory and the gain says nothing.
-        measured = gained >= file_bytes
-        footprint = (gained if measured else estimate) + activation_bytes(session.signature, entry.max_batch_size)
-        overrides = {
-            k[len(BATCHING_PROPERTY_PREFIX) :]: int(v)
-            for k, v in entry.properties.items()
-            if k.startswith(BATCHING_PROPERTY_PREFIX) and v.lstrip("-").isdigit()
-        }
-        config = self._batching
-        if overrides:
-            try:
-                config = config.with_overrides(overrides, f"model '{entry.name}' version {entry.version} metadata")
-            except ConfigError as exc:
-                raise ModelNotReadyError(exc.message) from None
-        if config.max_batch_size > entry.max_batch_size:
-            # Activations are budgeted at the model's max_batch_size: no batch may be larger.
-            config = replace(config, max_batch_size=entry.max_batch_size)
-        batchable = session.signature.batchable
-        observer = self._observers(entry.name, entry.version) if self._observers else None
-        batcher = DynamicBatcher(
-            f"'{entry.name}' version {entry.version}",
-            config,
-            self._pool,
-            session.run,
-            batchable,
-            ModelStats(),
-            observer,
-        )
-        batcher.start()
-        return LoadedModel(entry, session, tokenizer, batcher, footprint, measured)
-
-    def _open(self, entry: ModelEntry) -> tuple[OnnxSession, CharTokenizer | None]:
-        session = OnnxSession(entry.model_file, self._intra_op_threads)
-        tokenizer = None
-        if entry.task == CHAR_LM_TASK:
-            tokenizer = CharTokenizer.from_properties({**session.metadata, **entry.properties})
-        _warm_up(session, entry)
-        return session, tokenizer
-
-
-def _warm_up(session: OnnxSession, entry: ModelEntry) -> None:
-    """Runs the model once on zeros so the first real request pays no first-run cost."""
-    feed: dict[str, np.ndarray[Any, Any]] = {}
-    for spec in session.signature.inputs:
-        if spec.datatype == "BYTES":
-            return  # no safe dummy value for text inputs; skip warm-up
-        shape = tuple(1 if d < 0 else d for d in spec.shape)
-        feed[spec.name] = np.zeros(shape, dtype=DATATYPES[spec.datatype].dtype)
-    try:
-        session.run(feed)
-    except EdgecascadeError as exc:
-        raise ModelNotReadyError(f"model '{entry.name}' version {entry.version} failed its warm-up run") from exc

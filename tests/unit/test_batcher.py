@@ -293,3 +293,73 @@ async def test_a_caller_that_gives_up_on_the_fast_path_keeps_the_slot_until_the_
     await asyncio.sleep(0.05)
     assert pool.busy == 0 and batcher.in_flight == 0
     await batcher.close()
+
+
+class Events:
+    """Records every batcher event (a full BatchEvents observer)."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def queued(self, seconds: float) -> None:
+        self.seen.append("queued")
+
+    def ran(self, rows: int, seconds: float) -> None:
+        self.seen.append(f"ran {rows}")
+
+    def answered(self, seconds: float) -> None:
+        self.seen.append("answered")
+
+    def failed(self, seconds: float) -> None:
+        self.seen.append("failed")
+
+    def shed(self, reason: str) -> None:
+        self.seen.append(f"shed {reason}")
+
+
+class Timings:
+    """Implements only the timings (as the metrics adapter does)."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def queued(self, seconds: float) -> None:
+        self.seen.append("queued")
+
+    def ran(self, rows: int, seconds: float) -> None:
+        self.seen.append(f"ran {rows}")
+
+
+async def test_every_observer_hears_every_event_and_the_statistics_are_one_of_them(pool: RunPool) -> None:
+    model = Model()
+    events, timings = Events(), Timings()
+    stats = ModelStats()
+    config = BatchingConfig(max_queue_size=2)
+    batcher = DynamicBatcher("m v1", config, pool, model, batchable=True, stats=stats, observers=[events, timings])
+    batcher.start()
+    first = await hold_slot(batcher, model)
+    loop = asyncio.get_running_loop()
+    expiring = asyncio.create_task(batcher.submit(x(7), (), loop.time() + 0.01))
+    waiting = asyncio.create_task(batcher.submit(x(1, rows=2), (), far()))
+    await asyncio.sleep(0.02)
+    with pytest.raises(QueueFullError):
+        await batcher.submit(x(9), (), far())
+    model.gate.set()
+    await asyncio.gather(first, waiting)
+    with pytest.raises(DeadlineExceededError):
+        await expiring
+    assert events.seen == [
+        "shed queue_full",
+        "ran 1",  # the request holding the slot
+        "queued",
+        "answered",
+        "shed expired",
+        "failed",
+        "ran 2",
+        "queued",
+        "answered",
+    ]
+    assert timings.seen == ["ran 1", "queued", "ran 2", "queued"]
+    assert batcher.stats is stats and stats.inference_count == 2 and stats.execution_count == 2
+    assert stats.shed == {"queue_full": 1, "expired": 1} and stats.fail.count == 1
+    await batcher.close()

@@ -1,8 +1,9 @@
-"""The model cache: single-flight loads, warm-up before visibility, memory admission, hot swap."""
+"""The model cache: single-flight loads, warm-up and load hooks before visibility, memory admission, hot swap."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -10,10 +11,19 @@ import numpy as np
 import pytest
 
 from services.batcher import BatchingConfig
-from services.errors import DeadlineExceededError, MemoryBudgetError, ModelNotFoundError, ModelNotReadyError
+from services.errors import (
+    DeadlineExceededError,
+    EdgecascadeError,
+    IntegrityError,
+    MemoryBudgetError,
+    ModelNotFoundError,
+    ModelNotReadyError,
+)
 from services.memory import FIXED_OVERHEAD_BYTES
 from services.model_cache import ModelCache, ModelState
-from services.model_repository import ModelRepository
+from services.model_loader import FileOpener, Footprint
+from services.model_repository import ModelEntry, ModelRepository
+from services.onnx_session import OnnxSession
 from services.run_pool import RunPool
 from tests.support.onnx_models import linear_model
 
@@ -199,3 +209,84 @@ async def test_a_stream_pinning_the_old_version_survives_a_hot_swap(
         assert cache.used_bytes == old.footprint_bytes + new.footprint_bytes  # v1 still counted while it drains
     await asyncio.sleep(0.05)
     assert cache.used_bytes == new.footprint_bytes
+
+
+class Refuse:
+    """Load hooks that refuse at one point (as golden vectors or a signed memory figure would)."""
+
+    def __init__(self, at: str, error: EdgecascadeError) -> None:
+        self.at = at
+        self.error = error
+        self.calls: list[str] = []
+
+    def opened(self, entry: ModelEntry, session: OnnxSession) -> None:
+        self.calls.append(f"opened {entry.name} v{entry.version} in {threading.current_thread().name[:11]}")
+        if self.at == "opened":
+            session.run({"x": np.ones((1, 4), np.float32)})  # a hook may run the session (golden vectors)
+            raise self.error
+
+    def measured(self, entry: ModelEntry, footprint: Footprint) -> None:
+        self.calls.append(f"measured {footprint.total > 0}")
+        if self.at == "measured":
+            raise self.error
+
+
+@pytest.mark.parametrize("at", ["opened", "measured"])
+async def test_a_load_hook_that_refuses_fails_the_load_and_leaks_nothing(tmp_path: Path, at: str) -> None:
+    repo = ModelRepository(tmp_path / "repo")
+    repo.add("m", linear_model(tmp_path / "m.onnx"))
+    hooks = Refuse(at, ModelNotReadyError("golden vectors do not match"))
+    pool = RunPool(2)
+    cache = ModelCache(repo, pool, BatchingConfig(), 1 << 40, rss=FakeRss(), hooks=hooks)
+    try:
+        with pytest.raises(ModelNotReadyError, match="golden vectors do not match"):
+            await cache.get("m")
+        assert hooks.calls[0] == "opened m v1 in onnxruntime"  # in the run pool, after warm-up
+        assert cache.used_bytes == 0 and pool.busy == 0 and cache.loaded() == []
+        assert cache.index()[0].state == ModelState.UNAVAILABLE
+        assert cache.index()[0].reason == "golden vectors do not match"
+        with pytest.raises(ModelNotReadyError):
+            await cache.get("m")  # recorded as failed: not retried on every request
+        hooks.at = ""
+        assert (await cache.load("m")).version == "1"  # an explicit load retries
+        assert cache.stats.loads == 1
+    finally:
+        await cache.close()
+        pool.close()
+
+
+async def test_another_refusal_from_a_hook_becomes_model_not_ready(tmp_path: Path) -> None:
+    repo = ModelRepository(tmp_path / "repo")
+    repo.add("m", linear_model(tmp_path / "m.onnx"))
+    pool = RunPool(1)
+    hooks = Refuse("measured", IntegrityError("measured 40 MB, signed 20 MB"))
+    cache = ModelCache(repo, pool, BatchingConfig(), 1 << 40, rss=FakeRss(), hooks=hooks)
+    try:
+        with pytest.raises(ModelNotReadyError, match=r"model 'm' version 1 was refused: measured 40 MB") as caught:
+            await cache.get("m")
+        assert isinstance(caught.value.__cause__, IntegrityError)
+        assert cache.used_bytes == 0
+    finally:
+        await cache.close()
+        pool.close()
+
+
+async def test_the_source_of_a_model_is_pluggable(tmp_path: Path) -> None:
+    repo = ModelRepository(tmp_path / "repo")
+    repo.add("m", linear_model(tmp_path / "m.onnx"))
+    opened: list[str] = []
+
+    class Recording(FileOpener):
+        def open(self, entry: ModelEntry, intra_op_threads: int) -> OnnxSession:
+            opened.append(f"{entry.name} v{entry.version} threads={intra_op_threads}")
+            return super().open(entry, intra_op_threads)
+
+    pool = RunPool(1)
+    cache = ModelCache(repo, pool, BatchingConfig(), 1 << 40, intra_op_threads=1, opener=Recording())
+    try:
+        model = await cache.get("m")
+        assert opened == ["m v1 threads=1"]
+        assert (await cache.run(model, X))["y"].shape == (1, 3)
+    finally:
+        await cache.close()
+        pool.close()
