@@ -206,10 +206,11 @@ class RegistrySection:
         for name in ("root_expiry_s", "targets_expiry_s", "snapshot_expiry_s", "timestamp_expiry_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"[registry] {name} must be a positive number of seconds, got {getattr(self, name)}")
-        if not 0 <= self.resign_margin_s < self.timestamp_expiry_s:
+        # A margin that is too small (zero or negative too) is refused below: it must exceed resign_check_s.
+        if self.resign_margin_s >= self.timestamp_expiry_s:
             raise ConfigError(
-                f"[registry] resign_margin_s must be at least 0 and less than timestamp_expiry_s "
-                f"({self.timestamp_expiry_s}), got {self.resign_margin_s}"
+                f"[registry] resign_margin_s ({self.resign_margin_s} s) must be shorter than timestamp_expiry_s "
+                f"({self.timestamp_expiry_s} s), else the timestamp is re-signed at every check"
             )
         if self.resign_check_s <= 0 or self.resign_check_s >= self.timestamp_expiry_s - self.resign_margin_s:
             raise ConfigError(
@@ -230,11 +231,13 @@ class RegistrySection:
                     f"resign_check_s ({self.resign_margin_s + self.resign_check_s:g} s), else it is re-signed "
                     "at every check"
                 )
-        # Targets are re-signed a third of their lifetime before expiry (ExpiryPolicy.targets_margin).
-        if self.targets_expiry_s <= 3 * self.resign_check_s:
+        # A region with the targets key re-signs targets a third of their lifetime before expiry
+        # (ExpiryPolicy.targets_margin); without it, an operator does and the check interval does not matter.
+        if self.resign_targets and self.targets_expiry_s <= 3 * self.resign_check_s:
             raise ConfigError(
                 f"[registry] targets_expiry_s ({self.targets_expiry_s} s) must be longer than 3 × resign_check_s "
-                f"({3 * self.resign_check_s:g} s): targets are re-signed in the last third of their lifetime"
+                f"({3 * self.resign_check_s:g} s) with resign_targets: the region re-signs targets in the last "
+                "third of their lifetime"
             )
         _check_chunk("registry", self.chunk_bytes)
         if self.key_dir and not self.path:
@@ -266,7 +269,7 @@ class ArtifactsSection:
     def __post_init__(self) -> None:
         if self.cache_dir and not self.trusted_root:
             raise ConfigError(
-                "[artifacts] trusted_root must name the registry's root metadata file (e.g. 1.root.json) "
+                "[artifacts] trusted_root must name the registry's root metadata file (e.g. root.json) "
                 "when cache_dir is set; the cache verifies everything against it"
             )
         if self.refresh_interval_s < 0:

@@ -98,8 +98,10 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser(
         "status",
         help="show what every node of the running mesh reports",
-        description="Show what every node of the running mesh reports, and warn when the region's registry "
-        "metadata is close to expiry (root or targets within 30 days).",
+        description="Show what every node of the running mesh reports (a node the launcher is restarting or gave "
+        "up on shows that state), and warn when the region's registry metadata is close to expiry (root or targets "
+        "within 30 days, snapshot or timestamp within an hour: the region re-signs those, so that means its "
+        "re-signer is not running); exits 1 when a node does not answer or a role has expired.",
     )
     status.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
     status.add_argument("--timeout", type=float, default=5.0)

@@ -17,7 +17,7 @@ from rich.table import Table
 from protos.edgecascade.v1 import mesh_pb2, mesh_pb2_grpc
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
-from services.cli.model_commands import registry_expiry_warnings
+from services.cli.model_commands import registry_expiry
 from services.errors import ConfigError
 from services.generation import TEXT_INPUT, TEXT_OUTPUT
 from services.inference import FALLBACK_REASON, FINAL_RESPONSE, ROUTE, SERVED_BY, TOKEN_PROBABILITY
@@ -50,11 +50,17 @@ def node_states(state_dir: Path) -> dict[str, dict[str, Any]]:
     """
     try:
         record = json.loads((state_dir / "nodes.json").read_text())
-        # No such process (or, PermissionError, another user's process under a reused pid): the launcher is gone.
-        os.kill(int(record["launcher_pid"]), 0)
-        return {str(node["address"]): node for node in record["nodes"] if node.get("address")}
+        launcher = int(record["launcher_pid"])
+        nodes = {str(node["address"]): node for node in record["nodes"] if node.get("address")}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {}
+    try:
+        os.kill(launcher, 0)
+    except ProcessLookupError:
+        return {}  # the launcher is gone
+    except PermissionError:
+        pass  # alive, run by another user (e.g. root)
+    return nodes
 
 
 def device_address(state_dir: Path, address: str | None) -> str:
@@ -149,10 +155,17 @@ def generate(
 
 
 def status(console: Console, state_dir: Path, timeout: float) -> int:
-    """Prints what every node of the running mesh reports about itself.
+    """Prints what every node of the running mesh reports about itself, and the registry's expiry warnings.
 
     A node that does not answer and that ``edgecascade up`` is restarting or gave
     up on is shown with that state (from ``nodes.json``) instead of the RPC error.
+    Then a warning for each role of the region's registry metadata that expires
+    soon: root or targets within 30 days, snapshot or timestamp within an hour
+    (the region re-signs those hours ahead, so that means its re-signer is not
+    running).
+
+    Returns:
+        1 when a node does not answer or a registry role has expired, else 0.
     """
     endpoints = read_endpoints(state_dir)
     states = node_states(state_dir)
@@ -181,7 +194,9 @@ def status(console: Console, state_dir: Path, timeout: float) -> int:
         memory = f"{megabytes(info.cache.used_bytes)} / {megabytes(info.cache.budget_bytes)}"
         table.add_row(address, info.tier_name, info.node_id, info.upstream or "-", memory, models)
     console.print(table)
-    # Registry metadata close to expiry (read from the region's artifact service): warned well ahead.
-    for warning in registry_expiry_warnings(endpoints["region"], timeout):
-        console.print(f"warning: {warning}", style="yellow", markup=False)
-    return 1 if failures else 0
+    # Registry metadata close to expiry (read from the region's artifact service): warned well ahead,
+    # and a failure once a role has expired (every client refresh in the fleet fails on it).
+    expiry = registry_expiry(endpoints["region"], timeout)
+    for warning in expiry.warnings:
+        console.print(f"warning: {warning}", style="red" if "EXPIRED" in warning else "yellow", markup=False)
+    return 1 if failures or expiry.expired else 0

@@ -101,7 +101,7 @@ def publish_demo_models(
 
 
 def trusted_root(registry_dir: Path) -> bytes:
-    """The registry's root metadata version 1: what edges and devices embed as their trust anchor.
+    """The registry's newest committed root metadata: what edges and devices embed as their trust anchor.
 
     Raises:
         PreconditionError: The registry has not been created.

@@ -27,6 +27,7 @@ import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
@@ -44,7 +45,7 @@ from services.errors import (
     UnimplementedError,
 )
 from services.memory import megabytes
-from services.registry.metadata_expiry import expiry_warnings, read_expiries
+from services.registry.metadata_expiry import expired_roles, expiry_warnings, read_expiries
 from services.registry.model_inspection import inspect_model, signature_from_json
 from services.registry.pipeline import (
     DEFAULT_VALIDATION_ROWS,
@@ -87,11 +88,15 @@ def _refusing(command: Command) -> Command:
     return handler
 
 
-def registry_args(p: argparse.ArgumentParser, keys: bool) -> None:
-    """Adds ``--registry`` (and ``--keys``) and ``--config`` to a ``model`` verb."""
+def registry_args(p: argparse.ArgumentParser, keys: bool, keys_help: str = "") -> None:
+    """Adds ``--registry`` (and ``--keys``, with ``keys_help`` if given) and ``--config`` to a ``model`` verb."""
     p.add_argument("--registry", type=Path, help=f"registry directory (default {DEFAULT_REGISTRY})")
     if keys:
-        p.add_argument("--keys", type=Path, help=f"directory with targets.pem and online.pem (default {DEFAULT_KEYS})")
+        p.add_argument(
+            "--keys",
+            type=Path,
+            help=keys_help or f"directory with targets.pem and online.pem (default {DEFAULT_KEYS})",
+        )
     p.add_argument("--config", type=Path, help="TOML file whose [registry] section sets paths and expiries")
 
 
@@ -198,17 +203,29 @@ def _add_metadata_verbs(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         help="write root version N+1 with new root keys (or --keep-keys to renew root's expiry)",
         description="Write root metadata version N+1, signed by a threshold of the current root keys and of the "
         "new ones, so that clients holding any earlier root follow the chain. New keys are written as "
-        "root-<k>.pem (mode 600) in --new-root-keys-dir and the replaced ones move to retired-root-v<N>/ in "
-        "--root-keys-dir. Root expires [registry] root_expiry_s after it is signed (a year by default).",
+        "root-<k>.pem (mode 600) in --new-root-keys-dir and made durable before root N+1 is committed; the "
+        "replaced ones then move to retired-root-v<N>/ next to them. With --keep-keys root's keys and threshold "
+        "stay exactly as they are (a threshold of them must be at hand) and only its version and expiry change. "
+        "A rotation interrupted by a crash is settled by the next one. Root expires [registry] root_expiry_s "
+        "after it is signed (a year by default).",
     )
-    registry_args(rotate, keys=True)
+    registry_args(
+        rotate,
+        keys=True,
+        keys_help=f"default for --root-keys-dir: the directory with the current root keys (default {DEFAULT_KEYS}); "
+        "rotate-root uses no other key",
+    )
     rotate.add_argument("--root-keys-dir", type=Path, help="directory with the current root keys (default: --keys)")
     rotate.add_argument("--new-root-keys-dir", type=Path, help="where the new root keys go (default: --root-keys-dir)")
     rotate.add_argument("--root-key-count", type=int, default=0, help="number of new root keys (default: as now)")
     rotate.add_argument(
         "--root-threshold", type=int, default=0, help="root signatures clients require from now on (default: as now)"
     )
-    rotate.add_argument("--keep-keys", action="store_true", help="keep the current root keys; only renew root's expiry")
+    rotate.add_argument(
+        "--keep-keys",
+        action="store_true",
+        help="keep root's keys and threshold as they are; only renew its expiry",
+    )
     rotate.set_defaults(handler=_refusing(rotate_root))
 
 
@@ -232,7 +249,8 @@ def _init(args: argparse.Namespace, console: Console) -> int:
         registry.close()
     console.print(
         f"created the TUF registry in {registry_dir} (root threshold {args.root_threshold} of "
-        f"{len(root_key_files(root_dir))}); clients embed {registry_dir / 'repository/metadata/1.root.json'}"
+        f"{len(root_key_files(root_dir))}); clients embed its newest root, now "
+        f"{registry_dir / 'repository/metadata/1.root.json'}"
     )
     return 0
 
@@ -520,7 +538,26 @@ def resign_targets(args: argparse.Namespace, console: Console) -> int:
 
 
 def rotate_root(args: argparse.Namespace, console: Console) -> int:
-    """``model rotate-root``: root version N+1, signed by the old and the new root keys."""
+    """``model rotate-root``: root version N+1, signed by the old and the new root keys.
+
+    Raises:
+        InvalidArgumentError: ``--keep-keys`` with an option that would change root's keys or threshold.
+    """
+    if args.keep_keys:
+        changing = [
+            option
+            for option, given in (
+                ("--root-key-count", args.root_key_count),
+                ("--new-root-keys-dir", args.new_root_keys_dir is not None),
+                ("--root-threshold", args.root_threshold),
+            )
+            if given
+        ]
+        if changing:
+            raise InvalidArgumentError(
+                f"--keep-keys keeps root's keys and threshold as they are; it cannot go with {', '.join(changing)} "
+                "(leave out --keep-keys to rotate to new keys)"
+            )
     config, registry_dir, key_dir = _paths(args)
     root_dir = args.root_keys_dir or key_dir
     registry = _open_existing(registry_dir, config)
@@ -534,6 +571,8 @@ def rotate_root(args: argparse.Namespace, console: Console) -> int:
         )
     finally:
         registry.close()
+    for path in rotation.reconciled:
+        console.print(f"moved {path}: left by an interrupted rotation, not a key of the committed root")
     for path in rotation.retired:
         console.print(f"retired {path} (no longer a root key; keep it offline or destroy it)")
     console.print(
@@ -544,8 +583,21 @@ def rotate_root(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def registry_expiry_warnings(address: str, timeout: float) -> list[str]:
-    """Warnings about the registry metadata a region serves (empty when it serves none or cannot be asked).
+@dataclass(frozen=True)
+class RegistryExpiry:
+    """What ``edgecascade status`` says about the region's registry metadata.
+
+    Attributes:
+        warnings: One line per role that expires soon or has expired (or why it could not be read).
+        expired: The roles already expired: every client refresh fails on them.
+    """
+
+    warnings: list[str] = field(default_factory=list)
+    expired: list[str] = field(default_factory=list)
+
+
+def registry_expiry(address: str, timeout: float) -> RegistryExpiry:
+    """Expiry warnings about the registry metadata a region serves (none when it serves none or cannot be asked).
 
     Reads the metadata from the region's artifact service, the files every
     client fetches; see :mod:`services.registry.metadata_expiry`.
@@ -554,12 +606,13 @@ def registry_expiry_warnings(address: str, timeout: float) -> list[str]:
     try:
         expiries = read_expiries(source)
     except (NotFoundError, UnimplementedError, UnavailableError):
-        return []  # no registry behind this region, or the region is down (the table shows that)
+        return RegistryExpiry()  # no registry behind this region, or the region is down (the table shows that)
     except EdgecascadeError as exc:
-        return [f"registry metadata expiry could not be read from {address}: {exc.message}"]
+        return RegistryExpiry([f"registry metadata expiry could not be read from {address}: {exc.message}"])
     finally:
         source.close()
-    return expiry_warnings(expiries, utc_now())
+    now = utc_now()
+    return RegistryExpiry(expiry_warnings(expiries, now), expired_roles(expiries, now))
 
 
 def _open_existing(registry_dir: Path, config: TierConfig | None = None) -> ModelRegistry:

@@ -2,9 +2,12 @@
 
 ``edgecascade status`` reads the four top-level roles from the region's
 artifact service (the same files every client fetches) and prints a warning
-well before any of them expires: an expired role stops every refresh in the
-fleet. The files are parsed, not verified: this is an operator's reminder, and
-a client verifies every byte it acts on.
+well before any of them expires (root and targets 30 days ahead, snapshot and
+timestamp an hour ahead), and fails once one has expired: an expired role stops
+every refresh in the fleet. Root is the newest version of the chain
+(``<N>.root.json``, walked up as a client does), not the ``root.json`` copy.
+The files are parsed, not verified: this is an operator's reminder, and a
+client verifies every byte it acts on.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Any, Protocol
 
 from tuf.api.metadata import Metadata, Root, Snapshot, Targets, Timestamp
 
-from services.errors import IntegrityError
+from services.errors import ArtifactNotFoundError, IntegrityError
 
 # Warn this long before a role expires. Root and targets are renewed by an
 # operator (rotate-root, resign-targets); snapshot and timestamp are re-signed
@@ -28,11 +31,14 @@ WARN_BEFORE: Mapping[str, timedelta] = {
 }
 REMEDY: Mapping[str, str] = {
     Root.type: "rotate root with `edgecascade model rotate-root` (or --keep-keys to renew it)",
-    Targets.type: "re-sign it with `edgecascade model resign-targets`",
+    Targets.type: "re-sign it with `edgecascade model resign-targets`, or let the region renew it by itself "
+    "([registry] resign_targets = true, which puts the targets key on the region)",
     Snapshot.type: "the region re-signs it: check that it runs with [registry] key_dir set",
     Timestamp.type: "the region re-signs it: check that it runs with [registry] key_dir set",
 }
 ROLES = (Root.type, Targets.type, Snapshot.type, Timestamp.type)
+# How many root versions past the root.json copy are looked for (python-tuf's client allows 256 rotations).
+MAX_ROOT_STEPS = 256
 
 
 class MetadataSource(Protocol):
@@ -44,7 +50,7 @@ class MetadataSource(Protocol):
 
 
 def read_expiries(source: MetadataSource) -> dict[str, datetime]:
-    """Reads when each top-level role expires, following ``timestamp.json`` as a client would.
+    """Reads when each top-level role expires, following ``timestamp.json`` and the root chain as a client would.
 
     Raises:
         ArtifactNotFoundError: A file is missing (no registry behind the source).
@@ -54,13 +60,36 @@ def read_expiries(source: MetadataSource) -> dict[str, datetime]:
     timestamp = _read(source, "metadata/timestamp.json", Timestamp)
     snapshot = _read(source, f"metadata/{timestamp.snapshot_meta.version}.snapshot.json", Snapshot)
     targets = _read(source, f"metadata/{snapshot.meta['targets.json'].version}.targets.json", Targets)
-    root = _read(source, "metadata/root.json", Root)
+    root = _newest_root(source)
     return {
         Root.type: root.expires,
         Targets.type: targets.expires,
         Snapshot.type: snapshot.expires,
         Timestamp.type: timestamp.expires,
     }
+
+
+def _newest_root(source: MetadataSource) -> Root:
+    """The newest root: from the ``root.json`` copy (or version 1) up the chain of ``<N>.root.json``."""
+    try:
+        root: Root = _read(source, "metadata/root.json", Root)
+    except ArtifactNotFoundError:
+        root = _read(source, "metadata/1.root.json", Root)
+    for _ in range(MAX_ROOT_STEPS):
+        path = f"metadata/{root.version + 1}.root.json"
+        try:
+            newer: Root = _read(source, path, Root)
+        except ArtifactNotFoundError:
+            break
+        if newer.version != root.version + 1:
+            raise IntegrityError(f"{path} holds root version {newer.version}")
+        root = newer
+    return root
+
+
+def expired_roles(expiries: Mapping[str, datetime], now: datetime) -> list[str]:
+    """The roles whose metadata has expired at ``now``, root first: every client refresh fails on them."""
+    return [role for role in ROLES if role in expiries and expiries[role] <= now]
 
 
 def expiry_warnings(

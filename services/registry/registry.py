@@ -15,12 +15,16 @@ go to the database, the blobs and metadata to the repository (committed by its
 timestamp), and the rows are marked ``published``. A crash anywhere leaves the
 repository at the previous or the new version; :meth:`ModelRegistry.reconcile`
 settles the database with it on the next write.
+
+Rotating root follows the same rule: the new key ids are recorded as pending,
+the key files written and fsynced, root N+1 committed, and only then are the
+replaced key files retired. A crash anywhere is settled by
+:meth:`ModelRegistry.reconcile_root_keys`, which every rotation runs first and last.
 """
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import logging
 import re
@@ -33,13 +37,13 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from securesystemslib.signer import CryptoSigner, Signer
+from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Root, TargetFile
 
+from services.atomic_files import fsync_directory
 from services.errors import (
     ConfigError,
     DuplicateVariantError,
-    IntegrityError,
     InvalidArgumentError,
     ModelNotFoundError,
     PreconditionError,
@@ -56,6 +60,7 @@ from services.registry.signing_keys import (
     TARGETS_KEY_FILE,
     SigningKeys,
     load_signer,
+    move_key_file,
     next_root_key_files,
     private_directory,
     root_key_files,
@@ -80,6 +85,11 @@ LOCK_FILE = ".lock"
 SCHEMA = "edgecascade.model/1"
 TASK_PROPERTY = "edgecascade.task"
 RETIRED_ROOT_PREFIX = "retired-root-v"
+# Root keys written by a rotation that never committed them.
+UNCOMMITTED_ROOT_DIR = "retired-root-uncommitted"
+# Settings entry: {key id: file} of the new root keys of a rotation in progress (until it is settled).
+PENDING_ROOT_KEYS = "root_rotation_pending"
+_ROOT_KEY_FILE = re.compile(r"root-[0-9]+\.pem")
 
 # Matched with fullmatch: ``$`` would also accept a name followed by a newline.
 _VARIANT = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
@@ -102,17 +112,14 @@ def check_variant_name(variant: str) -> str:
 def check_model_ref(name: str, version: str) -> tuple[str, str]:
     """Returns ``(name, version)`` if both are valid in a target path.
 
-    Adds to :func:`check_model_name` and :func:`check_version` that a signed
-    version is ASCII digits (``str.isdigit`` also takes ``"¹"``).
+    The name as :func:`check_model_name` takes it (matched in full, so no
+    trailing newline); the version as :func:`check_version` does (ASCII digits
+    only: ``str.isdigit`` alone would take ``"¹"``).
 
     Raises:
         InvalidArgumentError: Either is not valid.
     """
-    check_model_name(name)
-    check_version(version)
-    if not version.isascii():
-        raise InvalidArgumentError(f"model version {version!r} is not valid: versions are positive integers")
-    return name, version
+    return check_model_name(name), check_version(version)
 
 
 def target_path(name: str, version: str, variant: str) -> str:
@@ -182,8 +189,9 @@ class RootRotation:
         version: The new root version.
         expires: When it expires.
         threshold: Root signatures clients now require.
-        key_files: The root key files of the new version.
+        key_files: The root key files of the new version (with ``keep_keys``: those at hand).
         retired: Where the replaced root key files were moved.
+        reconciled: Where key files left by an interrupted rotation were moved before this one.
     """
 
     version: int
@@ -191,6 +199,7 @@ class RootRotation:
     threshold: int
     key_files: list[Path]
     retired: list[Path]
+    reconciled: list[Path] = field(default_factory=list)
 
 
 class ModelRegistry:
@@ -201,7 +210,8 @@ class ModelRegistry:
         expiry: Metadata lifetimes used for every new signature.
         clock: Current UTC time (tests pass a fake one).
         targets_max_length: The largest targets metadata a publish may write
-            (default: what python-tuf's client accepts).
+            (default :data:`TARGETS_MAX_LENGTH`, a policy cap: every device downloads
+            the whole targets metadata after each change).
     """
 
     def __init__(
@@ -311,8 +321,7 @@ class ModelRegistry:
             DuplicateVariantError: A variant is already published.
             QuantizationGateError: A variant fails the gate without an override.
             PreconditionError: The repository does not exist, or the signed
-                targets would outgrow what clients accept.
-            IntegrityError: A submission's bytes do not match its digest.
+                targets would outgrow the registry's size cap.
             ConfigError: A signing key is missing.
         """
         step = on_step or (lambda _name: None)
@@ -373,13 +382,9 @@ class ModelRegistry:
         for sub in request.variants:
             path = target_path(request.name, request.version, sub.variant)
             golden = golden_path(request.name, request.version, sub.variant)
-            # The bytes inspected and profiled, never the file again: it may have been replaced since.
+            # The bytes inspected and profiled (``facts.sha256`` is their digest, and the profile was
+            # checked against it above), never the file again: it may have been replaced since.
             plaintext = sub.facts.data
-            if hashlib.sha256(plaintext).hexdigest() != sub.facts.sha256 or len(plaintext) != sub.facts.size:
-                raise IntegrityError(
-                    f"variant '{sub.variant}' ({sub.facts.path.name}): the bytes to publish are not the ones "
-                    "inspected; inspect and profile the file again"
-                )
             encrypted = encrypt_artifact(plaintext, path)
             key_id = secrets.token_hex(16)
             custom = self._custom(request, sub, decisions[sub.variant], key_id, golden, now)
@@ -538,61 +543,149 @@ class ModelRegistry:
         new_key_count: int = 0,
         threshold: int = 0,
         keep_keys: bool = False,
+        on_step: Callable[[str], None] | None = None,
     ) -> RootRotation:
         """Writes root version N+1, signed by a threshold of the current root keys and of the new ones.
 
         New keys are generated (``root-<k>.pem``, the next free numbers in
-        ``new_key_dir``) and the replaced key files in ``root_key_dir`` move to
-        ``retired-root-v<N>/`` there. With ``keep_keys`` the keys stay and only
-        root's expiry is renewed.
+        ``new_key_dir``), fsynced with their directory, and only then is root
+        N+1 committed; the replaced key files then move to ``retired-root-v<N>/``
+        next to them. With ``keep_keys`` the root role stays exactly as it is
+        (every key id and the threshold, including keys not at hand) and only
+        root's version and expiry change; a threshold of its keys must be in
+        ``root_key_dir`` to sign it.
+
+        Every rotation starts and ends with :meth:`reconcile_root_keys`, so one
+        interrupted by a crash is settled by the next (or by that method alone).
 
         Args:
             root_key_dir: Holds (at least a threshold of) the current root keys.
             new_key_dir: Where new root keys go (default: ``root_key_dir``).
             new_key_count: How many new root keys (0: as many as root has now).
             threshold: Root signatures required from now on (0: as now, at most the key count).
-            keep_keys: Keep the current root keys; only renew root's expiry.
+            keep_keys: Keep the root role as it is; only renew root's expiry.
+            on_step: Called after each durable step (``pending``: the new key ids
+                are recorded; ``keys``: their files are on disk; ``root``: root
+                N+1 is committed; ``retired``: replaced keys moved, database settled).
 
         Raises:
-            ConfigError: Too few current root keys, an impossible threshold, or a key file that exists.
+            ConfigError: Too few current root keys, an impossible threshold, a key
+                file that exists, or ``keep_keys`` with options that change root's keys.
             PreconditionError: The repository does not exist.
         """
+        step = on_step or (lambda _name: None)
+        if keep_keys and (new_key_dir is not None or new_key_count or threshold):
+            raise ConfigError(
+                "keeping the root keys keeps root's keys and threshold as they are: "
+                "no new key directory, key count or threshold goes with it"
+            )
+        directories = _distinct([root_key_dir, new_key_dir or root_key_dir])
         with self.locked():
+            reconciled = self._reconcile_root_keys(directories)
             old = self.repository.state().root.signed
             role = old.roles[Root.type]
-            current = {p: load_signer(p) for p in root_key_files(root_key_dir)}
-            new_keys: list[Ed25519PrivateKey] = []
+            current = [load_signer(p) for p in root_key_files(root_key_dir)]
+            written: list[Path] = []
             if keep_keys:
-                new_signers: list[Signer] = [s for s in current.values() if s.public_key.keyid in role.keyids]
+                root = self.repository.renewed_root(current)
             else:
                 count = new_key_count or len(role.keyids)
                 if count < 1:
                     raise ConfigError(f"root needs at least one key, got {count}")
                 new_keys = [Ed25519PrivateKey.generate() for _ in range(count)]
                 new_signers = [CryptoSigner(k) for k in new_keys]
-            wanted = threshold or min(role.threshold, len(new_signers))
-            root = self.repository.next_root(list(current.values()), new_signers, wanted)
-            written: list[Path] = []
-            target_dir = new_key_dir or root_key_dir
-            if new_keys:
+                wanted = threshold or min(role.threshold, count)
+                root = self.repository.next_root(current, new_signers, wanted)
+                target_dir = new_key_dir or root_key_dir
+                paths = next_root_key_files(target_dir, count)
+                # Recorded before the files exist: if the commit never happens, reconciling knows them as ours.
+                pending = {s.public_key.keyid: str(p) for s, p in zip(new_signers, paths, strict=True)}
+                self.database.set_settings({PENDING_ROOT_KEYS: json.dumps(pending, sort_keys=True)})
+                step("pending")
                 private_directory(target_dir)
-                for path, key in zip(next_root_key_files(target_dir, len(new_keys)), new_keys, strict=True):
+                for path, key in zip(paths, new_keys, strict=True):
                     write_private_key(path, key)
                     written.append(path)
+                # The new keys' directory entries reach the disk before root N+1 names them.
+                fsync_directory(target_dir)
+            step("keys")
             self.repository.commit_root(root)
-            retired: list[Path] = []
-            if not keep_keys:
-                retired_dir = root_key_dir / f"{RETIRED_ROOT_PREFIX}{old.version}"
-                for path, signer in current.items():
-                    if signer.public_key.keyid in role.keyids and path not in written:
-                        private_directory(retired_dir)
-                        path.rename(retired_dir / path.name)
-                        retired.append(retired_dir / path.name)
-            files = written or [p for p, s in current.items() if s.public_key.keyid in role.keyids]
-            rows = [(Root.type, load_signer(p).public_key.keyid, str(p)) for p in files]
-            self.database.replace_signing_keys(Root.type, rows)
-            self.database.set_settings({"root_threshold": str(wanted), "root_version": str(root.signed.version)})
-            return RootRotation(root.signed.version, root.signed.expires, wanted, files, retired)
+            step("root")
+            retired = self._reconcile_root_keys(directories)
+            step("retired")
+            new_role = root.signed.roles[Root.type]
+            files = written or [p for p in root_key_files(root_key_dir) if _keyid(p) in new_role.keyids]
+            return RootRotation(
+                root.signed.version, root.signed.expires, new_role.threshold, files, retired, reconciled
+            )
+
+    def reconcile_root_keys(self, *root_key_dirs: Path) -> list[Path]:
+        """Settles root key files and the database with the newest committed root.
+
+        Every root key file the registry knows of (in ``root_key_dirs``, where
+        the database says root keys are, and those written by a rotation that
+        did not finish) whose key the committed root no longer lists moves to
+        ``retired-root-v<N>/`` next to it (N: the last root version that listed
+        it), or to ``retired-root-uncommitted/`` if no committed root ever did.
+        Both directories are fsynced. Files holding keys no root of this
+        registry ever listed, nor a rotation of it wrote, are left alone (a
+        directory of another registry's keys is not emptied). Then the database's
+        root key rows, root version and threshold are set from the committed root.
+
+        Idempotent; :meth:`rotate_root` runs it first and last.
+
+        Returns:
+            Where the moved files are now.
+
+        Raises:
+            ConfigError: A root key file cannot be loaded.
+            PreconditionError: The repository does not exist.
+        """
+        with self.locked():
+            return self._reconcile_root_keys(_distinct(list(root_key_dirs)))
+
+    def _reconcile_root_keys(self, directories: list[Path]) -> list[Path]:
+        root = self.repository.state().root.signed
+        keyids = root.roles[Root.type].keyids
+        history = self.repository.root_key_history()
+        pending: dict[str, str] = json.loads(self.database.settings().get(PENDING_ROOT_KEYS, "{}"))
+        known = {keyid: location for role, keyid, location in self.database.signing_keys() if role == Root.type}
+        candidates = [p for d in directories for p in root_key_files(d)]
+        candidates += [Path(location) for location in [*known.values(), *pending.values()] if location]
+        locations: dict[str, str] = {}
+        moved: list[Path] = []
+        touched: list[Path] = []
+        for path in dict.fromkeys(candidates):
+            if not _ROOT_KEY_FILE.fullmatch(path.name) or path.parent.name.startswith("retired-root-"):
+                continue
+            if not path.is_file():
+                continue
+            keyid = _keyid(path)
+            if keyid in keyids:
+                locations.setdefault(keyid, str(path))
+                continue
+            if keyid in history:
+                retired_dir = path.parent / f"{RETIRED_ROOT_PREFIX}{history[keyid]}"
+            elif pending.get(keyid) == str(path):
+                retired_dir = path.parent / UNCOMMITTED_ROOT_DIR
+            else:
+                continue  # never a key of this registry: not ours to move
+            moved.append(move_key_file(path, retired_dir))
+            touched += [retired_dir, path.parent]
+        for directory in dict.fromkeys(touched):
+            fsync_directory(directory)
+        if moved:
+            log.warning("moved root keys the committed root %d does not list: %s", root.version, moved)
+        rows = [(Root.type, k, locations.get(k) or known.get(k, "")) for k in keyids]
+        self.database.replace_signing_keys(Root.type, [row for row in rows if row[2]])
+        self.database.set_settings(
+            {
+                "root_version": str(root.version),
+                "root_threshold": str(root.roles[Root.type].threshold),
+                PENDING_ROOT_KEYS: "{}",
+            }
+        )
+        return moved
 
     def expiries(self) -> dict[str, datetime]:
         """When each top-level role's committed metadata expires.
@@ -617,6 +710,14 @@ class ModelRegistry:
         if found is None:
             raise ModelNotFoundError(f"{path} is not in the registry")
         return found
+
+
+def _keyid(path: Path) -> str:
+    return load_signer(path).public_key.keyid
+
+
+def _distinct(directories: list[Path]) -> list[Path]:
+    return list(dict.fromkeys(directories))
 
 
 def decimal(value: float, places: int = 6) -> str:

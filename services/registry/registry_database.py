@@ -5,7 +5,8 @@ Tables::
     variants       one row per published (or being published) model variant
     content_keys   the AES-256-GCM key of each encrypted blob, by key id
     signing_keys   role → key id and the file that holds it (never the key itself)
-    settings       the repository's creation parameters (root threshold, expiries)
+    settings       the repository's parameters (root version and threshold, expiries) and the
+                   new root keys of a rotation not yet settled (``root_rotation_pending``)
 
 A variant row is written as ``pending`` (with its content key) *before* the TUF
 commit and marked ``published`` after it, so a crash never loses the key of a

@@ -10,11 +10,20 @@ Private keys are PKCS#8 PEM, created with mode 0600 in a 0700 directory, and a
 key file that group or others may read is refused at load time. The root keys
 are needed only to create (or rotate) root metadata; in production they live in
 a directory the serving process cannot read, and the region process loads only
-the online key. For a dev set-up both directories may be the same.
+the online key (and the targets key with ``[registry] resign_targets``). For a
+dev set-up both directories may be the same.
 
 Rotating root (``edgecascade model rotate-root``) writes the new root keys with
-the next free numbers (``root-2.pem`` …) and moves the replaced ones into
-``<root-key-dir>/retired-root-v<N>/``, so the directory holds the current root keys.
+the next free numbers (``root-2.pem`` …) in the new root key directory (the
+current one unless told otherwise), and moves each key the committed root no
+longer lists into ``retired-root-v<N>/`` next to it (N: the last root version
+that listed it); a key written by a rotation that never committed goes to
+``retired-root-uncommitted/``. A root key directory may hold only some of the
+current root keys (the others kept elsewhere), or none (after a rotation that
+put the new keys in another directory).
+
+Key files and the directory entries that name them are fsynced before the
+registry relies on them: a new root is committed only once its keys are on disk.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from securesystemslib.signer import CryptoSigner
 
+from services.atomic_files import fsync_directory
 from services.errors import ConfigError
 
 TARGETS_KEY_FILE = "targets.pem"
@@ -77,14 +87,39 @@ def generate_keys(key_dir: Path, root_key_dir: Path | None = None, root_keys: in
         private_directory(directory)
     for path in plan:
         write_private_key(path, Ed25519PrivateKey.generate())
+    for directory in {key_dir, root_key_dir}:
+        fsync_directory(directory)
     return plan
 
 
 def private_directory(directory: Path) -> Path:
-    """Creates ``directory`` (and parents) if needed and makes it 0700."""
+    """Creates ``directory`` (and parents) if needed and makes it 0700.
+
+    Each directory it creates is made durable in its parent (fsynced there)
+    before this returns; the files later written into it are the caller's to sync.
+    """
+    created = [d for d in (directory, *directory.parents) if not d.exists()]
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(directory, 0o700)
+    for new in reversed(created):
+        fsync_directory(new.parent)
     return directory
+
+
+def move_key_file(path: Path, directory: Path) -> Path:
+    """Moves a key file into ``directory`` (created 0700), never over another file; returns where it went.
+
+    A name already taken there gets a suffix (``root-2-1.pem``). The caller
+    fsyncs both directories once it has moved what it moves.
+    """
+    private_directory(directory)
+    destination = directory / path.name
+    n = 0
+    while destination.exists():
+        n += 1
+        destination = directory / f"{path.stem}-{n}{path.suffix}"
+    path.rename(destination)
+    return destination
 
 
 def write_private_key(path: Path, key: Ed25519PrivateKey) -> None:

@@ -40,7 +40,6 @@ from tuf.api.exceptions import RepositoryError
 from tuf.api.metadata import Metadata, MetaFile, Role, Root, Snapshot, T, TargetFile, Targets, Timestamp
 from tuf.api.serialization import DeserializationError
 from tuf.api.serialization.json import JSONSerializer
-from tuf.ngclient import UpdaterConfig
 
 from services.atomic_files import write_atomically
 from services.errors import ConfigError, DuplicateVariantError, InternalError, PreconditionError
@@ -49,9 +48,11 @@ from services.registry.signing_keys import SigningKeys
 METADATA_DIR = "metadata"
 TARGETS_DIR = "targets"
 HASH_ALGORITHM = "sha256"
-# The largest targets.json a client accepts: python-tuf's ngclient default, which
-# services.tuf_client (devices, the edge's cache) uses. A bigger one breaks every refresh.
-TARGETS_MAX_LENGTH: int = UpdaterConfig().targets_max_length
+# A policy cap on the size of targets.json, not a client limit (clients take the signed
+# length from snapshot, which always carries it). Every device downloads the whole
+# targets.json after each targets change, so a huge one costs the fleet bandwidth and
+# memory on every publish; a registry that needs more should be split with TUF delegations.
+TARGETS_MAX_LENGTH: int = 5_000_000
 
 Clock = Callable[[], datetime]
 
@@ -155,7 +156,7 @@ class TufRepository:
         expiry: Metadata lifetimes.
         clock: Returns the current UTC time (tests pass a fake one).
         targets_max_length: The largest targets metadata a change may write
-            (what clients accept; tests pass a small one).
+            (the registry's size cap, :data:`TARGETS_MAX_LENGTH`; tests pass a small one).
     """
 
     def __init__(
@@ -262,15 +263,29 @@ class TufRepository:
         return dict(self.state().targets.signed.targets)
 
     def trusted_root(self) -> bytes:
-        """The bytes of root version 1: what clients embed as their trust anchor.
+        """The bytes of the newest committed root: what newly provisioned clients embed as their trust anchor.
+
+        A client may start from any root it trusts and walks the chain forward
+        from there, so a device provisioned after a rotation starts from the
+        current root (not from version 1, signed by keys that may be retired).
+        The chain of ``<N>.root.json`` files decides, not the ``root.json`` copy.
 
         Raises:
             PreconditionError: The repository does not exist.
         """
-        path = self.metadata_dir / "1.root.json"
+        path = self.metadata_dir / f"{self.root_version()}.root.json"
         if not path.is_file():
             raise PreconditionError(f"no TUF repository in {self.root}; create one first (edgecascade model init)")
         return path.read_bytes()
+
+    def root_key_history(self) -> dict[str, int]:
+        """Every key id that has been a root key, with the newest root version that lists it."""
+        history: dict[str, int] = {}
+        for version in range(1, self.root_version() + 1):
+            root = self._read(self.metadata_dir / f"{version}.root.json", Root)
+            for keyid in root.signed.roles[Root.type].keyids:
+                history[keyid] = version
+        return history
 
     def add_targets(
         self, new: Sequence[NewTarget], keys: SigningKeys, on_step: Callable[[str], None] | None = None
@@ -288,7 +303,7 @@ class TufRepository:
 
         Raises:
             DuplicateVariantError: A target path is already in the repository (or twice in ``new``).
-            PreconditionError: The targets metadata would outgrow what clients accept.
+            PreconditionError: The targets metadata would outgrow the registry's size cap.
             ConfigError: The targets or online key is missing.
         """
         step = on_step or (lambda _name: None)
@@ -333,9 +348,11 @@ class TufRepository:
         if len(data) > self._targets_max_length:
             raise PreconditionError(
                 f"publishing {len(new)} more targets refused: the targets metadata would grow to {len(data)} bytes, "
-                f"over the limit of {self._targets_max_length} bytes that clients accept "
+                f"over the registry's cap of {self._targets_max_length} bytes "
                 f"({len(state.targets.signed.targets)} targets are signed now); nothing was written. "
-                "Publish fewer variants, or move models to a new registry"
+                "The cap is a policy: every device downloads the whole targets metadata after each change, so a "
+                "bigger one costs the fleet bandwidth and memory on every publish. Split the registry "
+                "(TUF delegations), or move models to a new registry"
             )
         return targets, data
 
@@ -397,8 +414,8 @@ class TufRepository:
         Args:
             current_keys: Signers that include at least the threshold of the
                 current root's keys (others are ignored).
-            new_keys: The root keys of the new version (may be the current ones:
-                that only renews root's expiry).
+            new_keys: The root keys of the new version; every current root key
+                not among them is revoked (:meth:`renewed_root` keeps the role as it is).
             threshold: Root signatures clients will require from now on.
 
         Raises:
@@ -407,15 +424,7 @@ class TufRepository:
         """
         old = self.state().root.signed
         role = old.roles[Root.type]
-        signers: dict[str, Signer] = {}
-        for signer in current_keys:
-            if signer.public_key.keyid in role.keyids:
-                signers.setdefault(signer.public_key.keyid, signer)
-        if len(signers) < role.threshold:
-            raise ConfigError(
-                f"rotating root version {old.version} needs {role.threshold} of its {len(role.keyids)} root keys; "
-                f"{len(signers)} of them were given (root keys: {', '.join(k[:12] for k in role.keyids)})"
-            )
+        signers = self._current_root_signers(old, current_keys)
         new_ids = list(dict.fromkeys(k.public_key.keyid for k in new_keys))
         if not 1 <= threshold <= len(new_ids):
             raise ConfigError(
@@ -431,13 +440,49 @@ class TufRepository:
                 root.add_key(signer.public_key, Root.type)
         root.roles[Root.type].threshold = threshold
         md = Metadata(root)
-        for signer in [*signers.values(), *new_keys]:
+        for signer in [*signers, *new_keys]:
             if signer.public_key.keyid not in md.signatures:
                 md.sign(signer, append=True)
         # What a client checks: a threshold of the old root's keys and of the new root's keys.
         if not root.get_root_verification_result(old, md.signed_bytes, md.signatures).verified:
             raise InternalError("the new root metadata does not verify against the old and the new root")
         return md
+
+    def renewed_root(self, current_keys: Sequence[Signer]) -> Metadata[Root]:
+        """Root version N+1 with every role unchanged (keys and thresholds), only a new expiry (nothing written).
+
+        Signed by the current root keys among ``current_keys``; a threshold of
+        them is required, as for any new root version.
+
+        Raises:
+            ConfigError: Fewer than the threshold of the current root keys.
+            PreconditionError: The repository does not exist.
+        """
+        old = self.state().root.signed
+        signers = self._current_root_signers(old, current_keys)
+        root = copy.deepcopy(old)
+        root.version += 1
+        root.expires = self._clock() + self.expiry.root
+        md = Metadata(root)
+        for signer in signers:
+            md.sign(signer, append=True)
+        if not root.get_root_verification_result(old, md.signed_bytes, md.signatures).verified:
+            raise InternalError("the renewed root metadata does not verify against the old and the new root")
+        return md
+
+    def _current_root_signers(self, old: Root, current_keys: Sequence[Signer]) -> list[Signer]:
+        """The signers among ``current_keys`` that are keys of root ``old``: at least its threshold, or ConfigError."""
+        role = old.roles[Root.type]
+        signers: dict[str, Signer] = {}
+        for signer in current_keys:
+            if signer.public_key.keyid in role.keyids:
+                signers.setdefault(signer.public_key.keyid, signer)
+        if len(signers) < role.threshold:
+            raise ConfigError(
+                f"rotating root version {old.version} needs {role.threshold} of its {len(role.keyids)} root keys; "
+                f"{len(signers)} of them were given (root keys: {', '.join(k[:12] for k in role.keyids)})"
+            )
+        return list(signers.values())
 
     def commit_root(self, root: Metadata[Root]) -> None:
         """Writes root version N+1: ``<N+1>.root.json`` (what clients walk to), then the ``root.json`` copy.

@@ -120,6 +120,12 @@ class ArtifactHost:
         self._task = asyncio.create_task(self._resign_forever(), name="registry re-signer")
 
     async def _resign_forever(self) -> None:
+        """Re-signs every ``resign_check_s`` until cancelled; a failed round is logged and the next one runs.
+
+        Any ``Exception`` (a full disk's ``OSError`` too) only costs that round:
+        if this task ended, the timestamp would expire and every client refresh
+        with it. Cancellation (``CancelledError``, a ``BaseException``) goes through.
+        """
         assert self._registry is not None
         assert self._keys is not None
         while True:
@@ -128,6 +134,8 @@ class ArtifactHost:
                     roles = await asyncio.to_thread(self._registry.refresh_online, self._keys)
                 except EdgecascadeError as exc:
                     log.error("re-signing the registry's online metadata failed: %s", exc.message)
+                except Exception:
+                    log.exception("re-signing the registry's online metadata failed; retrying at the next check")
                 else:
                     if roles:
                         log.info("re-signed %s before expiry", " and ".join(roles))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Mapping
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from services.config import load_config
 from services.registry.tuf_repository import ExpiryPolicy
 from services.rpc.node import Node
 from services.tier_config import TierConfig
-from tests.support.registry import new_registry
+from tests.support.registry import FakeClock, new_registry
 from tier2_region.app import SPEC as REGION
 
 
@@ -56,6 +56,20 @@ async def test_status_warns_when_targets_expire_within_30_days(tmp_path: Path) -
     assert "warning: registry targets metadata expires in 9 days" in out
     assert "edgecascade model resign-targets" in out
     assert "root metadata" not in out  # a year left: no warning
+
+
+async def test_status_fails_when_a_role_has_expired(tmp_path: Path) -> None:
+    """An expired role stops every refresh in the fleet: status exits non-zero, not just a yellow line."""
+    two_days_ago = FakeClock(datetime.now(UTC).replace(microsecond=0) - timedelta(days=2))
+    kit = new_registry(tmp_path, two_days_ago)  # its timestamp (1 day) expired yesterday; nothing re-signs it
+    region = await _region(tmp_path, {"path": str(kit.registry.directory)})
+    try:
+        code, out = await _status(tmp_path, region)
+    finally:
+        await region.stop()
+    assert code == 1, out
+    assert "registry timestamp metadata EXPIRED" in out
+    assert "snapshot metadata" not in out  # five days left
 
 
 async def test_status_says_nothing_about_a_healthy_registry_or_a_region_without_one(tmp_path: Path) -> None:

@@ -27,7 +27,10 @@ def _config(**sections: dict[str, Any]) -> TierConfig:
         ({"artifacts": {"refresh_interval_s": -1}}, r"\[artifacts\] refresh_interval_s must not be negative"),
         ({"artifacts": {"chunk_bytes": 10}}, r"\[artifacts\] chunk_bytes must be between 1024"),
         ({"registry": {"timestamp_expiry_s": 0}}, r"\[registry\] timestamp_expiry_s must be a positive number"),
-        ({"registry": {"resign_margin_s": 86400}}, r"\[registry\] resign_margin_s must be at least 0 and less than"),
+        (
+            {"registry": {"resign_margin_s": 86400}},
+            r"\[registry\] resign_margin_s \(86400 s\) must be shorter than timestamp_expiry_s",
+        ),
         ({"registry": {"resign_check_s": 90000}}, r"\[registry\] resign_check_s must be positive and shorter"),
         ({"registry": {"key_dir": "k"}}, r"\[registry\] key_dir is set but path is empty"),
         (

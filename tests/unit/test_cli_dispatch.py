@@ -81,3 +81,10 @@ def test_resign_targets_and_rotate_root_run_from_the_command_line(
     assert cli.main([*rotate, "--root-keys-dir", str(empty)]) == 2
     assert "needs 2 of its 2 root keys" in capsys.readouterr().out
     assert not (metadata / "3.root.json").exists()
+
+
+def test_rotate_root_help_says_what_keys_is_for_there() -> None:
+    """rotate-root never loads targets.pem or online.pem: --keys only stands in for --root-keys-dir."""
+    leaves = dict(_leaves(cli._parser()))
+    keys = next(a for a in leaves[("model", "rotate-root")]._actions if "--keys" in a.option_strings)
+    assert keys.help is not None and "root keys" in keys.help and "targets.pem" not in keys.help

@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 from tuf.api.metadata import Metadata
-from tuf.ngclient import UpdaterConfig
 
 from services import onnx_session
 from services.errors import (
@@ -33,7 +32,7 @@ from services.registry.profiles import GoldenVectors
 from services.registry.quantization_gate import GateOverride
 from services.registry.registry import ModelRegistry, check_variant_name
 from services.registry.signing_keys import generate_keys, load_keys, load_signer
-from services.registry.tuf_repository import TARGETS_MAX_LENGTH, ExpiryPolicy, TufRepository
+from services.registry.tuf_repository import ExpiryPolicy, TufRepository
 from tests.support.onnx_models import linear_model
 from tests.support.registry import (
     FakeClock,
@@ -356,8 +355,8 @@ def test_a_model_name_or_version_with_a_trailing_newline_is_refused(kit: Registr
     assert tree(kit.registry.directory) == before
 
 
-def test_a_publish_that_would_outgrow_the_clients_targets_limit_is_refused(kit: RegistryKit) -> None:
-    """Issue 7 #11c: targets.json may not grow past what a client accepts (a small limit injected)."""
+def test_a_publish_that_would_outgrow_the_targets_size_cap_is_refused(kit: RegistryKit) -> None:
+    """Issue 7 #11c: targets.json may not grow past the registry's cap (a small cap injected)."""
     publish_lm(kit)
     state = kit.registry.repository.state()
     current = len((kit.registry.repository.metadata_dir / f"{state.targets.signed.version}.targets.json").read_bytes())
@@ -368,9 +367,10 @@ def test_a_publish_that_would_outgrow_the_clients_targets_limit_is_refused(kit: 
         with pytest.raises(PreconditionError, match=r"targets metadata would grow to \d+ bytes") as refused:
             publish_model(small, kit.keys, "lm", "2", submissions(lm_variants(kit.files, seed=1)), PipelineOptions())
         assert f"{current + 1000}" in refused.value.message
+        # A policy, not a client limit: every device downloads the whole targets.json on each change.
+        assert "every device downloads the whole targets metadata" in refused.value.message
+        assert "TUF delegations" in refused.value.message
         assert tree(kit.registry.directory) == before
         assert [r.version for r in small.variants()] == ["1", "1"]
     finally:
         small.close()
-    # The default limit is the one python-tuf's client enforces.
-    assert UpdaterConfig().targets_max_length == TARGETS_MAX_LENGTH

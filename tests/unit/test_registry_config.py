@@ -35,10 +35,26 @@ def _registry(**values: Any) -> TierConfig:
             {"resign_margin_s": 30, "resign_check_s": 60},
             r"\[registry\] resign_margin_s \(30 s\) must be longer than resign_check_s \(60 s\)",
         ),
-        # Targets are re-signed a third of their lifetime before expiry: that must be longer than a check.
+        # A region that renews targets itself does so in their last third: that must be longer than a check.
         (
-            {"targets_expiry_s": 120, "resign_check_s": 50, "resign_margin_s": 100},
+            {
+                "targets_expiry_s": 120,
+                "resign_check_s": 50,
+                "resign_margin_s": 100,
+                "resign_targets": True,
+                "path": "registry",
+                "key_dir": "keys",
+            },
             r"\[registry\] targets_expiry_s \(120 s\) must be longer than 3 × resign_check_s",
+        ),
+        # A negative margin is refused by the rule that matters (longer than a check), not "at least 0".
+        (
+            {"resign_margin_s": -5},
+            r"\[registry\] resign_margin_s \(-5 s\) must be longer than resign_check_s \(60 s\)",
+        ),
+        (
+            {"resign_margin_s": 86400},
+            r"\[registry\] resign_margin_s \(86400 s\) must be shorter than timestamp_expiry_s \(86400 s\)",
         ),
     ],
 )
@@ -51,6 +67,12 @@ def test_defaults_and_short_test_lifetimes_are_accepted() -> None:
     assert _registry().registry.expiry == ExpiryPolicy()
     short = _registry(timestamp_expiry_s=4, resign_margin_s=3, resign_check_s=0.1).registry
     assert short.expiry.timestamp == timedelta(seconds=4)
+
+
+def test_short_targets_are_fine_when_the_region_does_not_renew_them() -> None:
+    """Without resign_targets the check interval never touches targets: an operator re-signs them."""
+    config = _registry(targets_expiry_s=120, resign_check_s=50, resign_margin_s=100).registry
+    assert config.targets_expiry_s == 120
 
 
 def test_the_expiry_policy_refuses_a_snapshot_inside_the_margin() -> None:
