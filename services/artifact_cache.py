@@ -11,14 +11,18 @@ Layout under the cache directory::
 Requests (paths as in the artifact service):
 
 * ``metadata/timestamp.json`` is served at once from the last timestamp that
-  passed verification while that copy is within its signed expiry; when it is
-  older than ``refresh_interval_s`` the request also starts a refresh from
-  upstream in the background (stale-while-revalidate, one refresh at a time,
-  failures logged and counted), and a later request gets what it verified.
-  Only when no unexpired verified copy exists does a request wait for the
-  upstream (and get its error if that refresh fails). An upstream that is
-  down, slow, replays old metadata or signs with the wrong key does not
-  displace or delay the verified copy.
+  passed verification for as long as that copy is within its signed expiry.
+  A request that finds no refresh started within ``refresh_interval_s`` also
+  starts one from upstream in the background (stale-while-revalidate, one
+  refresh at a time, failures logged once per attempt and counted), and a
+  later request gets what it verified. Only when no unexpired verified copy
+  exists does a request wait for the upstream (joining a refresh in flight)
+  and get its error if that refresh fails; within ``MISS_REFRESH_INTERVAL_S``
+  of a failed attempt such requests get that failure again at once instead of
+  a new attempt, so a region that is down is asked at most once per interval
+  however often clients poll. An upstream that is down, slow, replays old
+  metadata or signs with the wrong key does not displace or delay the
+  verified copy.
 * ``metadata/<N>.<role>.json`` is served when that version was verified here
   (after one refresh attempt if it is not known yet); otherwise NOT_FOUND, so
   a client's root-rotation walk ends cleanly.
@@ -28,7 +32,12 @@ Requests (paths as in the artifact service):
   and it is downloaded once — one upstream download per digest however many
   requests wait for it — verified against its signed length and hashes, and
   only then moved into ``blobs/``. A blob that fails is never cached and every
-  waiting request gets the integrity error.
+  waiting request gets the integrity error. The check uses the metadata
+  verified last and does not wait for a refresh in flight; only a path it does
+  not find listed with that digest (a target published since) refreshes first
+  (at most once per ``MISS_REFRESH_INTERVAL_S``, joining a refresh in flight)
+  and is looked up again. Before the first successful refresh there is nothing
+  to look up in, and a request waits for one (as a timestamp request does).
 
 Cached blobs and metadata keep being served while the upstream is down.
 Metadata work (refreshes, lookups in the signed targets) and blob transfers
@@ -38,6 +47,7 @@ run in separate thread pools, so metadata never queues behind a slow blob.
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 import json
 import logging
@@ -71,7 +81,8 @@ METADATA_THREADS = 2
 
 P = ParamSpec("P")
 R = TypeVar("R")
-# However often clients ask, a miss triggers at most one upstream refresh per this many seconds.
+# However often clients ask, a miss triggers at most one upstream refresh per this many seconds, and
+# within this long after a failed refresh a request that needs one gets that failure again at once.
 MISS_REFRESH_INTERVAL_S = 1.0
 
 
@@ -81,7 +92,9 @@ class ArtifactCacheConfig:
 
     Attributes:
         cache_dir: Where verified metadata and blobs are kept.
-        refresh_interval_s: Serve a cached timestamp for at most this long before asking upstream again.
+        refresh_interval_s: How often a request for the timestamp starts a background refresh
+            from upstream: when no refresh was started within this many seconds. It does not limit
+            how long a verified timestamp is served: that is until its signed expiry.
     """
 
     cache_dir: Path
@@ -97,6 +110,8 @@ class CacheStats:
     refused: int = 0
     refreshes: int = 0
     refresh_failures: int = 0
+    # Requests answered with the last refresh failure, without a new upstream attempt (see MISS_REFRESH_INTERVAL_S).
+    refresh_failures_replayed: int = 0
 
 
 class ArtifactCache:
@@ -134,6 +149,7 @@ class ArtifactCache:
         self._clock = clock
         self._wall_clock = wall_clock
         self._last_attempt = -float("inf")
+        self._last_failure: EdgecascadeError | None = None  # of the last attempt, None once one succeeds
         self._refreshed = False
         self._refresh_task: asyncio.Task[None] | None = None
         self._timestamp_expires = _expiry_of(self._served / TIMESTAMP)
@@ -224,7 +240,21 @@ class ArtifactCache:
         return await asyncio.shield(task)
 
     async def _signed_info(self, target_path: str, digest: str) -> TargetFile:
-        await self._refresh(MISS_REFRESH_INTERVAL_S, required=not self._refreshed)
+        if not self._refreshed:
+            # Nothing verified to look the path up in yet: wait for upstream (joining a refresh in flight).
+            await self._refresh(MISS_REFRESH_INTERVAL_S, required=True)
+            return await self._listed(target_path, digest)
+        # The metadata verified last answers at once, whatever refresh is in flight (however slow the region).
+        try:
+            return await self._listed(target_path, digest)
+        except ArtifactNotFoundError:
+            pass
+        # Not listed with this digest: perhaps published since. Refresh (rate-limited) and look again.
+        await self._refresh(MISS_REFRESH_INTERVAL_S, required=False)
+        return await self._listed(target_path, digest)
+
+    async def _listed(self, target_path: str, digest: str) -> TargetFile:
+        """The signed info of ``target_path`` in the metadata verified last, if it lists it with ``digest``."""
         info = await self._metadata_work(self._client.target_info, target_path)
         if info.hashes.get(HASH_ALGORITHM) != digest:
             raise ArtifactNotFoundError(
@@ -277,11 +307,19 @@ class ArtifactCache:
     async def _refresh(self, max_age: float, required: bool) -> None:
         """Waits for a refresh from upstream: the one in flight, or a new one unless one was tried within ``max_age`` s.
 
-        A failure is raised only when ``required`` (nothing verified to fall back on).
+        A failure is raised only when ``required`` (nothing verified to fall back on). A required refresh
+        is always attempted, except within ``MISS_REFRESH_INTERVAL_S`` of a failed attempt: then that
+        failure is raised again at once (the same class and message) without asking upstream.
         """
         task = self._refresh_task
         if task is None:
-            if self._clock() - self._last_attempt < max_age and not (required and not self._refreshed):
+            since = self._clock() - self._last_attempt
+            if required:
+                failure = self._last_failure
+                if failure is not None and since < MISS_REFRESH_INTERVAL_S:
+                    self.stats.refresh_failures_replayed += 1
+                    raise copy.copy(failure) from failure
+            elif since < max_age:
                 return
             task = self._start_refresh()
         try:
@@ -303,8 +341,18 @@ class ArtifactCache:
             await self._metadata_work(self._client.refresh)
         except EdgecascadeError as exc:
             self.stats.refresh_failures += 1
-            log.warning("upstream metadata not refreshed; serving what was verified before: %s", exc.message)
+            self._last_failure = exc
+            if self._timestamp_valid():
+                log.warning("upstream metadata not refreshed; serving what was verified before: %s", exc.message)
+            else:
+                log.warning(
+                    "upstream metadata not refreshed and no unexpired verified timestamp is cached; "
+                    "requests that need a refresh get this error (upstream is asked at most once per %g s): %s",
+                    MISS_REFRESH_INTERVAL_S,
+                    exc.message,
+                )
             raise
+        self._last_failure = None
         self.stats.refreshes += 1
         self._refreshed = True
         self._timestamp_expires = await self._metadata_work(self._publish_verified)

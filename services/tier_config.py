@@ -41,8 +41,9 @@ Sections and their environment variables (``EDGECASCADE_<SECTION>__<KEY>``):
 ``[artifacts]`` (the edge only)
     ``cache_dir`` of the pull-through artifact cache (empty: no artifact
     service), ``trusted_root``: the root metadata file the cache trusts (required
-    with ``cache_dir``), ``refresh_interval_s`` (serve a cached timestamp this
-    long before asking upstream again) and ``chunk_bytes``.
+    with ``cache_dir``), ``refresh_interval_s`` (how often a request for the
+    timestamp starts a background refresh from upstream; a verified timestamp
+    is served until its signed expiry) and ``chunk_bytes``.
 ``[log]``
     ``level`` of the process log.
 """

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -309,4 +310,160 @@ async def test_an_expired_cached_timestamp_is_never_served_when_the_region_is_do
             await cache.open(TIMESTAMP)
     assert await cache.open(_blob_path(kit)) == blob  # verified blobs are still served
     assert cache.stats.refresh_failures == 2
+    await cache.close()
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """What the cache itself warned about."""
+    records = caplog.records
+    return [r.getMessage() for r in records if r.name == artifact_cache.log.name and r.levelno >= logging.WARNING]
+
+
+def _refresh_attempts(cache: ArtifactCache) -> int:
+    return cache.stats.refreshes + cache.stats.refresh_failures
+
+
+@pytest.mark.parametrize("cached", ["absent", "expired"])
+async def test_a_down_region_is_asked_once_per_interval_when_no_timestamp_can_be_served(
+    kit: RegistryKit, tmp_path: Path, caplog: pytest.LogCaptureFixture, cached: str
+) -> None:
+    source = DirectorySource(kit.registry.repository_dir)
+    clock = Ticks()
+    wall = FakeClock(datetime.now(UTC))
+    cache = _cache(kit, tmp_path, source, clock, wall)
+    if cached == "expired":
+        await cache.open(TIMESTAMP)
+        wall.advance(timedelta(days=2))  # past the cached copy's signed expiry
+    source.down = True
+    clock.now += 60
+    caplog.set_level(logging.WARNING, logger="edgecascade.artifact_cache")
+    caplog.clear()
+    failures = [cache.stats.refresh_failures]
+    errors: list[UnavailableError] = []
+    for _ in range(50):
+        with pytest.raises(UnavailableError) as raised:
+            await cache.open(TIMESTAMP)
+        errors.append(raised.value)
+    failures.append(cache.stats.refresh_failures)
+    assert failures[1] - failures[0] == 1, "each poll asked the region again"
+    assert {(type(e), e.message) for e in errors} == {(type(errors[0]), errors[0].message)}
+    assert cache.stats.refresh_failures_replayed == 49
+    warnings = _warnings(caplog)
+    assert len(warnings) == 1, warnings
+    assert "serving what was verified before" not in warnings[0]
+    # Once the interval has passed, the region is asked again (once).
+    clock.now += artifact_cache.MISS_REFRESH_INTERVAL_S
+    for _ in range(3):
+        with pytest.raises(UnavailableError):
+            await cache.open(TIMESTAMP)
+    assert cache.stats.refresh_failures - failures[1] == 1
+    # And when it is back, the next attempt succeeds.
+    source.down = False
+    clock.now += artifact_cache.MISS_REFRESH_INTERVAL_S
+    assert (await cache.open(TIMESTAMP)).is_file()
+    await cache.close()
+
+
+async def test_blob_misses_before_any_refresh_ask_a_down_region_once_per_interval(
+    kit: RegistryKit, tmp_path: Path
+) -> None:
+    source = DirectorySource(kit.registry.repository_dir)
+    source.down = True
+    clock = Ticks()
+    cache = _cache(kit, tmp_path, source, clock)
+    outcomes = [await asyncio.gather(cache.open(_blob_path(kit)), return_exceptions=True) for _ in range(20)]
+    assert all(isinstance(o[0], UnavailableError) for o in outcomes)
+    assert cache.stats.refresh_failures == 1 and cache.stats.refresh_failures_replayed == 19
+    await cache.close()
+
+
+async def test_a_failed_background_refresh_says_the_verified_copy_is_served(
+    kit: RegistryKit, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    source = DirectorySource(kit.registry.repository_dir)
+    clock = Ticks()
+    cache = _cache(kit, tmp_path, source, clock)
+    await cache.open(TIMESTAMP)
+    source.down = True
+    clock.now += 60
+    caplog.set_level(logging.WARNING, logger="edgecascade.artifact_cache")
+    assert (await cache.open(TIMESTAMP)).is_file()
+    await cache.wait_refreshed()
+    warnings = _warnings(caplog)
+    assert len(warnings) == 1 and "serving what was verified before" in warnings[0]
+    await cache.close()
+
+
+async def test_a_listed_blob_does_not_wait_behind_a_background_refresh_on_a_slow_region(
+    kit: RegistryKit, tmp_path: Path
+) -> None:
+    source = GatedSource(kit.registry.repository_dir, lambda p: p == TIMESTAMP)
+    clock = Ticks()
+    cache = _cache(kit, tmp_path, source, clock)
+    await cache.open(TIMESTAMP)
+    source.gate.clear()
+    clock.now += 60  # the next timestamp request starts a background refresh, which hangs on the region
+    try:
+        assert (await cache.open(TIMESTAMP)).is_file()
+        assert await asyncio.to_thread(source.wait_held, 1)
+        attempts = _refresh_attempts(cache)
+        blob = await asyncio.wait_for(cache.open(_blob_path(kit)), LIMIT_S)
+        assert blob.read_bytes() == (kit.registry.repository_dir / _blob_path(kit)).read_bytes()
+        assert _refresh_attempts(cache) == attempts and source.held[TIMESTAMP] == 1
+    finally:
+        source.gate.set()
+    await asyncio.wait_for(cache.wait_refreshed(), LIMIT_S)
+    await cache.close()
+
+
+async def test_requests_joining_a_long_download_start_no_refresh(kit: RegistryKit, tmp_path: Path) -> None:
+    source = GatedSource(kit.registry.repository_dir, lambda p: p.startswith("targets/"))
+    clock = Ticks()
+    cache = _cache(kit, tmp_path, source, clock)
+    await cache.open(TIMESTAMP)
+    attempts = _refresh_attempts(cache)
+    timestamps = source.requests[TIMESTAMP]
+    path = _blob_path(kit)
+    source.gate.clear()
+    first = asyncio.create_task(cache.open(path))
+    joiners: list[asyncio.Task[Path]] = []
+    try:
+        assert await asyncio.to_thread(source.wait_held, 1)  # the download is in flight, held upstream
+        for _ in range(5):
+            clock.now += 2 * artifact_cache.MISS_REFRESH_INTERVAL_S  # the download takes long
+            joiners.append(asyncio.create_task(cache.open(path)))
+            await asyncio.sleep(0)  # the request runs up to its first wait
+            await asyncio.wait_for(cache.wait_refreshed(), LIMIT_S)  # and any refresh it started ends
+        assert _refresh_attempts(cache) == attempts and source.requests[TIMESTAMP] == timestamps
+    finally:
+        source.gate.set()
+    served = await asyncio.gather(first, *joiners)
+    assert len({str(p) for p in served}) == 1
+    assert source.requests[path] == 1 and cache.stats.downloads == 1
+    await cache.close()
+
+
+async def test_a_blob_the_verified_targets_do_not_list_yet_refreshes_once_per_interval(
+    kit: RegistryKit, tmp_path: Path
+) -> None:
+    source = DirectorySource(kit.registry.repository_dir)
+    clock = Ticks()
+    cache = _cache(kit, tmp_path, source, clock)
+    await cache.open(TIMESTAMP)
+    publish_lm(kit, version="2", seed=1)
+    new_path = "targets/" + hashed_target_path(kit.registry.target("lm", "2", "int8"))
+    clock.now += 2 * artifact_cache.MISS_REFRESH_INTERVAL_S
+    attempts = _refresh_attempts(cache)
+    blob = await cache.open(new_path)  # not listed in what was verified: one refresh, then it is
+    assert blob.read_bytes() == (kit.registry.repository_dir / new_path).read_bytes()
+    assert _refresh_attempts(cache) == attempts + 1
+    unlisted = "targets/models/lm/9/" + "0" * 64 + ".int8"
+    for _ in range(5):
+        with pytest.raises(ArtifactNotFoundError):
+            await cache.open(unlisted)
+    assert _refresh_attempts(cache) == attempts + 1  # within the interval of the last refresh
+    clock.now += 2 * artifact_cache.MISS_REFRESH_INTERVAL_S
+    with pytest.raises(ArtifactNotFoundError):
+        await cache.open(unlisted)
+    assert _refresh_attempts(cache) == attempts + 2
     await cache.close()
