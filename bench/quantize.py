@@ -27,11 +27,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from services.cli.model_commands import heldout_docs
-from services.registry.pipeline import PipelineOptions, ValidationChoice, prepare
-from services.registry.profiler import ProfileSettings
-from services.registry.profiles import VariantProfile
-from services.registry.quantization import default_output, quantize
+from edgecascade.model_commands import heldout_docs
+from tier2_region.registry.pipeline import PipelineOptions, ValidationChoice, prepare
+from tier2_region.registry.profiler import ProfileSettings
+from tier2_region.registry.profiles import VariantProfile
+from tier2_region.registry.quantization import default_output, quantize
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "examples" / "models"
 DEMO = ("charlm-device", "charlm-edge")

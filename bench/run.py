@@ -39,7 +39,7 @@ import onnxruntime as ort
 from rich.console import Console
 from rich.table import Table
 
-from services.model_repository import ModelRepository
+from services.engine.model_repository import ModelRepository
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICE_MODEL = ROOT / "examples" / "models" / "charlm-device.int8.onnx"

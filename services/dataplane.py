@@ -25,16 +25,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from services.errors import (
-    DeadlineExceededError,
-    ForwardingLoopError,
-    InvalidArgumentError,
-    MemoryBudgetError,
-    ModelNotFoundError,
-    ModelNotReadyError,
-    QueueFullError,
-)
-from services.generation import (
+from services.engine.generation import (
     GENERATION_PARAMETERS,
     INPUT_IDS,
     PROBS,
@@ -44,6 +35,16 @@ from services.generation import (
     GenerationSummary,
     decode_prompt,
     generate,
+)
+from services.engine.model_cache import LoadedModel, ModelCache
+from services.errors import (
+    DeadlineExceededError,
+    ForwardingLoopError,
+    InvalidArgumentError,
+    MemoryBudgetError,
+    ModelNotFoundError,
+    ModelNotReadyError,
+    QueueFullError,
 )
 from services.inference import (
     CONFIDENCE,
@@ -59,7 +60,6 @@ from services.inference import (
     NodeIdentity,
     ParamValue,
 )
-from services.model_cache import LoadedModel, ModelCache
 
 # Request parameters every model accepts. Triton clients send the last one on
 # streams that want an empty final response.

@@ -26,26 +26,12 @@ Sections and their environment variables (``EDGECASCADE_<SECTION>__<KEY>``):
 ``[cache]``
     ``memory_budget_bytes`` for loaded models (0 = half of the cgroup limit or
     of the memory available at start).
-``[registry]`` (the region only)
-    ``path`` of the model registry (its TUF repository is served by the
-    artifact service; empty: no artifact service), ``key_dir`` holding the
-    online key (``online.pem``) that re-signs snapshot and timestamp (empty:
-    no re-signing), metadata lifetimes ``root_expiry_s``, ``targets_expiry_s``,
-    ``snapshot_expiry_s``, ``timestamp_expiry_s``, ``resign_margin_s`` (re-sign
-    when less is left; longer than ``resign_check_s``, and snapshot and
-    timestamp must outlive margin + check), ``resign_check_s`` (how often to
-    look), ``resign_targets`` (load ``targets.pem`` from ``key_dir`` too and
-    re-sign targets in the last third of their lifetime; off by default so the
-    targets key stays offline, renewed with ``edgecascade model resign-targets``)
-    and ``chunk_bytes`` per streamed artifact message.
-``[artifacts]`` (the edge only)
-    ``cache_dir`` of the pull-through artifact cache (empty: no artifact
-    service), ``trusted_root``: the root metadata file the cache trusts (required
-    with ``cache_dir``), ``refresh_interval_s`` (how often a request for the
-    timestamp starts a background refresh from upstream; a verified timestamp
-    is served until its signed expiry) and ``chunk_bytes``.
 ``[log]``
     ``level`` of the process log.
+
+A tier adds its own sections in its own package (``[registry]`` in
+``tier2_region.config``, ``[artifacts]`` in ``tier1_edge.config``); a section
+on a tier that does not have it stops start-up as unknown.
 """
 
 from __future__ import annotations
@@ -54,13 +40,11 @@ import logging
 import os
 import re
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 
-from services.batcher import BatchingConfig
+from services.engine.batcher import BatchingConfig
+from services.engine.memory import default_budget
 from services.errors import ConfigError
-from services.memory import default_budget
-from services.registry.tuf_repository import ExpiryPolicy
 
 MIN_CHUNK_BYTES = 1024
 MAX_CHUNK_BYTES = 16 * 1024 * 1024
@@ -181,101 +165,12 @@ class CacheSection:
         return self.memory_budget_bytes or default_budget()
 
 
-def _check_chunk(section: str, chunk_bytes: int) -> None:
+def check_chunk_bytes(section: str, chunk_bytes: int) -> None:
+    """Refuses a streamed-chunk size outside 1 KiB … 16 MiB."""
     if not MIN_CHUNK_BYTES <= chunk_bytes <= MAX_CHUNK_BYTES:
         raise ConfigError(
             f"[{section}] chunk_bytes must be between {MIN_CHUNK_BYTES} and {MAX_CHUNK_BYTES}, got {chunk_bytes}"
         )
-
-
-@dataclass(frozen=True)
-class RegistrySection:
-    """The region's model registry and the artifact service that serves it."""
-
-    path: str = ""
-    key_dir: str = ""
-    root_expiry_s: int = 365 * 86400
-    targets_expiry_s: int = 90 * 86400
-    snapshot_expiry_s: int = 7 * 86400
-    timestamp_expiry_s: int = 86400
-    resign_margin_s: int = 6 * 3600
-    resign_check_s: float = 60.0
-    resign_targets: bool = False
-    chunk_bytes: int = 256 * 1024
-
-    def __post_init__(self) -> None:
-        for name in ("root_expiry_s", "targets_expiry_s", "snapshot_expiry_s", "timestamp_expiry_s"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"[registry] {name} must be a positive number of seconds, got {getattr(self, name)}")
-        # A margin that is too small (zero or negative too) is refused below: it must exceed resign_check_s.
-        if self.resign_margin_s >= self.timestamp_expiry_s:
-            raise ConfigError(
-                f"[registry] resign_margin_s ({self.resign_margin_s} s) must be shorter than timestamp_expiry_s "
-                f"({self.timestamp_expiry_s} s), else the timestamp is re-signed at every check"
-            )
-        if self.resign_check_s <= 0 or self.resign_check_s >= self.timestamp_expiry_s - self.resign_margin_s:
-            raise ConfigError(
-                "[registry] resign_check_s must be positive and shorter than timestamp_expiry_s − resign_margin_s "
-                f"({self.timestamp_expiry_s - self.resign_margin_s} s), else a timestamp can expire between checks; "
-                f"got {self.resign_check_s}"
-            )
-        # A role is re-signed at the first check that finds it inside the margin.
-        if self.resign_margin_s <= self.resign_check_s:
-            raise ConfigError(
-                f"[registry] resign_margin_s ({self.resign_margin_s} s) must be longer than resign_check_s "
-                f"({self.resign_check_s:g} s), else metadata can expire between two checks"
-            )
-        for name in ("snapshot_expiry_s", "timestamp_expiry_s"):
-            if getattr(self, name) <= self.resign_margin_s + self.resign_check_s:
-                raise ConfigError(
-                    f"[registry] {name} ({getattr(self, name)} s) must be longer than resign_margin_s + "
-                    f"resign_check_s ({self.resign_margin_s + self.resign_check_s:g} s), else it is re-signed "
-                    "at every check"
-                )
-        # A region with the targets key re-signs targets a third of their lifetime before expiry
-        # (ExpiryPolicy.targets_margin); without it, an operator does and the check interval does not matter.
-        if self.resign_targets and self.targets_expiry_s <= 3 * self.resign_check_s:
-            raise ConfigError(
-                f"[registry] targets_expiry_s ({self.targets_expiry_s} s) must be longer than 3 × resign_check_s "
-                f"({3 * self.resign_check_s:g} s) with resign_targets: the region re-signs targets in the last "
-                "third of their lifetime"
-            )
-        _check_chunk("registry", self.chunk_bytes)
-        if self.key_dir and not self.path:
-            raise ConfigError("[registry] key_dir is set but path is empty; set the registry path too")
-        if self.resign_targets and not self.key_dir:
-            raise ConfigError("[registry] resign_targets needs key_dir (where targets.pem is)")
-
-    @property
-    def expiry(self) -> ExpiryPolicy:
-        """The metadata lifetimes as the registry core takes them."""
-        return ExpiryPolicy(
-            root=timedelta(seconds=self.root_expiry_s),
-            targets=timedelta(seconds=self.targets_expiry_s),
-            snapshot=timedelta(seconds=self.snapshot_expiry_s),
-            timestamp=timedelta(seconds=self.timestamp_expiry_s),
-            resign_margin=timedelta(seconds=self.resign_margin_s),
-        )
-
-
-@dataclass(frozen=True)
-class ArtifactsSection:
-    """The edge's pull-through artifact cache."""
-
-    cache_dir: str = ""
-    trusted_root: str = ""
-    refresh_interval_s: float = 10.0
-    chunk_bytes: int = 256 * 1024
-
-    def __post_init__(self) -> None:
-        if self.cache_dir and not self.trusted_root:
-            raise ConfigError(
-                "[artifacts] trusted_root must name the registry's root metadata file (e.g. root.json) "
-                "when cache_dir is set; the cache verifies everything against it"
-            )
-        if self.refresh_interval_s < 0:
-            raise ConfigError(f"[artifacts] refresh_interval_s must not be negative, got {self.refresh_interval_s}")
-        _check_chunk("artifacts", self.chunk_bytes)
 
 
 @dataclass(frozen=True)
@@ -300,20 +195,20 @@ class TierConfig:
     requests: RequestsSection = field(default_factory=RequestsSection)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     cache: CacheSection = field(default_factory=CacheSection)
-    registry: RegistrySection = field(default_factory=RegistrySection)
-    artifacts: ArtifactsSection = field(default_factory=ArtifactsSection)
     log: LogSection = field(default_factory=LogSection)
 
     def __post_init__(self) -> None:
         if self.requests.max_timeout_us < self.batching.default_timeout_us:
             raise ConfigError("[requests] max_timeout_us must be at least [batching] default_timeout_us")
-        for section, enabled, chunk in (
-            ("registry", self.registry.path, self.registry.chunk_bytes),
-            ("artifacts", self.artifacts.cache_dir, self.artifacts.chunk_bytes),
-        ):
-            # A chunk travels in one message with a few bytes of framing.
-            if enabled and chunk + 1024 > self.server.max_message_bytes:
-                raise ConfigError(
-                    f"[{section}] chunk_bytes ({chunk}) must be at least 1 KiB below [server] max_message_bytes "
-                    f"({self.server.max_message_bytes})"
-                )
+
+    def check_chunk_fits(self, section: str, chunk_bytes: int) -> None:
+        """Refuses a streamed chunk that would not fit one message (with a few bytes of framing).
+
+        Raises:
+            ConfigError: ``chunk_bytes`` is not at least 1 KiB below ``[server] max_message_bytes``.
+        """
+        if chunk_bytes + 1024 > self.server.max_message_bytes:
+            raise ConfigError(
+                f"[{section}] chunk_bytes ({chunk_bytes}) must be at least 1 KiB below [server] max_message_bytes "
+                f"({self.server.max_message_bytes})"
+            )

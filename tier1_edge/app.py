@@ -1,7 +1,9 @@
 """Composition root of the edge tier.
 
 Everything is built inside the running event loop by :class:`services.rpc.node.Node`
-from ``SPEC`` and the configuration; this module states what makes an edge an edge.
+from ``SPEC`` and the configuration; this module states what makes an edge an
+edge: its configuration (the shared sections plus ``[artifacts]``) and its
+components — the verifying pull-through artifact cache it serves its devices.
 """
 
 from __future__ import annotations
@@ -10,13 +12,16 @@ from collections.abc import Mapping
 from typing import Any
 
 from services.rpc.node import TierSpec
+from tier1_edge.cache_service import ArtifactCacheService
+from tier1_edge.config import EdgeConfig
 
 SPEC = TierSpec(
     tier="tier1",
     role="edge",
     service_name="edgecascade-tier1",
     top_of_chain=False,
-    artifact_role="cache",
+    config_type=EdgeConfig,
+    components=(ArtifactCacheService,),
 )
 
 # Defaults of this tier that differ from the shared ones.

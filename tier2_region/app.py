@@ -1,7 +1,10 @@
 """Composition root of the region tier.
 
 Everything is built inside the running event loop by :class:`services.rpc.node.Node`
-from ``SPEC`` and the configuration; this module states what makes a region a region.
+from ``SPEC`` and the configuration; this module states what makes a region a
+region: the top of the chain, its configuration (the shared sections plus
+``[registry]``) and its components — the model registry served as the artifact
+origin and kept re-signed.
 """
 
 from __future__ import annotations
@@ -10,13 +13,16 @@ from collections.abc import Mapping
 from typing import Any
 
 from services.rpc.node import TierSpec
+from tier2_region.config import RegionConfig
+from tier2_region.origin_service import ArtifactOrigin
 
 SPEC = TierSpec(
     tier="tier2",
     role="region",
     service_name="edgecascade-tier2",
     top_of_chain=True,
-    artifact_role="origin",
+    config_type=RegionConfig,
+    components=(ArtifactOrigin,),
 )
 
 # Defaults of this tier that differ from the shared ones.

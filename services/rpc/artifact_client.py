@@ -1,4 +1,4 @@
-"""A synchronous client of the artifact service: the :class:`~services.tuf_client.ArtifactSource` over gRPC.
+"""A synchronous client of the artifact service: the :class:`~services.updates.tuf_client.ArtifactSource` over gRPC.
 
 python-tuf's ngclient is synchronous, so its fetcher runs in worker threads;
 this client uses gRPC's blocking channel there instead of reaching back into

@@ -16,8 +16,8 @@ from grpc import aio
 
 from protos.edgecascade.v1 import artifacts_pb2 as pb
 from protos.edgecascade.v1 import artifacts_pb2_grpc as pb_grpc
-from services.artifact_store import ArtifactProvider
 from services.errors import InvalidArgumentError
+from services.updates.artifact_store import ArtifactProvider
 
 DEFAULT_CHUNK_BYTES = 256 * 1024
 

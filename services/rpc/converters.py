@@ -17,6 +17,8 @@ import numpy as np
 
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import model_config_pb2 as config_pb
+from services.engine.model_cache import IndexEntry, LoadedModel
+from services.engine.model_stats import ModelStats
 from services.errors import InvalidArgumentError
 from services.inference import (
     FALLBACK_REASON,
@@ -29,8 +31,6 @@ from services.inference import (
     ParamValue,
     TensorSpec,
 )
-from services.model_cache import IndexEntry, LoadedModel
-from services.model_stats import ModelStats
 from services.tensors import datatype, datatype_of, decode_raw, decode_typed, encode_raw
 
 UINT63 = (1 << 63) - 1

@@ -1,18 +1,23 @@
 """One running tier node: the shared composition every tier's ``app.py`` starts.
 
-Start order: tracer provider → repository, run pool and model cache → data plane →
-upstream client → servicers (and the artifact service: the region's registry or
-the edge's verifying cache) → server (live, health NOT_SERVING); then the
-repository is preloaded, health turns SERVING, ServerReady turns true, and the
-port file is written. Stop order is the reverse,
-with health NOT_SERVING first. Everything is built inside the running event
-loop; nothing happens at import time.
+Start order: repository, run pool and model cache → data plane and its
+upstream → servicers, and the tier's components (:class:`TierSpec.components`,
+each binding its services) → server (live, health NOT_SERVING) → the
+components start, in their tier's order → the repository is preloaded, health
+turns SERVING, ServerReady turns true, and the port file is written. Every part
+registers its release on one exit stack as it is built, so stopping (or a
+failed start) releases them in reverse: the server first (health NOT_SERVING,
+calls in flight get their grace), then the components, the upstream channel,
+the model cache, the pool and the telemetry providers. Everything is built
+inside the running event loop; nothing happens at import time.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -22,7 +27,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from opentelemetry.sdk.metrics.export import MetricReader
 
@@ -32,18 +37,18 @@ from services import __version__
 from services.atomic_files import write_atomically
 from services.config import load_config
 from services.dataplane import Dataplane, NoUpstream, RequestLimits, Upstream
+from services.engine.model_cache import ModelCache
+from services.engine.model_repository import ModelRepository
+from services.engine.run_pool import RunPool
 from services.errors import ConfigError
 from services.inference import NodeIdentity
-from services.model_cache import ModelCache
-from services.model_repository import ModelRepository
-from services.rpc.artifact_host import ArtifactHost
+from services.rpc.components import Component, ComponentFactory, NodeContext
 from services.rpc.inference_client import InferenceClient
 from services.rpc.inference_servicer import InferenceServicer
 from services.rpc.mesh_servicer import MeshServicer
 from services.rpc.server import GrpcServer, ServiceBinding
 from services.rpc.telemetry import NodeMetrics, build_meter_provider, build_tracer_provider, node_resource
 from services.rpc.upstream import GrpcUpstream
-from services.run_pool import RunPool
 from services.tier_config import TierConfig, check_node_id
 
 log = logging.getLogger("edgecascade.node")
@@ -51,16 +56,28 @@ log = logging.getLogger("edgecascade.node")
 INFERENCE_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 MESH_SERVICE = mesh_pb2.DESCRIPTOR.services_by_name["MeshService"].full_name
 
+C = TypeVar("C")
+
 
 @dataclass(frozen=True)
 class TierSpec:
-    """What distinguishes one tier's process from another's."""
+    """What distinguishes one tier's process from another's: stated by its ``app.py``.
 
-    tier: str  # tier0, tier1, tier2
-    role: str  # device, edge, region
-    service_name: str  # OpenTelemetry service.name
+    Attributes:
+        tier: ``tier0``, ``tier1`` or ``tier2``.
+        role: ``device``, ``edge`` or ``region`` (for names and messages).
+        service_name: OpenTelemetry ``service.name``.
+        top_of_chain: Whether the tier may have no upstream only (the region).
+        config_type: The tier's configuration: the shared sections plus its own.
+        components: What the tier adds to the node, in start order.
+    """
+
+    tier: str
+    role: str
+    service_name: str
     top_of_chain: bool = False
-    artifact_role: str = ""  # origin (region), cache (edge) or "" (serves no artifacts)
+    config_type: type[TierConfig] = TierConfig
+    components: tuple[ComponentFactory, ...] = ()
 
 
 class Node:
@@ -68,11 +85,13 @@ class Node:
 
     Args:
         spec: Which tier.
-        config: The tier's configuration.
+        config: The tier's configuration (of ``spec.config_type``).
         metric_readers: Extra OpenTelemetry metric readers (tests read metrics in memory).
     """
 
     def __init__(self, spec: TierSpec, config: TierConfig, metric_readers: Sequence[MetricReader] = ()) -> None:
+        if not isinstance(config, spec.config_type):
+            raise ConfigError(f"the {spec.role} needs a {spec.config_type.__name__}, got a {type(config).__name__}")
         if spec.top_of_chain and config.upstream.address:
             raise ConfigError(f"the {spec.role} is the top of the chain; [upstream] address must be empty")
         self.spec = spec
@@ -80,55 +99,82 @@ class Node:
         node_id = check_node_id(config.server.node_id or f"{spec.role}-{socket.gethostname()}")
         self.identity = NodeIdentity(spec.tier, node_id)
         self._ready = False
-        self._server: GrpcServer | None = None
-        self._upstream: GrpcUpstream | None = None
         self._cache: ModelCache | None = None
-        self._pool: RunPool | None = None
-        self._artifacts: ArtifactHost | None = None
+        self._components: list[Component] = []
+        self._stack = contextlib.AsyncExitStack()
         resource = node_resource(self.identity, spec.service_name, __version__)
         self._tracer_provider = build_tracer_provider(resource)
         self._meter_provider = build_meter_provider(resource, metric_readers)
         self._metrics = NodeMetrics(self._meter_provider)
         self.address = ""
 
+    def component(self, kind: type[C]) -> C:
+        """The running component of a type (for status and tests).
+
+        Raises:
+            LookupError: The tier has no such component.
+        """
+        for part in self._components:
+            if isinstance(part, kind):
+                return part
+        raise LookupError(f"the {self.spec.role} has no {kind.__name__}")
+
     async def start(self) -> str:
         """Builds and starts everything; returns ``host:port`` once the node serves.
 
         Raises:
-            ConfigError: The address cannot be bound or the repository path is unusable.
+            ConfigError: The address cannot be bound, the repository path is
+                unusable, or a component's settings are (what was built is released).
         """
+        try:
+            return await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> str:
         cfg = self.config
+        stack = self._stack
+        # Telemetry goes last; flushing is blocking I/O, so the loop stays free (an in-process collector may need it).
+        stack.push_async_callback(asyncio.to_thread, self._meter_provider.shutdown)
+        stack.push_async_callback(asyncio.to_thread, self._tracer_provider.shutdown)
         try:
             repository = ModelRepository(cfg.repository.path)
         except OSError as exc:
             raise ConfigError(f"[repository] path {cfg.repository.path} is not usable: {exc.strerror}") from None
-        self._pool = RunPool(cfg.runtime.concurrent_runs)
-        self._cache = ModelCache(
+        pool = RunPool(cfg.runtime.concurrent_runs)
+        stack.callback(pool.close)
+        cache = ModelCache(
             repository,
-            self._pool,
+            pool,
             cfg.batching,
             cfg.cache.budget,
             intra_op_threads=cfg.runtime.intra_op_threads,
             observers=self._metrics.for_model,
         )
-        self._metrics.attach(self._cache)
+        stack.push_async_callback(cache.close)
+        self._cache = cache
+        self._metrics.attach(cache)
         upstream: Upstream = NoUpstream()
         if cfg.upstream.address:
-            self._upstream = GrpcUpstream(
+            grpc_upstream = GrpcUpstream(
                 InferenceClient(cfg.upstream.address, self._tracer_provider, cfg.server.max_message_bytes),
                 self.identity,
             )
-            upstream = self._upstream
+            stack.push_async_callback(grpc_upstream.close)
+            upstream = grpc_upstream
         dataplane = Dataplane(
-            self.identity,
-            self._cache,
-            upstream,
-            RequestLimits(cfg.requests.max_timeout_us, cfg.requests.max_hops),
+            self.identity, cache, upstream, RequestLimits(cfg.requests.max_timeout_us, cfg.requests.max_hops)
         )
         inference = InferenceServicer(dataplane, lambda: self._ready)
         mesh = MeshServicer(dataplane, cfg.upstream.address)
-        self._artifacts = ArtifactHost(self.spec.artifact_role, cfg)
-        self._server = GrpcServer(
+        context = NodeContext(cfg, self.identity, self._tracer_provider)
+        for factory in self.spec.components:
+            part = factory(context)
+            # Released in reverse, after the server has stopped taking calls.
+            stack.push_async_callback(part.stop)
+            self._components.append(part)
+        server = GrpcServer(
             cfg.server.host,
             cfg.server.port,
             [
@@ -137,20 +183,22 @@ class Node:
                     lambda s: grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(inference, s),
                 ),
                 ServiceBinding(MESH_SERVICE, lambda s: mesh_pb2_grpc.add_MeshServiceServicer_to_server(mesh, s)),
-                *self._artifacts.bindings,
+                *(binding for part in self._components for binding in part.bindings),
             ],
             cfg.server.max_message_bytes,
             cfg.server.grace_seconds,
             self._tracer_provider,
         )
-        port = await self._server.start()
+        port = await server.start()
+        stack.push_async_callback(server.stop)
         self.address = f"{cfg.server.host}:{port}"
-        await self._artifacts.start()
+        for part in self._components:
+            await part.start()
         if cfg.repository.preload:
-            await self._cache.preload()
-        await self._server.set_serving(True)
+            await cache.preload()
+        await server.set_serving(True)
         self._ready = True
-        for row in self._cache.index():
+        for row in cache.index():
             log.info("model %s version %s: %s %s", row.name, row.version, row.state.value, row.reason)
         if cfg.server.port_file:
             _write_port_file(Path(cfg.server.port_file), self._port_record())
@@ -167,21 +215,9 @@ class Node:
         return {"address": self.address, "tier": self.spec.tier, "node_id": self.identity.node_id, "pid": os.getpid()}
 
     async def stop(self) -> None:
-        """Stops serving gracefully and releases everything."""
+        """Stops serving gracefully and releases everything, in the reverse order of start (once)."""
         self._ready = False
-        if self._server is not None:
-            await self._server.stop()
-        if self._artifacts is not None:
-            await self._artifacts.stop()
-        if self._upstream is not None:
-            await self._upstream.close()
-        if self._cache is not None:
-            await self._cache.close()
-        if self._pool is not None:
-            self._pool.close()
-        # Flushing spans is blocking I/O; the loop must stay free (an in-process collector may need it).
-        await asyncio.to_thread(self._tracer_provider.shutdown)
-        await asyncio.to_thread(self._meter_provider.shutdown)
+        await self._stack.aclose()
 
 
 def _write_port_file(path: Path, record: Mapping[str, Any]) -> None:
@@ -215,12 +251,13 @@ def main(spec: TierSpec, defaults: Mapping[str, Mapping[str, Any]], argv: Sequen
     parser.add_argument(
         "--config",
         type=Path,
-        help="TOML file with [server], [repository], [upstream], [runtime], [requests], [batching], [cache], "
-        "[registry], [artifacts], [log]",
+        help="TOML file with "
+        + ", ".join(f"[{f.name}]" for f in dataclasses.fields(spec.config_type))
+        + " (see the sections in the module docs of services.tier_config and of this tier's config)",
     )
     args = parser.parse_args(argv)
     try:
-        config = load_config(TierConfig, args.config, overrides=defaults)
+        config = load_config(spec.config_type, args.config, overrides=defaults)
     except ConfigError as exc:
         print(f"configuration error: {exc.message}", file=sys.stderr)
         return 2

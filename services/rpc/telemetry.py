@@ -23,9 +23,9 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
 
-from services.batcher import BatchObserver
+from services.engine.batcher import BatchObserver
+from services.engine.model_cache import LoadedModel, ModelCache
 from services.inference import NodeIdentity
-from services.model_cache import LoadedModel, ModelCache
 
 ATTR_NODE_ID = "edgecascade.node_id"
 ATTR_TIER = "edgecascade.tier"

@@ -21,9 +21,8 @@ import pytest
 
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from services.config import load_config
-from services.model_repository import ModelRepository
+from services.engine.model_repository import ModelRepository
 from services.rpc.node import Node, TierSpec
-from services.tier_config import TierConfig
 from tests.support.onnx_models import linear_model, tiny_char_lm
 from tier0_device.app import SPEC as DEVICE
 from tier1_edge.app import SPEC as EDGE
@@ -56,7 +55,7 @@ async def start_node(spec: TierSpec, repository: Path, node_id: str, upstream: s
         "upstream": {"address": upstream},
         **{k: v for k, v in settings.items() if k in SECTIONS},
     }
-    node = Node(spec, load_config(TierConfig, env={}, overrides=overrides))
+    node = Node(spec, load_config(spec.config_type, env={}, overrides=overrides))
     await node.start()
     return node
 

@@ -29,18 +29,18 @@ from protos.edgecascade.v1 import artifacts_pb2 as pb
 from protos.edgecascade.v1 import artifacts_pb2_grpc as pb_grpc
 from services.config import load_config
 from services.errors import DigestMismatchError, IntegrityError, MetadataSignatureError, StaleVersionError
-from services.registry.content_encryption import decrypt_artifact
-from services.registry.pipeline import PipelineOptions, ValidationChoice, prepare, publish_model
-from services.registry.profiler import ProfileSettings
-from services.registry.tuf_repository import ExpiryPolicy
 from services.rpc.artifact_client import GrpcArtifactSource
-from services.rpc.model_fetcher import ModelFetcher
 from services.rpc.node import Node, TierSpec
-from services.tier_config import TierConfig
-from services.tuf_client import hashed_target_path
+from services.updates.content_encryption import decrypt_artifact
+from services.updates.model_fetcher import ModelFetcher
+from services.updates.tuf_client import hashed_target_path
 from tests.support.registry import RegistryKit, lm_variants, new_registry, publish_lm
 from tier1_edge.app import SPEC as EDGE
+from tier1_edge.cache_service import ArtifactCacheService
 from tier2_region.app import SPEC as REGION
+from tier2_region.registry.pipeline import PipelineOptions, ValidationChoice, prepare, publish_model
+from tier2_region.registry.profiler import ProfileSettings
+from tier2_region.registry.tuf_repository import ExpiryPolicy
 
 T = TypeVar("T")
 
@@ -85,7 +85,7 @@ async def start(spec: TierSpec, tmp: Path, node_id: str, **sections: Mapping[str
         "repository": {"path": str(tmp / node_id / "models")},
         **sections,
     }
-    node = Node(spec, load_config(TierConfig, env={}, overrides=overrides))
+    node = Node(spec, load_config(spec.config_type, env={}, overrides=overrides))
     await node.start()
     return node
 
@@ -147,7 +147,7 @@ async def test_a_device_fetches_a_model_through_the_edge_and_verifies_it(mesh: M
     (probs,) = session.run(["probs"], golden.inputs)
     np.testing.assert_allclose(probs, golden.outputs["probs"], atol=golden.atol, rtol=golden.rtol)
     assert mesh.edge.address != mesh.region.address
-    edge_cache = mesh.edge._artifacts.cache if mesh.edge._artifacts else None
+    edge_cache = mesh.edge.component(ArtifactCacheService).cache
     assert edge_cache is not None and edge_cache.stats.downloads == 2  # the blob and its golden vectors
 
 
@@ -159,7 +159,7 @@ async def test_many_devices_at_once_cost_one_upstream_download(mesh: Mesh) -> No
 
     blobs = await asyncio.gather(*(mesh.run(fetch, f) for f in fetchers))
     assert len(set(blobs)) == 1 and blobs[0] == mesh.blob("fp32").read_bytes()
-    cache = mesh.edge._artifacts.cache if mesh.edge._artifacts else None
+    cache = mesh.edge.component(ArtifactCacheService).cache
     assert cache is not None and cache.stats.downloads == 1
 
 
@@ -257,7 +257,7 @@ async def test_the_edge_keeps_serving_when_the_region_is_gone(mesh: Mesh) -> Non
     late = mesh.fetcher("device-late")
     target = await mesh.run(late.resolve, "lm", "1", "int8")
     assert (await mesh.run(late.download, target)).path.read_bytes() == expected
-    cache = mesh.edge._artifacts.cache if mesh.edge._artifacts else None
+    cache = mesh.edge.component(ArtifactCacheService).cache
     assert cache is not None and cache.stats.refresh_failures >= 1
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
-from services.model_repository import ModelRepository
+from services.engine.model_repository import ModelRepository
 from tests.integration.conftest import Chain, start_node
 from tests.support.onnx_models import linear_model
 from tests.support.requests import infer_request, output, text_request

@@ -21,16 +21,16 @@ import pytest
 
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
-from services.batcher import BatchingConfig
 from services.dataplane import Dataplane, NoUpstream, RequestLimits
+from services.engine.batcher import BatchingConfig
+from services.engine.model_cache import ModelCache
+from services.engine.model_repository import ModelRepository
+from services.engine.onnx_session import OnnxSession
+from services.engine.run_pool import RunPool
 from services.errors import ForwardingLoopError, InvalidArgumentError, ModelNotReadyError
 from services.inference import NodeIdentity
-from services.model_cache import ModelCache
-from services.model_repository import ModelRepository
-from services.onnx_session import OnnxSession
 from services.rpc.inference_client import InferenceClient
 from services.rpc.node import Node
-from services.run_pool import RunPool
 from tests.integration.conftest import Chain, start_node
 from tests.support.onnx_models import identity_model, linear_model
 from tests.support.requests import infer_request, output, params

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 from rich.console import Console
 
+from edgecascade.client_commands import status
+from edgecascade.demo_models import DEFAULT_MODELS_DIR, DEVICE_MODEL, EDGE_MODEL
 from protos.edgecascade.v1 import mesh_pb2, mesh_pb2_grpc
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
-from services.cli.client_commands import status
-from services.cli.demo_models import DEFAULT_MODELS_DIR, DEVICE_MODEL, EDGE_MODEL
-from services.generation import TEXT_INPUT
+from services.engine.generation import TEXT_INPUT
 from services.inference import SERVED_BY
 from services.rpc.converters import params_from_proto
 from services.tensors import encode_raw

@@ -16,16 +16,16 @@ import onnxruntime as ort
 import pytest
 
 from services.errors import DuplicateVariantError
-from services.registry.model_inspection import inspect_model
-from services.registry.pipeline import PipelineOptions, ValidationChoice, prepare
-from services.registry.profiler import ProfileSettings
-from services.registry.registry import ModelRegistry
 from services.rpc.artifact_client import GrpcArtifactSource
-from services.rpc.model_fetcher import ModelFetcher
-from services.tuf_client import TufClient
+from services.updates.model_fetcher import ModelFetcher
+from services.updates.tuf_client import TufClient
 from tests.support.onnx_models import linear_model, mlp_model, tiny_char_lm
 from tests.support.processes import wait_for_file
 from tests.support.registry import VOCAB, DirectorySource, new_registry, publish_lm
+from tier2_region.registry.model_inspection import inspect_model
+from tier2_region.registry.pipeline import PipelineOptions, ValidationChoice, prepare
+from tier2_region.registry.profiler import ProfileSettings
+from tier2_region.registry.registry import ModelRegistry
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -190,7 +190,7 @@ def test_up_publishes_the_demo_models_and_the_edge_serves_them(tmp_path: Path) -
     models = tmp_path / "models"
     for name in ("charlm-device", "charlm-edge"):
         fp32 = tiny_char_lm(models / f"{name}.onnx", vocab=VOCAB, context=8)
-        from services.registry.quantization import quantize
+        from tier2_region.registry.quantization import quantize
 
         quantize(fp32, models / f"{name}.int8.onnx")
     state = tmp_path / "state"

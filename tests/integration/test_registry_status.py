@@ -15,13 +15,13 @@ from typing import Any
 
 from rich.console import Console
 
-from services.cli import client_commands
+from edgecascade import client_commands
 from services.config import load_config
-from services.registry.tuf_repository import ExpiryPolicy
 from services.rpc.node import Node
-from services.tier_config import TierConfig
 from tests.support.registry import FakeClock, new_registry
 from tier2_region.app import SPEC as REGION
+from tier2_region.origin_service import ArtifactOrigin
+from tier2_region.registry.tuf_repository import ExpiryPolicy
 
 
 async def _region(tmp: Path, registry: Mapping[str, Any]) -> Node:
@@ -30,7 +30,7 @@ async def _region(tmp: Path, registry: Mapping[str, Any]) -> Node:
         "repository": {"path": str(tmp / "region-models")},
         "registry": registry,
     }
-    node = Node(REGION, load_config(TierConfig, env={}, overrides=overrides))
+    node = Node(REGION, load_config(REGION.config_type, env={}, overrides=overrides))
     await node.start()
     return node
 
@@ -88,8 +88,9 @@ async def test_status_says_nothing_about_a_healthy_registry_or_a_region_without_
 async def _targets_version(region: Node) -> int:
     from tuf.api.metadata import Metadata, Targets
 
-    assert region._artifacts is not None and region._artifacts.registry is not None
-    metadata = region._artifacts.registry.repository_dir / "metadata"
+    registry = region.component(ArtifactOrigin).registry
+    assert registry is not None
+    metadata = registry.repository_dir / "metadata"
     newest = max(metadata.glob("*.targets.json"), key=lambda p: int(p.name.split(".")[0]))
     targets = Metadata[Targets].from_file(str(newest)).signed
     return targets.version

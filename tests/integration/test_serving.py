@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from protos.edgecascade.v1 import mesh_pb2, mesh_pb2_grpc
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
-from services.model_repository import ModelRepository
+from services.engine.model_repository import ModelRepository
 from tests.integration.conftest import Chain, start_node
 from tests.support.onnx_models import linear_model
 from tests.support.requests import infer_request, output, params

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from services.batcher import BatchingConfig
+from services.engine.batcher import BatchingConfig
+from services.engine.memory import estimate_footprint
+from services.engine.model_cache import ModelCache
+from services.engine.model_repository import ModelRepository
+from services.engine.run_pool import RunPool
 from services.errors import MemoryBudgetError
-from services.memory import estimate_footprint
-from services.model_cache import ModelCache
-from services.model_repository import ModelRepository
-from services.run_pool import RunPool
 from tests.support.onnx_models import linear_model, mlp_model
 
 

@@ -10,10 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-from services.registry.pipeline import PipelineOptions, publish_model
-from services.registry.registry import ModelRegistry
-from services.registry.signing_keys import load_keys
 from tests.support.registry import lm_variants, submissions
+from tier2_region.registry.pipeline import PipelineOptions, publish_model
+from tier2_region.registry.registry import ModelRegistry
+from tier2_region.registry.signing_keys import load_keys
 
 
 def main(workdir: Path, stop_at: str) -> None:

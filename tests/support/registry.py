@@ -18,14 +18,15 @@ from pathlib import Path
 import numpy as np
 
 from services.errors import ArtifactNotFoundError, UpstreamUnavailableError
-from services.registry.model_inspection import ModelFacts, inspect_model
-from services.registry.pipeline import PipelineOptions, publish_model
-from services.registry.profiles import BatchProfile, GoldenVectors, VariantProfile
-from services.registry.quantization import quantize
-from services.registry.registry import ModelRegistry, PublishedVariant, VariantSubmission
-from services.registry.signing_keys import SigningKeys, generate_keys, load_keys
-from services.registry.tuf_repository import ExpiryPolicy
+from services.updates.golden_vectors import GoldenVectors
 from tests.support.onnx_models import tiny_char_lm
+from tier2_region.registry.model_inspection import ModelFacts, inspect_model
+from tier2_region.registry.pipeline import PipelineOptions, publish_model
+from tier2_region.registry.profiles import BatchProfile, VariantProfile
+from tier2_region.registry.quantization import quantize
+from tier2_region.registry.registry import ModelRegistry, PublishedVariant, VariantSubmission
+from tier2_region.registry.signing_keys import SigningKeys, generate_keys, load_keys
+from tier2_region.registry.tuf_repository import ExpiryPolicy
 
 VOCAB = ["", "", *"abcdefghijklmnopqrstuvwxyz .,"]
 

@@ -1,10 +1,12 @@
-"""Enforces the layering of DESIGN.md §4 by walking every first-party import.
+"""Enforces the layering of docs/architecture.md by walking every first-party import.
 
-* ``tierN_*`` → ``services`` → ``protos``; tiers never import each other, and
-  ``services`` and ``protos`` never import a tier.
-* Domain cores (modules directly in ``services/`` or in ``services/registry/``, and tier modules other than
-  ``app.py``, ``__main__.py`` and servicers) import neither ``grpc``, ``protos``,
-  ``opentelemetry`` nor ``tenacity``.
+* ``edgecascade`` (the operator's CLI) → ``tierN_*`` → ``services`` → ``protos``;
+  tiers never import each other, ``services`` and ``protos`` never import a tier,
+  and nothing imports the CLI.
+* Domain cores — modules directly in ``services/``, in ``services/engine/`` and
+  ``services/updates/``, and tier modules other than ``app.py``, ``__main__.py``,
+  servicers and ``*_service.py`` components — import neither ``grpc``,
+  ``protos``, ``opentelemetry``, ``tenacity`` nor ``services.rpc``.
 * Nothing is built at import time: no module-level ``asyncio.run`` or server.
 """
 
@@ -17,9 +19,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 TIERS = ("tier0_device", "tier1_edge", "tier2_region")
+CLI = "edgecascade"
 TRANSPORT_ONLY = ("grpc", "grpc_health", "grpc_reflection", "protos", "opentelemetry", "tenacity")
 ADAPTER_FILES = {"app.py", "__main__.py"}
-CORE_SUBPACKAGES = {"registry"}
+CORE_SUBPACKAGES = {"engine", "updates"}
 
 
 def _modules(package: str) -> list[Path]:
@@ -44,19 +47,19 @@ def _top(name: str) -> str:
 def _is_core(path: Path) -> bool:
     rel = path.relative_to(ROOT)
     if rel.parts[0] == "services":
-        # Directly in services/ or in a core subpackage (services/registry/), not rpc/ or cli/.
+        # Directly in services/ or in a core subpackage (engine/, updates/), not rpc/.
         return len(rel.parts) == 2 or rel.parts[1] in CORE_SUBPACKAGES
     if rel.parts[0] in TIERS:
-        return path.name not in ADAPTER_FILES and "servicer" not in path.name
+        return path.name not in ADAPTER_FILES and "servicer" not in path.name and not path.name.endswith("_service.py")
     return False
 
 
-ALL = [p for pkg in ("services", "protos", *TIERS) for p in _modules(pkg)]
+ALL = [p for pkg in ("services", "protos", *TIERS, CLI) for p in _modules(pkg)]
 
 
 def test_the_walk_sees_every_layer() -> None:
     packages = {p.relative_to(ROOT).parts[0] for p in ALL}
-    assert packages == {"services", "protos", *TIERS}
+    assert packages == {"services", "protos", *TIERS, CLI}
     assert any(_is_core(p) for p in ALL)
 
 
@@ -64,16 +67,19 @@ def test_the_walk_sees_every_layer() -> None:
 def test_layering(path: Path) -> None:
     rel = path.relative_to(ROOT)
     package = rel.parts[0]
-    tops = {_top(n) for n in _imports(path)}
+    names = _imports(path)
+    tops = {_top(n) for n in names}
+    if package != CLI:
+        assert CLI not in tops, f"{rel} imports the CLI; nothing may (it sits above the tiers)"
     if package in TIERS:
         others = tops & (set(TIERS) - {package})
         assert not others, f"{rel} imports another tier: {others}; tiers talk over gRPC"
-    else:
+    elif package != CLI:
         assert not tops & set(TIERS), f"{rel} imports a tier; {package} must not depend on tiers"
     if package == "protos":
         assert not tops & {"services"}, f"{rel}: contracts must not import services"
     if _is_core(path):
-        bad = tops & set(TRANSPORT_ONLY)
+        bad = tops & set(TRANSPORT_ONLY) | {n for n in names if n == "services.rpc" or n.startswith("services.rpc.")}
         assert not bad, f"{rel} is a domain core but imports {bad}; move transport code to services/rpc"
 
 
@@ -94,9 +100,22 @@ def test_nothing_runs_at_import_time(path: Path) -> None:
 def test_the_core_rule_can_fail(tmp_path: Path) -> None:
     bad = ROOT / "services" / "dataplane.py"
     assert _is_core(bad)
-    assert _is_core(ROOT / "services" / "registry" / "registry.py")
+    assert _is_core(ROOT / "services" / "engine" / "batcher.py")
+    assert _is_core(ROOT / "tier2_region" / "registry" / "registry.py")
+    assert _is_core(ROOT / "tier1_edge" / "artifact_cache.py")
     assert not _is_core(ROOT / "services" / "rpc" / "artifact_servicer.py")
+    assert not _is_core(ROOT / "tier1_edge" / "cache_service.py")
     assert "grpc" not in {_top(n) for n in _imports(bad)}
     probe = tmp_path / "probe.py"
-    probe.write_text("import grpc\nfrom protos.inference import grpc_service_pb2\n")
+    probe.write_text("import grpc\nfrom protos.inference import grpc_service_pb2\nfrom services.rpc import node\n")
     assert {_top(n) for n in _imports(probe)} & set(TRANSPORT_ONLY) == {"grpc", "protos"}
+    assert "services.rpc" in _imports(probe)
+
+
+def test_each_room_holds_what_its_tier_runs() -> None:
+    # The registry is the region's, the artifact cache the edge's; the CLI is a package of its own.
+    assert (ROOT / "tier2_region" / "registry" / "registry.py").is_file()
+    assert (ROOT / "tier1_edge" / "artifact_cache.py").is_file()
+    assert (ROOT / "edgecascade" / "__main__.py").is_file()
+    for gone in ("registry", "cli"):
+        assert not (ROOT / "services" / gone).exists(), f"services/{gone} belongs elsewhere"

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from services import artifact_cache
-from services.artifact_cache import ArtifactCache, ArtifactCacheConfig
 from services.errors import ArtifactNotFoundError, DigestMismatchError, InvalidArgumentError, UnavailableError
-from services.tuf_client import hashed_target_path
+from services.updates.tuf_client import hashed_target_path
 from tests.support.registry import DirectorySource, FakeClock, RegistryKit, new_registry, publish_lm
+from tier1_edge import artifact_cache
+from tier1_edge.artifact_cache import ArtifactCache, ArtifactCacheConfig
 
 # Only a bound for a test that has already failed (something waited that should not have); never reached when passing.
 LIMIT_S = 20.0

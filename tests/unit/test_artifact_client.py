@@ -13,7 +13,7 @@ from protos.edgecascade.v1 import artifacts_pb2 as pb
 from protos.edgecascade.v1 import artifacts_pb2_grpc as pb_grpc
 from services.errors import IntegrityError
 from services.rpc.artifact_client import GrpcArtifactSource
-from services.tuf_client import TufClient, hashed_target_path
+from services.updates.tuf_client import TufClient, hashed_target_path
 from tests.support.registry import RegistryKit, new_registry, publish_lm
 
 CHUNK = 200

@@ -7,17 +7,28 @@ from typing import Any
 
 import grpc
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
 
 from services import errors
 from services.config import load_config
 from services.errors import ConfigError
-from services.rpc.artifact_host import CACHE, ORIGIN, ArtifactHost
+from services.inference import NodeIdentity
+from services.rpc.components import NodeContext
 from services.rpc.status_table import status_for
 from services.tier_config import TierConfig
+from tier1_edge.cache_service import ArtifactCacheService
+from tier1_edge.config import EdgeConfig
+from tier2_region.config import RegionConfig
+from tier2_region.origin_service import ArtifactOrigin
 
 
 def _config(**sections: dict[str, Any]) -> TierConfig:
-    return load_config(TierConfig, env={}, overrides=sections)
+    kind = RegionConfig if "registry" in sections else EdgeConfig
+    return load_config(kind, env={}, overrides=sections)
+
+
+def _context(config: TierConfig) -> NodeContext:
+    return NodeContext(config, NodeIdentity("tier1", "e"), TracerProvider())
 
 
 @pytest.mark.parametrize(
@@ -46,7 +57,7 @@ def test_bad_settings_stop_start_up_with_a_message(sections: dict[str, dict[str,
 
 def test_environment_sets_the_sections() -> None:
     config = load_config(
-        TierConfig,
+        RegionConfig,
         env={
             "EDGECASCADE_REGISTRY__PATH": "/r",
             "EDGECASCADE_REGISTRY__TIMESTAMP_EXPIRY_S": "7200",
@@ -57,19 +68,25 @@ def test_environment_sets_the_sections() -> None:
 
 
 def test_each_section_belongs_to_one_tier(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"\[registry\] belongs to the region"):
-        ArtifactHost(CACHE, _config(registry={"path": str(tmp_path / "r")}))
+    registry = {"path": str(tmp_path / "r")}
     trusted = {"cache_dir": str(tmp_path / "c"), "trusted_root": str(tmp_path / "root.json")}
-    with pytest.raises(ConfigError, match=r"\[artifacts\] cache_dir belongs to the edge"):
-        ArtifactHost(ORIGIN, _config(artifacts=trusted))
+    for kind, section, values in (
+        (EdgeConfig, "registry", registry),
+        (TierConfig, "registry", registry),
+        (RegionConfig, "artifacts", trusted),
+        (TierConfig, "artifacts", trusted),
+    ):
+        with pytest.raises(ConfigError, match=rf"unknown section \[{section}\]"):
+            load_config(kind, env={}, overrides={section: values})
     with pytest.raises(ConfigError, match=r"needs an \[upstream\] address"):
-        ArtifactHost(CACHE, _config(artifacts=trusted))
+        ArtifactCacheService(_context(_config(artifacts=trusted)))
     with pytest.raises(ConfigError, match="cannot be read"):
-        ArtifactHost(CACHE, _config(artifacts=trusted, upstream={"address": "127.0.0.1:1"}))
+        ArtifactCacheService(_context(_config(artifacts=trusted, upstream={"address": "127.0.0.1:1"})))
     (tmp_path / "root.json").write_text("{}")
     with pytest.raises(ConfigError, match="not valid TUF root metadata"):
-        ArtifactHost(CACHE, _config(artifacts=trusted, upstream={"address": "127.0.0.1:1"}))
-    assert ArtifactHost("", _config()).bindings == []
+        ArtifactCacheService(_context(_config(artifacts=trusted, upstream={"address": "127.0.0.1:1"})))
+    assert ArtifactCacheService(_context(_config())).bindings == []
+    assert ArtifactOrigin(_context(load_config(RegionConfig, env={}))).bindings == []
 
 
 def test_registry_errors_have_their_status_codes() -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from services.artifact_store import ArtifactDirectory, check_artifact_path
 from services.errors import ArtifactNotFoundError, InvalidArgumentError
+from services.updates.artifact_store import ArtifactDirectory, check_artifact_path
 
 
 @pytest.mark.parametrize(

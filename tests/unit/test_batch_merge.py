@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from services.batch_merge import merge_inputs, rows_of, signature_of, split_outputs
+from services.engine.batch_merge import merge_inputs, rows_of, signature_of, split_outputs
 from services.errors import InvalidArgumentError
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from services.batch_policy import EWMA, Arrivals, BatchingConfig, BatchPolicy, Refusal, RunTimes
+from services.engine.batch_policy import EWMA, Arrivals, BatchingConfig, BatchPolicy, Refusal, RunTimes
 
 EPS = 1e-9
 

@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from services.batcher import BatchingConfig, DynamicBatcher
+from services.engine.batcher import BatchingConfig, DynamicBatcher
+from services.engine.model_stats import ModelStats
+from services.engine.run_pool import RunPool
 from services.errors import ConfigError, DeadlineExceededError, InvalidArgumentError, QueueFullError
-from services.model_stats import ModelStats
-from services.run_pool import RunPool
 
 
 class Model:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from services.cli import __main__ as cli
-from services.cli import model_commands
+from edgecascade import __main__ as cli
+from edgecascade import model_commands
 from tests.support.registry import new_registry
 
 Leaf = tuple[tuple[str, ...], argparse.ArgumentParser]

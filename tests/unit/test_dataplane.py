@@ -10,13 +10,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from services.batcher import BatchingConfig
 from services.dataplane import Dataplane, InferCall, ModelQuery, NoUpstream, Relayed, RequestLimits
+from services.engine.batcher import BatchingConfig
+from services.engine.model_cache import ModelCache
+from services.engine.model_repository import ModelRepository
+from services.engine.run_pool import RunPool
 from services.errors import ModelNotFoundError, QueueFullError
 from services.inference import SERVED_BY, FallbackReason, InferRequest, InferResult, NodeIdentity
-from services.model_cache import ModelCache
-from services.model_repository import ModelRepository
-from services.run_pool import RunPool
 from tests.support.onnx_models import linear_model
 
 X = np.ones((1, 4), dtype=np.float32)

@@ -8,8 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from services.errors import InvalidArgumentError, ModelNotReadyError
-from services.generation import (
+from services.engine.generation import (
     MAX_STOP_CHARS,
     MAX_STOP_PARAMETER_CHARS,
     MAX_STOP_STRINGS,
@@ -20,6 +19,7 @@ from services.generation import (
     decode_prompt,
     generate,
 )
+from services.errors import InvalidArgumentError, ModelNotReadyError
 
 VOCAB = ["", "", "a", "b", "c"]
 

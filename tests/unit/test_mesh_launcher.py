@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from services.cli import mesh_launcher
-from services.cli.mesh_launcher import LAUNCHER_OWNED_SETTINGS, Child, Mesh, RestartPolicy, child_environment
+from edgecascade import mesh_launcher
+from edgecascade.mesh_launcher import LAUNCHER_OWNED_SETTINGS, Child, Mesh, RestartPolicy, child_environment
 
 
 class FakeClock:

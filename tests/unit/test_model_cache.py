@@ -10,7 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.batcher import BatchingConfig
+from services.engine.batcher import BatchingConfig
+from services.engine.memory import FIXED_OVERHEAD_BYTES
+from services.engine.model_cache import ModelCache, ModelState
+from services.engine.model_loader import FileOpener, Footprint
+from services.engine.model_repository import ModelEntry, ModelRepository
+from services.engine.onnx_session import OnnxSession
+from services.engine.run_pool import RunPool
 from services.errors import (
     DeadlineExceededError,
     EdgecascadeError,
@@ -19,12 +25,6 @@ from services.errors import (
     ModelNotFoundError,
     ModelNotReadyError,
 )
-from services.memory import FIXED_OVERHEAD_BYTES
-from services.model_cache import ModelCache, ModelState
-from services.model_loader import FileOpener, Footprint
-from services.model_repository import ModelEntry, ModelRepository
-from services.onnx_session import OnnxSession
-from services.run_pool import RunPool
 from tests.support.onnx_models import linear_model
 
 MB = 1024 * 1024

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from services.engine.model_repository import METADATA_FILE, MODEL_FILE, ModelRepository
 from services.errors import InvalidArgumentError, ModelNotFoundError, PreconditionError
-from services.model_repository import METADATA_FILE, MODEL_FILE, ModelRepository
 from tests.support.onnx_models import linear_model, tiny_char_lm
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from tuf.api.metadata import Metadata
 
-from services import onnx_session
+from services.engine import onnx_session
 from services.errors import (
     ConfigError,
     DuplicateVariantError,
@@ -23,16 +23,8 @@ from services.errors import (
     QuantizationGateError,
     SignatureMismatchError,
 )
-from services.registry import model_inspection, quantization_gate
-from services.registry import registry as registry_module
-from services.registry.content_encryption import decrypt_artifact
-from services.registry.model_inspection import inspect_model, signature_from_json
-from services.registry.pipeline import PipelineOptions, prepare, publish_model
-from services.registry.profiles import GoldenVectors
-from services.registry.quantization_gate import GateOverride
-from services.registry.registry import ModelRegistry, check_variant_name
-from services.registry.signing_keys import generate_keys, load_keys, load_signer
-from services.registry.tuf_repository import ExpiryPolicy, TufRepository
+from services.updates.content_encryption import decrypt_artifact
+from services.updates.golden_vectors import GoldenVectors
 from tests.support.onnx_models import linear_model
 from tests.support.registry import (
     FakeClock,
@@ -43,6 +35,14 @@ from tests.support.registry import (
     submissions,
     tree,
 )
+from tier2_region.registry import model_inspection, quantization_gate
+from tier2_region.registry import registry as registry_module
+from tier2_region.registry.model_inspection import inspect_model, signature_from_json
+from tier2_region.registry.pipeline import PipelineOptions, prepare, publish_model
+from tier2_region.registry.quantization_gate import GateOverride
+from tier2_region.registry.registry import ModelRegistry, check_variant_name
+from tier2_region.registry.signing_keys import generate_keys, load_keys, load_signer
+from tier2_region.registry.tuf_repository import ExpiryPolicy, TufRepository
 
 REQUIRED_CUSTOM = {
     "name", "version", "variant", "plaintext_sha256", "signature", "peak_memory_bytes", "latency_us", "accuracy",

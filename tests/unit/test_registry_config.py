@@ -9,12 +9,12 @@ import pytest
 
 from services.config import load_config
 from services.errors import ConfigError
-from services.registry.tuf_repository import ExpiryPolicy
-from services.tier_config import TierConfig
+from tier2_region.config import RegionConfig
+from tier2_region.registry.tuf_repository import ExpiryPolicy
 
 
-def _registry(**values: Any) -> TierConfig:
-    return load_config(TierConfig, env={}, overrides={"registry": values})
+def _registry(**values: Any) -> RegionConfig:
+    return load_config(RegionConfig, env={}, overrides={"registry": values})
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from services.registry.metadata_expiry import expired_roles, expiry_warnings
+from tier2_region.registry.metadata_expiry import expired_roles, expiry_warnings
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
 

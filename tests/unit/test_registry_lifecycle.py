@@ -17,12 +17,12 @@ from tuf.api.metadata import Metadata, Root
 from tuf.ngclient import Updater
 
 from services.errors import ConfigError
-from services.registry.metadata_expiry import expiry_warnings, read_expiries
-from services.registry.registry import ModelRegistry
-from services.registry.signing_keys import generate_keys, load_keys, root_key_files
-from services.registry.tuf_repository import ExpiryPolicy
-from services.tuf_client import METADATA_BASE, TARGETS_BASE, ArtifactFetcher
+from services.updates.tuf_client import METADATA_BASE, TARGETS_BASE, ArtifactFetcher
 from tests.support.registry import DirectorySource, FakeClock, new_registry, publish_lm
+from tier2_region.registry.metadata_expiry import expiry_warnings, read_expiries
+from tier2_region.registry.registry import ModelRegistry
+from tier2_region.registry.signing_keys import generate_keys, load_keys, root_key_files
+from tier2_region.registry.tuf_repository import ExpiryPolicy
 
 
 def _versions(registry: ModelRegistry) -> tuple[int, int, int]:

@@ -8,13 +8,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
 
 from services.config import load_config
-from services.registry.registry import ModelRegistry
-from services.registry.signing_keys import SigningKeys
-from services.rpc.artifact_host import ORIGIN, ArtifactHost
-from services.tier_config import TierConfig
+from services.inference import NodeIdentity
+from services.rpc.components import NodeContext
 from tests.support.registry import new_registry
+from tier2_region.config import RegionConfig
+from tier2_region.origin_service import ArtifactOrigin
+from tier2_region.registry.registry import ModelRegistry
+from tier2_region.registry.signing_keys import SigningKeys
+
+
+def _origin(settings: dict[str, Any]) -> ArtifactOrigin:
+    config = load_config(RegionConfig, env={}, overrides={"registry": settings})
+    return ArtifactOrigin(NodeContext(config, NodeIdentity("tier2", "r"), TracerProvider()))
 
 
 async def test_an_os_error_in_one_round_is_logged_and_the_next_round_runs(
@@ -23,7 +31,7 @@ async def test_an_os_error_in_one_round_is_logged_and_the_next_round_runs(
     kit = new_registry(tmp_path)
     kit.registry.close()
     settings = {"path": str(kit.registry.directory), "key_dir": str(kit.key_dir), "resign_check_s": 0.02}
-    host = ArtifactHost(ORIGIN, load_config(TierConfig, env={}, overrides={"registry": settings}))
+    host = _origin(settings)
     calls: list[str] = []
     real = ModelRegistry.refresh_online
 
@@ -34,7 +42,7 @@ async def test_an_os_error_in_one_round_is_logged_and_the_next_round_runs(
         return real(self, keys)
 
     monkeypatch.setattr(ModelRegistry, "refresh_online", full_disk_once)
-    with caplog.at_level(logging.ERROR, logger="edgecascade.artifacts"):
+    with caplog.at_level(logging.ERROR):
         await host.start()
         try:
             for _ in range(200):
@@ -53,9 +61,10 @@ async def test_stopping_cancels_the_re_signer_even_while_it_waits(tmp_path: Path
     kit = new_registry(tmp_path)
     kit.registry.close()
     settings = {"path": str(kit.registry.directory), "key_dir": str(kit.key_dir), "resign_check_s": 30}
-    host = ArtifactHost(ORIGIN, load_config(TierConfig, env={}, overrides={"registry": settings}))
+    host = _origin(settings)
     await host.start()
     await asyncio.sleep(0.05)
-    task = host._task
+    assert host._resigner is not None
+    task = host._resigner._task
     await asyncio.wait_for(host.stop(), 2)
     assert task is not None and task.cancelled()

@@ -15,16 +15,16 @@ import pytest
 from tuf.api.metadata import Metadata, Root
 from tuf.ngclient import Updater
 
-from services.cli import __main__ as cli
+from edgecascade import __main__ as cli
 from services.errors import ConfigError
-from services.registry import registry as registry_module
-from services.registry import signing_keys as signing_keys_module
-from services.registry.metadata_expiry import read_expiries
-from services.registry.registry import ModelRegistry
-from services.registry.signing_keys import generate_keys, load_keys, load_signer, root_key_files
-from services.registry.tuf_repository import TufRepository
-from services.tuf_client import METADATA_BASE, TARGETS_BASE, ArtifactFetcher
+from services.updates.tuf_client import METADATA_BASE, TARGETS_BASE, ArtifactFetcher
 from tests.support.registry import DirectorySource, FakeClock, new_registry
+from tier2_region.registry import registry as registry_module
+from tier2_region.registry import signing_keys as signing_keys_module
+from tier2_region.registry.metadata_expiry import read_expiries
+from tier2_region.registry.registry import ModelRegistry
+from tier2_region.registry.signing_keys import generate_keys, load_keys, load_signer, root_key_files
+from tier2_region.registry.tuf_repository import TufRepository
 
 
 class CrashError(Exception):

@@ -12,7 +12,7 @@ from typing import Any
 
 from rich.console import Console
 
-from services.cli.client_commands import status
+from edgecascade.client_commands import status
 
 
 def _closed_port() -> str:

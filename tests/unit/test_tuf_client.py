@@ -21,10 +21,10 @@ from services.errors import (
     StaleVersionError,
     UpstreamUnavailableError,
 )
-from services.registry.content_encryption import decrypt_artifact
-from services.registry.tuf_repository import ExpiryPolicy
-from services.tuf_client import TufClient, check_target_name, domain_error, hashed_target_path, model_target
+from services.updates.content_encryption import decrypt_artifact
+from services.updates.tuf_client import TufClient, check_target_name, domain_error, hashed_target_path, model_target
 from tests.support.registry import DirectorySource, FakeClock, RegistryKit, lm_variants, new_registry, publish_lm
+from tier2_region.registry.tuf_repository import ExpiryPolicy
 
 
 @pytest.fixture

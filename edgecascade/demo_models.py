@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.engine.model_repository import ModelRepository
 from services.errors import ConfigError
-from services.model_repository import ModelRepository
 
-DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[2] / "examples" / "models"
+DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[1] / "examples" / "models"
 
 DEVICE_MODEL = "charlm-device"
 EDGE_MODEL = "charlm-edge"

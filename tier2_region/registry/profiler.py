@@ -22,9 +22,10 @@ from typing import Any
 import numpy as np
 
 from services.errors import ConfigError, InvalidModelError
-from services.registry.model_inspection import ModelFacts
-from services.registry.profiles import BatchProfile, GoldenVectors, VariantProfile, calibrate_threshold
-from services.registry.validation_sets import ValidationSet, check_fits
+from services.updates.golden_vectors import GoldenVectors
+from tier2_region.registry.model_inspection import ModelFacts
+from tier2_region.registry.profiles import BatchProfile, VariantProfile, calibrate_threshold
+from tier2_region.registry.validation_sets import ValidationSet, check_fits
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,7 @@ def _measure(facts: ModelFacts, validation_file: Path, settings: ProfileSettings
     env = {**os.environ, "OMP_NUM_THREADS": str(settings.intra_op_threads)}
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "services.registry.profile_worker", str(request_file)],
+            [sys.executable, "-m", "tier2_region.registry.profile_worker", str(request_file)],
             capture_output=True,
             text=True,
             timeout=settings.timeout_s,

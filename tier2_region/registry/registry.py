@@ -41,6 +41,7 @@ from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Root, TargetFile
 
 from services.atomic_files import fsync_directory
+from services.engine.model_repository import check_model_name, check_version
 from services.errors import (
     ConfigError,
     DuplicateVariantError,
@@ -49,13 +50,13 @@ from services.errors import (
     PreconditionError,
 )
 from services.inference import ModelSignature
-from services.model_repository import check_model_name, check_version
-from services.registry.content_encryption import ALGORITHM, encrypt_artifact
-from services.registry.model_inspection import ModelFacts, check_signature, signature_from_json, signature_to_json
-from services.registry.profiles import VariantProfile
-from services.registry.quantization_gate import DEFAULT_MAX_DROP_POINTS, GateDecision, GateOverride, check_gate
-from services.registry.registry_database import RegistryDatabase, VariantRecord
-from services.registry.signing_keys import (
+from services.updates.content_encryption import ALGORITHM, encrypt_artifact
+from services.updates.variant_facts import SCHEMA, golden_path, target_path
+from tier2_region.registry.model_inspection import ModelFacts, check_signature, signature_from_json, signature_to_json
+from tier2_region.registry.profiles import VariantProfile
+from tier2_region.registry.quantization_gate import DEFAULT_MAX_DROP_POINTS, GateDecision, GateOverride, check_gate
+from tier2_region.registry.registry_database import RegistryDatabase, VariantRecord
+from tier2_region.registry.signing_keys import (
     ONLINE_KEY_FILE,
     TARGETS_KEY_FILE,
     SigningKeys,
@@ -66,7 +67,7 @@ from services.registry.signing_keys import (
     root_key_files,
     write_private_key,
 )
-from services.registry.tuf_repository import (
+from tier2_region.registry.tuf_repository import (
     TARGETS_MAX_LENGTH,
     Clock,
     ExpiryPolicy,
@@ -82,7 +83,6 @@ log = logging.getLogger("edgecascade.registry")
 REPOSITORY_DIR = "repository"
 DATABASE_FILE = "registry.sqlite"
 LOCK_FILE = ".lock"
-SCHEMA = "edgecascade.model/1"
 TASK_PROPERTY = "edgecascade.task"
 RETIRED_ROOT_PREFIX = "retired-root-v"
 # Root keys written by a rotation that never committed them.
@@ -120,16 +120,6 @@ def check_model_ref(name: str, version: str) -> tuple[str, str]:
         InvalidArgumentError: Either is not valid.
     """
     return check_model_name(name), check_version(version)
-
-
-def target_path(name: str, version: str, variant: str) -> str:
-    """The TUF target path of a model variant's encrypted blob."""
-    return f"models/{name}/{version}/{variant}"
-
-
-def golden_path(name: str, version: str, variant: str) -> str:
-    """The TUF target path of a variant's golden vectors."""
-    return f"models/{name}/{version}/{variant}.golden.json"
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,16 @@ import json
 from pathlib import Path
 
 from services.errors import IntegrityError
-from services.registry.profiles import GoldenVectors
-from services.registry.registry import target_path
-from services.tuf_client import ArtifactSource, Download, ModelTarget, TufClient, check_target_name, model_target
+from services.updates.golden_vectors import GoldenVectors
+from services.updates.tuf_client import (
+    ArtifactSource,
+    Download,
+    ModelTarget,
+    TufClient,
+    check_target_name,
+    model_target,
+)
+from services.updates.variant_facts import target_path
 
 
 class ModelFetcher:

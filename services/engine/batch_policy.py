@@ -3,7 +3,7 @@
 Nothing here reads a clock, touches asyncio or runs a model: every decision
 takes the current time as an argument and the state it needs (queue size,
 rows queued ahead, the batch being formed) from its caller, so a test steps a
-fake ``now`` instead of sleeping. :class:`~services.batcher.DynamicBatcher`
+fake ``now`` instead of sleeping. :class:`~services.engine.batcher.DynamicBatcher`
 owns the queues, futures and tasks and asks this policy at each step.
 
 Rules (times are in seconds on the caller's monotonic clock):

@@ -37,6 +37,7 @@ from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElaps
 from rich.table import Table
 
 from services.config import load_config
+from services.engine.memory import megabytes
 from services.errors import (
     EdgecascadeError,
     InvalidArgumentError,
@@ -44,32 +45,31 @@ from services.errors import (
     UnavailableError,
     UnimplementedError,
 )
-from services.memory import megabytes
-from services.registry.metadata_expiry import expired_roles, expiry_warnings, read_expiries
-from services.registry.model_inspection import inspect_model, signature_from_json
-from services.registry.pipeline import (
+from services.rpc.artifact_client import GrpcArtifactSource
+from tier2_region.config import RegionConfig
+from tier2_region.registry.metadata_expiry import expired_roles, expiry_warnings, read_expiries
+from tier2_region.registry.model_inspection import inspect_model, signature_from_json
+from tier2_region.registry.pipeline import (
     DEFAULT_VALIDATION_ROWS,
     PipelineOptions,
     ValidationChoice,
     prepare,
     publish_model,
 )
-from services.registry.profiler import ProfileSettings
-from services.registry.profiles import VariantProfile, dump_profiles, load_profiles
-from services.registry.quantization import default_output, quantize
-from services.registry.quantization_gate import DEFAULT_MAX_DROP_POINTS, GateOverride
-from services.registry.registry import ModelRegistry
-from services.registry.registry_database import VariantRecord
-from services.registry.signing_keys import generate_keys, load_keys, root_key_files
-from services.registry.tuf_repository import utc_now
-from services.registry.validation_sets import char_lm_tokenizer
-from services.rpc.artifact_client import GrpcArtifactSource
-from services.tier_config import TierConfig
+from tier2_region.registry.profiler import ProfileSettings
+from tier2_region.registry.profiles import VariantProfile, dump_profiles, load_profiles
+from tier2_region.registry.quantization import default_output, quantize
+from tier2_region.registry.quantization_gate import DEFAULT_MAX_DROP_POINTS, GateOverride
+from tier2_region.registry.registry import ModelRegistry
+from tier2_region.registry.registry_database import VariantRecord
+from tier2_region.registry.signing_keys import generate_keys, load_keys, root_key_files
+from tier2_region.registry.tuf_repository import utc_now
+from tier2_region.registry.validation_sets import char_lm_tokenizer
 
 DEFAULT_REGISTRY = Path(".edgecascade/region-1/registry")
 DEFAULT_KEYS = Path(".edgecascade/region-1/keys")
 # The demo's own corpus, in a checkout of edgecascade (absent from an installed package).
-DEMO_CORPUS_FILE = Path(__file__).resolve().parents[2] / "examples" / "charlm" / "corpus.py"
+DEMO_CORPUS_FILE = Path(__file__).resolve().parents[1] / "examples" / "charlm" / "corpus.py"
 
 Command = Callable[[argparse.Namespace, Console], int]
 
@@ -229,8 +229,8 @@ def _add_metadata_verbs(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     rotate.set_defaults(handler=_refusing(rotate_root))
 
 
-def _paths(args: argparse.Namespace) -> tuple[TierConfig, Path, Path]:
-    config = load_config(TierConfig, getattr(args, "config", None))
+def _paths(args: argparse.Namespace) -> tuple[RegionConfig, Path, Path]:
+    config = load_config(RegionConfig, getattr(args, "config", None))
     registry = args.registry or (Path(config.registry.path) if config.registry.path else DEFAULT_REGISTRY)
     keys = getattr(args, "keys", None) or (Path(config.registry.key_dir) if config.registry.key_dir else DEFAULT_KEYS)
     return config, registry, keys
@@ -600,7 +600,7 @@ def registry_expiry(address: str, timeout: float) -> RegistryExpiry:
     """Expiry warnings about the registry metadata a region serves (none when it serves none or cannot be asked).
 
     Reads the metadata from the region's artifact service, the files every
-    client fetches; see :mod:`services.registry.metadata_expiry`.
+    client fetches; see :mod:`tier2_region.registry.metadata_expiry`.
     """
     source = GrpcArtifactSource(address, timeout_s=timeout)
     try:
@@ -615,7 +615,7 @@ def registry_expiry(address: str, timeout: float) -> RegistryExpiry:
     return RegistryExpiry(expiry_warnings(expiries, now), expired_roles(expiries, now))
 
 
-def _open_existing(registry_dir: Path, config: TierConfig | None = None) -> ModelRegistry:
+def _open_existing(registry_dir: Path, config: RegionConfig | None = None) -> ModelRegistry:
     if not (registry_dir / "repository" / "metadata" / "timestamp.json").is_file():
         raise InvalidArgumentError(
             f"no registry in {registry_dir}; create one with `edgecascade model init` or start `edgecascade up`"

@@ -13,7 +13,7 @@ Invariants:
   measured.
 * A version becomes visible to new requests only after it loaded, passed a
   warm-up run and was accepted by the load hooks (opening, warming up and
-  measuring are :mod:`services.model_loader`'s). Loading a new version while
+  measuring are :mod:`services.engine.model_loader`'s). Loading a new version while
   an old one serves swaps the new one in once warm; requests already holding
   the old one finish on it, then it is released (hot swap).
 * A version that failed to load is not retried on every request; an explicit
@@ -31,16 +31,16 @@ from typing import Any
 
 import numpy as np
 
-from services.batcher import BatchingConfig, BatchObserver, DynamicBatcher
+from services.engine.batcher import BatchingConfig, BatchObserver, DynamicBatcher
+from services.engine.generation import CharTokenizer
+from services.engine.memory import megabytes, process_rss
+from services.engine.model_loader import LoadHooks, ModelLoader, SessionOpener
+from services.engine.model_repository import ModelEntry, ModelRepository
+from services.engine.model_stats import ModelStats
+from services.engine.onnx_session import OnnxSession
+from services.engine.run_pool import RunPool
 from services.errors import EdgecascadeError, MemoryBudgetError, ModelNotFoundError, ModelNotReadyError
-from services.generation import CharTokenizer
 from services.inference import ModelSignature
-from services.memory import megabytes, process_rss
-from services.model_loader import LoadHooks, ModelLoader, SessionOpener
-from services.model_repository import ModelEntry, ModelRepository
-from services.model_stats import ModelStats
-from services.onnx_session import OnnxSession
-from services.run_pool import RunPool
 from services.single_flight import SingleFlight
 
 
@@ -118,7 +118,7 @@ class IndexEntry:
 class ModelCache:
     """Loads models from a repository on demand and keeps them within a memory budget.
 
-    Opening, warming up and measuring a version is the :class:`~services.model_loader.ModelLoader`'s;
+    Opening, warming up and measuring a version is the :class:`~services.engine.model_loader.ModelLoader`'s;
     the cache decides when (single flight, one at a time), whether it fits (admission, eviction) and
     when a version serves and stops serving (hot swap, drain).
 
@@ -130,7 +130,7 @@ class ModelCache:
         intra_op_threads: onnxruntime threads per run.
         rss: Returns the process's resident memory (to measure real footprints).
         observers: Makes the timing observer of one model version (name, version), for metrics.
-        hooks: Called during each load; may refuse a model (see :class:`~services.model_loader.LoadHooks`).
+        hooks: Called during each load; may refuse a model (see :class:`~services.engine.model_loader.LoadHooks`).
         opener: Where the models' bytes come from (the repository's files by default).
     """
 

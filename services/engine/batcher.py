@@ -2,21 +2,21 @@
 
 Requests wait in one FIFO queue per priority level (level 1 is the most
 urgent). A dispatcher loop takes an execution slot from the process-wide
-:class:`~services.run_pool.RunPool` *first* and only then forms a batch, so
+:class:`~services.engine.run_pool.RunPool` *first* and only then forms a batch, so
 while every slot is busy requests pile up and the next free slot takes them
 together; with a free slot and nothing queued, a request runs at once from its
 caller (the fast path, no hand-over to the dispatcher).
 
 Who decides what:
 
-* :class:`~services.batch_policy.BatchPolicy` (pure, takes ``now``) decides
+* :class:`~services.engine.batch_policy.BatchPolicy` (pure, takes ``now``) decides
   which requests are hopeless, whether a new request is refused, and how long
   the dispatcher may wait for company; it holds the run-time and
   inter-arrival estimates.
-* :mod:`services.batch_merge` concatenates a batch's inputs and slices the
+* :mod:`services.engine.batch_merge` concatenates a batch's inputs and slices the
   outputs back per request.
 * Observers (:class:`BatchEvents`) are told what happened; counting into
-  :class:`~services.model_stats.ModelStats` (``batcher.stats``) is one of them,
+  :class:`~services.engine.model_stats.ModelStats` (``batcher.stats``) is one of them,
   metrics another. The batcher updates no counter itself.
 
 Rules, in the order the dispatcher applies them:
@@ -31,7 +31,7 @@ Rules, in the order the dispatcher applies them:
   priority order until ``max_batch_size`` rows. A request larger than
   ``max_batch_size`` on its own runs alone.
 * The dispatcher waits for more requests only while it can pay off (see
-  :meth:`~services.batch_policy.BatchPolicy.company_wait`).
+  :meth:`~services.engine.batch_policy.BatchPolicy.company_wait`).
 * A full queue (``max_queue_size`` requests) refuses new ones at once with
   :class:`~services.errors.QueueFullError`; so does a queue holding more work
   ahead of a new request than its deadline leaves time for (predicted from
@@ -51,8 +51,10 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from services.batch_merge import merge_inputs, rows_of, signature_of, split_outputs
-from services.batch_policy import BatchingConfig, BatchPolicy, Refusal
+from services.engine.batch_merge import merge_inputs, rows_of, signature_of, split_outputs
+from services.engine.batch_policy import BatchingConfig, BatchPolicy, Refusal
+from services.engine.model_stats import ModelStats, StatsObserver
+from services.engine.run_pool import RunPool
 from services.errors import (
     DeadlineExceededError,
     EdgecascadeError,
@@ -61,8 +63,6 @@ from services.errors import (
     ModelNotReadyError,
     QueueFullError,
 )
-from services.model_stats import ModelStats, StatsObserver
-from services.run_pool import RunPool
 
 __all__ = ["Arrays", "BatchEvents", "BatchObserver", "BatchingConfig", "DynamicBatcher"]
 

@@ -20,7 +20,7 @@ Root is rotated by writing ``<R+1>.root.json``, signed by a threshold of the
 old root keys and of the new ones: a client that trusts any earlier version
 walks the chain up from there. ``root.json`` is a copy of the newest version.
 
-Callers serialise writers (``services.registry.registry`` holds a file lock);
+Callers serialise writers (``tier2_region.registry.registry`` holds a file lock);
 readers need no lock because every file they can reach is complete.
 """
 
@@ -43,7 +43,7 @@ from tuf.api.serialization.json import JSONSerializer
 
 from services.atomic_files import write_atomically
 from services.errors import ConfigError, DuplicateVariantError, InternalError, PreconditionError
-from services.registry.signing_keys import SigningKeys
+from tier2_region.registry.signing_keys import SigningKeys
 
 METADATA_DIR = "metadata"
 TARGETS_DIR = "targets"

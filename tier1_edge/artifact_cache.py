@@ -63,10 +63,10 @@ from typing import ParamSpec, TypeVar
 
 from tuf.api.metadata import TargetFile
 
-from services.artifact_store import METADATA_PREFIX, TARGETS_PREFIX, check_artifact_path
 from services.atomic_files import fsync_directory, write_atomically
 from services.errors import ArtifactNotFoundError, EdgecascadeError, UnavailableError
-from services.tuf_client import HASH_ALGORITHM, ArtifactSource, TufClient, is_sha256
+from services.updates.artifact_store import METADATA_PREFIX, TARGETS_PREFIX, check_artifact_path
+from services.updates.tuf_client import HASH_ALGORITHM, ArtifactSource, TufClient, is_sha256
 
 log = logging.getLogger("edgecascade.artifact_cache")
 

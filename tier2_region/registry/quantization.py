@@ -20,7 +20,7 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from services.atomic_files import write_atomically
 from services.errors import InvalidArgumentError
-from services.registry.model_inspection import PROPERTY_PREFIX, inspect_model
+from tier2_region.registry.model_inspection import PROPERTY_PREFIX, inspect_model
 
 WEIGHT_TYPES = {"qint8": QuantType.QInt8, "quint8": QuantType.QUInt8}
 

@@ -2,6 +2,6 @@
 
 Domain cores only (stdlib, numpy, onnx, onnxruntime, cryptography, tuf): no
 ``grpc`` and no ``protos``. The region serves the repository directory through
-``services.rpc.artifact_servicer``; ``services.cli.model_commands`` drives the
+``services.rpc.artifact_servicer``; ``edgecascade.model_commands`` drives the
 publish pipeline (quantize → profile → gate → encrypt → sign → publish).
 """

@@ -21,9 +21,9 @@ from typing import Any
 
 import onnx
 
+from services.engine.onnx_session import OnnxSession
 from services.errors import EdgecascadeError, InvalidModelError, SignatureMismatchError
 from services.inference import ModelSignature, TensorSpec
-from services.onnx_session import OnnxSession
 from services.tensors import DATATYPES
 
 PROPERTY_PREFIX = "edgecascade."

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.errors import QuantizationGateError
-from services.registry.profiles import VariantProfile
+from tier2_region.registry.profiles import VariantProfile
 
 DEFAULT_MAX_DROP_POINTS = 1.0
 

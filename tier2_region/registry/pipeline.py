@@ -15,19 +15,19 @@ from pathlib import Path
 
 from services.errors import InvalidArgumentError
 from services.inference import ModelSignature
-from services.registry.model_inspection import ModelFacts, check_signature, inspect_model
-from services.registry.profiler import ProfileSettings, profile_variants
-from services.registry.profiles import VariantProfile
-from services.registry.quantization_gate import DEFAULT_MAX_DROP_POINTS, GateOverride
-from services.registry.registry import (
+from tier2_region.registry.model_inspection import ModelFacts, check_signature, inspect_model
+from tier2_region.registry.profiler import ProfileSettings, profile_variants
+from tier2_region.registry.profiles import VariantProfile
+from tier2_region.registry.quantization_gate import DEFAULT_MAX_DROP_POINTS, GateOverride
+from tier2_region.registry.registry import (
     ModelRegistry,
     PublishedVariant,
     PublishRequest,
     VariantSubmission,
     check_variant_name,
 )
-from services.registry.signing_keys import SigningKeys
-from services.registry.validation_sets import (
+from tier2_region.registry.signing_keys import SigningKeys
+from tier2_region.registry.validation_sets import (
     ValidationSet,
     char_lm_tokenizer,
     char_lm_validation,

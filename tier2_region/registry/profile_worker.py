@@ -1,4 +1,4 @@
-"""Measures one variant in a fresh process: ``python -m services.registry.profile_worker REQUEST.json``.
+"""Measures one variant in a fresh process: ``python -m tier2_region.registry.profile_worker REQUEST.json``.
 
 Order matters, because the kernel's high-water mark (VmHWM) only grows:
 
@@ -86,7 +86,7 @@ def measure(request: dict[str, Any]) -> None:
             }
         )
 
-    from services.registry.profiles import top1  # after the measurements: its imports must not count
+    from tier2_region.registry.profiles import top1  # after the measurements: its imports must not count
 
     chunk = max(batch_sizes)
     total = next(iter(inputs.values())).shape[0]
@@ -118,7 +118,7 @@ def measure(request: dict[str, Any]) -> None:
 def main(argv: list[str]) -> int:
     """Entry point; returns the exit code (1 with a message on stderr when the model cannot be measured)."""
     if len(argv) != 1:
-        print("usage: python -m services.registry.profile_worker REQUEST.json", file=sys.stderr)
+        print("usage: python -m tier2_region.registry.profile_worker REQUEST.json", file=sys.stderr)
         return 2
     request = json.loads(Path(argv[0]).read_text())
     try:

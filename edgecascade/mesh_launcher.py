@@ -49,9 +49,9 @@ import tomli_w
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.markup import escape
 
+from edgecascade.demo_models import place_demo_models
+from edgecascade.demo_registry import publish_demo_models, trusted_root
 from services.atomic_files import write_atomically
-from services.cli.demo_models import place_demo_models
-from services.cli.demo_registry import publish_demo_models, trusted_root
 from services.config import ENV_PREFIX
 from services.errors import ConfigError, UnavailableError
 
@@ -275,7 +275,7 @@ class Mesh:
         Raises:
             ConfigError: The registry's keys exist but cannot be used.
         """
-        from services.cli.model_commands import heldout_docs  # imported on use: it pulls in the demo corpus
+        from edgecascade.model_commands import heldout_docs  # imported on use: it pulls in the demo corpus
 
         publish_demo_models(self.registry_dir, self.key_dir, self.models_dir, self.say, lambda f: heldout_docs(f, None))
         self.edge.directory.mkdir(parents=True, exist_ok=True)

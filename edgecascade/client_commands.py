@@ -14,14 +14,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from edgecascade.model_commands import registry_expiry
 from protos.edgecascade.v1 import mesh_pb2, mesh_pb2_grpc
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
-from services.cli.model_commands import registry_expiry
+from services.engine.generation import TEXT_INPUT, TEXT_OUTPUT
+from services.engine.memory import megabytes
 from services.errors import ConfigError
-from services.generation import TEXT_INPUT, TEXT_OUTPUT
 from services.inference import FALLBACK_REASON, FINAL_RESPONSE, ROUTE, SERVED_BY, TOKEN_PROBABILITY
-from services.memory import megabytes
 from services.rpc.converters import params_from_proto, set_param
 from services.tensors import encode_raw
 

@@ -26,12 +26,12 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from edgecascade import client_commands, model_commands
+from edgecascade.demo_models import DEFAULT_MODELS_DIR, DEVICE_MODEL, place_demo_models
+from edgecascade.mesh_launcher import Mesh, run_until_signal
 from services import __version__
-from services.cli import client_commands, model_commands
-from services.cli.demo_models import DEFAULT_MODELS_DIR, DEVICE_MODEL, place_demo_models
-from services.cli.mesh_launcher import Mesh, run_until_signal
+from services.engine.model_repository import ModelRepository
 from services.errors import EdgecascadeError
-from services.model_repository import ModelRepository
 
 DEFAULT_STATE_DIR = Path(".edgecascade")
 

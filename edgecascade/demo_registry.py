@@ -15,11 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from services.errors import EdgecascadeError
-from services.registry.pipeline import PipelineOptions, ValidationChoice, prepare, publish_model
-from services.registry.profiler import ProfileSettings
-from services.registry.registry import ModelRegistry
-from services.registry.signing_keys import generate_keys, load_keys
-from services.registry.tuf_repository import ExpiryPolicy
+from tier2_region.registry.pipeline import PipelineOptions, ValidationChoice, prepare, publish_model
+from tier2_region.registry.profiler import ProfileSettings
+from tier2_region.registry.registry import ModelRegistry
+from tier2_region.registry.signing_keys import generate_keys, load_keys
+from tier2_region.registry.tuf_repository import ExpiryPolicy
 
 DEMO_VERSION = "1"
 DEMO_VARIANTS: dict[str, dict[str, str]] = {

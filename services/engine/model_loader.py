@@ -5,7 +5,7 @@ nothing it made is kept):
 
 1. Refuse metadata whose ``max_batch_size`` is below 1 (activations are
    budgeted at that many rows, and the batcher needs at least one).
-2. Estimate the footprint from the stored size (:func:`~services.memory.estimate_footprint`).
+2. Estimate the footprint from the stored size (:func:`~services.engine.memory.estimate_footprint`).
 3. Inside the caller's *admission* for that estimate (the cache reserves the
    memory, evicting if it must, and loads one model at a time), take a run slot
    and, in the run pool: open the session (from the :class:`SessionOpener`),
@@ -18,7 +18,7 @@ nothing it made is kept):
    :meth:`LoadHooks.measured` is called.
 5. The tier's batching settings with the model's ``edgecascade.batching.*``
    metadata overrides, ``max_batch_size`` capped at the model's own, make its
-   :class:`~services.batcher.DynamicBatcher`, started.
+   :class:`~services.engine.batcher.DynamicBatcher`, started.
 
 A hook refuses a model by raising :class:`~services.errors.ModelNotReadyError`;
 any other :class:`~services.errors.EdgecascadeError` from a hook is turned into
@@ -34,14 +34,14 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from services.batcher import BatchingConfig, BatchObserver, DynamicBatcher
+from services.engine.batcher import BatchingConfig, BatchObserver, DynamicBatcher
+from services.engine.generation import CHAR_LM_TASK, CharTokenizer
+from services.engine.memory import activation_bytes, estimate_footprint, process_rss
+from services.engine.model_repository import ModelEntry
+from services.engine.model_stats import ModelStats
+from services.engine.onnx_session import OnnxSession
+from services.engine.run_pool import RunPool
 from services.errors import ConfigError, EdgecascadeError, ModelNotReadyError
-from services.generation import CHAR_LM_TASK, CharTokenizer
-from services.memory import activation_bytes, estimate_footprint, process_rss
-from services.model_repository import ModelEntry
-from services.model_stats import ModelStats
-from services.onnx_session import OnnxSession
-from services.run_pool import RunPool
 from services.tensors import DATATYPES
 
 BATCHING_PROPERTY_PREFIX = "edgecascade.batching."

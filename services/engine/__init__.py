@@ -1,0 +1,1 @@
+"""The engine every tier runs: ONNX sessions, the model repository and cache, batching, generation."""

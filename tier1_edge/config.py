@@ -1,0 +1,48 @@
+"""The edge's configuration: the shared sections plus ``[artifacts]``.
+
+``[artifacts]``
+    ``cache_dir`` of the pull-through artifact cache (empty: no artifact
+    service), ``trusted_root``: the root metadata file the cache trusts (required
+    with ``cache_dir``), ``refresh_interval_s`` (how often a request for the
+    timestamp starts a background refresh from upstream; a verified timestamp
+    is served until its signed expiry) and ``chunk_bytes``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from services.errors import ConfigError
+from services.tier_config import TierConfig, check_chunk_bytes
+
+
+@dataclass(frozen=True)
+class ArtifactsSection:
+    """The edge's pull-through artifact cache."""
+
+    cache_dir: str = ""
+    trusted_root: str = ""
+    refresh_interval_s: float = 10.0
+    chunk_bytes: int = 256 * 1024
+
+    def __post_init__(self) -> None:
+        if self.cache_dir and not self.trusted_root:
+            raise ConfigError(
+                "[artifacts] trusted_root must name the registry's root metadata file (e.g. root.json) "
+                "when cache_dir is set; the cache verifies everything against it"
+            )
+        if self.refresh_interval_s < 0:
+            raise ConfigError(f"[artifacts] refresh_interval_s must not be negative, got {self.refresh_interval_s}")
+        check_chunk_bytes("artifacts", self.chunk_bytes)
+
+
+@dataclass(frozen=True)
+class EdgeConfig(TierConfig):
+    """The whole configuration of an edge process."""
+
+    artifacts: ArtifactsSection = field(default_factory=ArtifactsSection)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.artifacts.cache_dir:
+            self.check_chunk_fits("artifacts", self.artifacts.chunk_bytes)

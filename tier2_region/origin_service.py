@@ -1,0 +1,107 @@
+"""The region's artifact origin: its registry's TUF repository over the artifact service, kept fresh.
+
+Serves the repository directory of ``[registry] path`` and, with ``[registry]
+key_dir``, re-signs what is close to expiry (snapshot and timestamp; targets too
+with ``resign_targets``) every ``resign_check_s`` through a
+:class:`~services.ticker.Ticker`. Without ``[registry] path`` it serves nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from protos.edgecascade.v1 import artifacts_pb2, artifacts_pb2_grpc
+from services.errors import EdgecascadeError
+from services.rpc.artifact_servicer import ArtifactServicer
+from services.rpc.components import NodeContext
+from services.rpc.server import ServiceBinding
+from services.ticker import Ticker
+from services.updates.artifact_store import ArtifactDirectory
+from tier2_region.config import RegionConfig
+from tier2_region.registry.registry import ModelRegistry
+from tier2_region.registry.signing_keys import load_keys
+
+log = logging.getLogger("edgecascade.artifacts")
+
+ARTIFACT_SERVICE = artifacts_pb2.DESCRIPTOR.services_by_name["ArtifactService"].full_name
+
+
+class ArtifactOrigin:
+    """The registry as the region serves and maintains it.
+
+    Args:
+        context: The node's context; its configuration is a :class:`RegionConfig`.
+
+    Raises:
+        ConfigError: A key cannot be read.
+    """
+
+    def __init__(self, context: NodeContext) -> None:
+        config = context.config
+        assert isinstance(config, RegionConfig), "the artifact origin runs on the region"
+        settings = config.registry
+        self.registry: ModelRegistry | None = None
+        self._servicer: ArtifactServicer | None = None
+        self._resigner: Ticker | None = None
+        if not settings.path:
+            return
+        self.registry = ModelRegistry(Path(settings.path), settings.expiry)
+        self._servicer = ArtifactServicer(ArtifactDirectory(self.registry.repository_dir), settings.chunk_bytes)
+        if settings.key_dir:
+            # By default the serving process holds the online key only; root and targets keys stay
+            # out of its reach. With resign_targets the operator trades that for targets that
+            # renew themselves (else `edgecascade model resign-targets` renews them).
+            keys = load_keys(Path(settings.key_dir), publisher=settings.resign_targets)
+            registry = self.registry
+
+            async def resign() -> None:
+                if not registry.exists():
+                    return
+                try:
+                    roles = await asyncio.to_thread(registry.refresh_online, keys)
+                except EdgecascadeError as exc:
+                    log.error("re-signing the registry's online metadata failed: %s", exc.message)
+                    return
+                if roles:
+                    log.info("re-signed %s before expiry", " and ".join(roles))
+
+            # Any other failure (a full disk's OSError too) costs one round: the ticker logs it and goes on.
+            self._resigner = Ticker("registry re-signer", settings.resign_check_s, resign)
+
+    @property
+    def bindings(self) -> Sequence[ServiceBinding]:
+        """The artifact service, when a registry is configured."""
+        servicer = self._servicer
+        if servicer is None:
+            return []
+        return [
+            ServiceBinding(
+                ARTIFACT_SERVICE, lambda s: artifacts_pb2_grpc.add_ArtifactServiceServicer_to_server(servicer, s)
+            )
+        ]
+
+    async def start(self) -> None:
+        """Starts re-signing; warns when nothing will re-sign or nothing is published yet."""
+        if self.registry is None:
+            return
+        if not self.registry.exists():
+            log.warning(
+                "no TUF repository in %s yet; every artifact is NOT_FOUND until one is created",
+                self.registry.directory,
+            )
+        if self._resigner is None:
+            log.warning("[registry] key_dir is empty: snapshot and timestamp will not be re-signed before they expire")
+            return
+        self._resigner.start()
+
+    async def stop(self) -> None:
+        """Stops re-signing and closes the repository's files."""
+        if self._resigner is not None:
+            await self._resigner.stop()
+        if self._servicer is not None:
+            self._servicer.close()
+        if self.registry is not None:
+            self.registry.close()
