@@ -58,6 +58,13 @@ class SingleFlight(Generic[K, V]):
         """The keys with work in flight."""
         return list(self._tasks)
 
+    async def cancel_all(self) -> None:
+        """Cancels all work in flight and waits for it to end (at shutdown)."""
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     def _done(self, key: K, task: asyncio.Task[V]) -> None:
         if self._tasks.get(key) is task:
             del self._tasks[key]

@@ -65,6 +65,7 @@ from tuf.api.metadata import TargetFile
 
 from services.atomic_files import fsync_directory, write_atomically
 from services.errors import ArtifactNotFoundError, EdgecascadeError, UnavailableError
+from services.single_flight import SingleFlight
 from services.updates.artifact_store import METADATA_PREFIX, TARGETS_PREFIX, check_artifact_path
 from services.updates.tuf_client import HASH_ALGORITHM, ArtifactSource, TufClient, is_sha256
 
@@ -102,7 +103,7 @@ class ArtifactCacheConfig:
 
 
 @dataclass
-class CacheStats:
+class ArtifactCacheStats:
     """What the cache did since start."""
 
     hits: int = 0
@@ -153,10 +154,10 @@ class ArtifactCache:
         self._refreshed = False
         self._refresh_task: asyncio.Task[None] | None = None
         self._timestamp_expires = _expiry_of(self._served / TIMESTAMP)
-        self._inflight: dict[str, asyncio.Task[Path]] = {}
+        self._downloads: SingleFlight[str, Path] = SingleFlight()
         self._blob_executor = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="artifact-cache-blob")
         self._metadata_executor = ThreadPoolExecutor(METADATA_THREADS, thread_name_prefix="artifact-cache-metadata")
-        self.stats = CacheStats()
+        self.stats = ArtifactCacheStats()
 
     async def _blob_work(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         loop = asyncio.get_running_loop()
@@ -231,13 +232,8 @@ class ArtifactCache:
         if cached.is_file():  # downloaded while this request looked its path up
             self.stats.hits += 1
             return cached
-        task = self._inflight.get(digest)
-        if task is None:
-            # The download belongs to no single request: one that gives up must not cancel it for the others.
-            task = asyncio.create_task(self._download(info, digest), name=f"fetch {digest[:12]}")
-            self._inflight[digest] = task
-            task.add_done_callback(functools.partial(self._finished, digest))
-        return await asyncio.shield(task)
+        # One download per digest; it belongs to no single request, so one that gives up cancels nothing.
+        return await self._downloads.run(digest, lambda: self._download(info, digest), name=f"fetch {digest[:12]}")
 
     async def _signed_info(self, target_path: str, digest: str) -> TargetFile:
         if not self._refreshed:
@@ -262,19 +258,13 @@ class ArtifactCache:
             )
         return info
 
-    def _finished(self, digest: str, task: asyncio.Task[Path]) -> None:
-        self._inflight.pop(digest, None)
-        if not task.cancelled():
-            task.exception()  # retrieved here too, so a failure nobody awaited is not reported as lost
-
     async def close(self) -> None:
         """Cancels downloads and the refresh in flight and waits for them to end."""
-        tasks: list[asyncio.Task[Path] | asyncio.Task[None]] = list(self._inflight.values())
-        if self._refresh_task is not None:
-            tasks.append(self._refresh_task)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._downloads.cancel_all()
+        refresh = self._refresh_task
+        if refresh is not None:
+            refresh.cancel()
+            await asyncio.gather(refresh, return_exceptions=True)
         # A transfer already inside a worker thread ends with its call's deadline; nobody waits for it.
         self._blob_executor.shutdown(wait=False, cancel_futures=True)
         self._metadata_executor.shutdown(wait=False, cancel_futures=True)

@@ -96,3 +96,15 @@ async def test_the_key_is_freed_after_success_and_results_are_not_cached() -> No
     assert await flight.run("k", work, name="load k") == "result 1"
     assert not flight.in_flight("k")
     assert await flight.run("k", work) == "result 2"
+
+
+async def test_cancel_all_ends_the_work_and_its_callers() -> None:
+    flight: SingleFlight[str, str] = SingleFlight()
+    work = Work()  # never released: only cancellation ends it
+    caller = asyncio.create_task(flight.run("k", work))
+    await asyncio.sleep(0)
+    assert flight.in_flight("k")
+    await flight.cancel_all()
+    assert flight.keys() == []
+    with pytest.raises(asyncio.CancelledError):
+        await caller
