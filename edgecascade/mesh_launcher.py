@@ -61,8 +61,6 @@ LOG_TAIL_BYTES = 64 * 1024
 SUPERVISE_INTERVAL_S = 0.2
 HEALTH_CHECK_TIMEOUT_S = 2.0
 
-ROLE_MODULES = {"region": "tier2_region", "edge": "tier1_edge", "device": "tier0_device"}
-
 # The states of a node in nodes.json.
 STARTING = "starting"  # first start, not yet serving
 UP = "up"  # serving
@@ -167,8 +165,11 @@ class Child:
     """One tier process and what the launcher knows about it."""
 
     name: str
-    role: str
+    role: str  # device, edge or region: which demo models it gets, and its name in messages
     directory: Path
+    module: str  # the tier's module, run as ``python -m``
+    # The tier's own sections of its config.toml (keys in LAUNCHER_OWNED_SETTINGS).
+    tier_settings: dict[str, dict[str, str | int]] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
     address: str = ""
     log: IO[bytes] | None = field(default=None, repr=False)
@@ -221,9 +222,19 @@ class Mesh:
         self.models_dir = models_dir
         self.say = say
         self.clock = clock
-        self.region = Child("region-1", "region", self.state_dir / "region-1")
-        self.edge = Child("edge-1", "edge", self.state_dir / "edge-1")
-        self.devices = [Child(f"device-{i}", "device", self.state_dir / f"device-{i}") for i in range(1, devices + 1)]
+        self.region = Child("region-1", "region", self.state_dir / "region-1", "tier2_region")
+        self.edge = Child("edge-1", "edge", self.state_dir / "edge-1", "tier1_edge")
+        self.devices = [
+            Child(f"device-{i}", "device", self.state_dir / f"device-{i}", "tier0_device")
+            for i in range(1, devices + 1)
+        ]
+        self.region.tier_settings = {"registry": {"path": str(self.registry_dir), "key_dir": str(self.key_dir)}}
+        self.edge.tier_settings = {
+            "artifacts": {
+                "cache_dir": str(self.edge.directory / "artifacts"),
+                "trusted_root": str(self.trusted_root_file),
+            }
+        }
         for child in self.children:
             child.policy = restart_policy()
         self._environment, self._ignored_variables = child_environment(os.environ)
@@ -243,8 +254,9 @@ class Mesh:
         """``<state-dir>/nodes.json``: every node's state, as the launcher sees it."""
         return self.state_dir / "nodes.json"
 
-    def place_models(self) -> None:
-        """Puts the demo models into each node's repository the first time.
+    def provision_demo(self) -> None:
+        """On first start: puts the demo models into each node's repository, then creates the region's
+        registry (with its dev keys) and publishes the demo models into it (see :meth:`publish_registry`).
 
         Raises:
             ConfigError: A demo model file is missing.
@@ -318,14 +330,7 @@ class Mesh:
             "repository": {"path": str(child.repository)},
             "upstream": {"address": upstream},
         }
-        if child.role == "region":
-            settings["registry"] = {"path": str(self.registry_dir), "key_dir": str(self.key_dir)}
-        if child.role == "edge":
-            settings["artifacts"] = {
-                "cache_dir": str(child.directory / "artifacts"),
-                "trusted_root": str(self.trusted_root_file),
-            }
-        return settings
+        return {**settings, **child.tier_settings}
 
     def node_config(self, child: Child, upstream: str, port: int) -> str:
         """The text of a node's ``config.toml``."""
@@ -364,7 +369,7 @@ class Mesh:
                 "-c",
                 _CHILD_BOOTSTRAP,
                 str(os.getpid()),
-                ROLE_MODULES[child.role],
+                child.module,
                 "--config",
                 str(config),
             ],
