@@ -71,7 +71,7 @@ def test_a_grant_opens_for_its_node_and_target_only() -> None:
         ),
     }
     for what, attempt in attempts.items():
-        with pytest.raises(IntegrityError, match="does not open|malformed"):
+        with pytest.raises(IntegrityError, match=r"does not open|malformed"):
             attempt()
         assert what  # named for the failure message
 
