@@ -78,6 +78,9 @@ class InferCall:
         wire: The transport's own message, forwarded untouched by the :class:`Upstream` adapter.
         grpc_remaining: Seconds left of the caller's deadline when the call arrived (None = none).
         route: The nodes that forwarded the call so far, nearest the client first.
+        routed: Told where the call goes as soon as that is decided (before any answer):
+            model name, the version that answers here (or the one asked for), and the
+            fallback reason when it goes upward ("" when answered here) — for traces.
     """
 
     model_name: str
@@ -87,6 +90,7 @@ class InferCall:
     wire: Any = None
     grpc_remaining: float | None = None
     route: tuple[str, ...] = ()
+    routed: Callable[[str, str, str], None] = lambda name, version, reason: None
 
 
 @dataclass(frozen=True)
@@ -217,8 +221,15 @@ class Dataplane:
         served = await self._local_model(call.model_name, call.model_version)
         if isinstance(served, FallbackReason):
             return await self._relay(call, served, self.deadline(budget), route)
+        call.routed(served.name, served.version, "")
         deadline = self.deadline(budget, served)
-        return await self._answer(call, served, call.decode(), deadline, route)
+        try:
+            return await self._infer_local(served, call.decode(), deadline)
+        except QueueFullError:
+            # The second chance: a full queue here sends the call upward.
+            if self.upstream.available():
+                return await self._relay(call, FallbackReason.QUEUE_FULL, deadline, route)
+            raise
 
     async def stream(self, call: InferCall) -> AsyncIterator[InferResult | Relayed]:
         """Answers one call of a stream: a generation token by token, or one inference, here or upward.
@@ -233,17 +244,26 @@ class Dataplane:
         budget = self.budget(call.parameters, call.grpc_remaining)
         served = await self._local_model(call.model_name, call.model_version)
         if isinstance(served, FallbackReason):
-            remaining = self._remaining(self.deadline(budget))
-            async for message in self.upstream.stream(call, served, remaining, route):
+            async for message in self._relay_stream(call, served, self.deadline(budget), route):
                 yield message
             return
+        call.routed(served.name, served.version, "")
         deadline = self.deadline(budget, served)
         request = call.decode()
         if served.tokenizer is not None and TEXT_INPUT in request.inputs:
             async for token in self._generate(served, request, deadline):
                 yield token
             return
-        yield await self._answer(call, served, request, deadline, route)
+        try:
+            result = await self._infer_local(served, request, deadline)
+        except QueueFullError:
+            # The second chance, on the stream: the upstream's answer comes as stream messages.
+            if not self.upstream.available():
+                raise
+            async for message in self._relay_stream(call, FallbackReason.QUEUE_FULL, deadline, route):
+                yield message
+            return
+        yield result
 
     async def describe(
         self, query: ModelQuery, name: str, version: str, wire: Any, grpc_remaining: float | None, route: Sequence[str]
@@ -303,19 +323,18 @@ class Dataplane:
                 return FallbackReason.MODEL_UNAVAILABLE
             raise
 
-    async def _answer(
-        self, call: InferCall, model: LoadedModel, request: InferRequest, deadline: float, route: Sequence[str]
-    ) -> InferResult | Relayed:
-        """Runs one request on a local model; a full queue sends it upward (the second chance)."""
-        try:
-            return await self._infer_local(model, request, deadline)
-        except QueueFullError:
-            if self.upstream.available():
-                return await self._relay(call, FallbackReason.QUEUE_FULL, deadline, route)
-            raise
-
-    async def _relay(self, call: InferCall, reason: FallbackReason, deadline: float, route: Sequence[str]) -> Relayed:
+    async def _relay(
+        self, call: InferCall, reason: FallbackReason, deadline: float, route: Sequence[str]
+    ) -> Relayed:
+        call.routed(call.model_name, call.model_version, reason)
         return await self.upstream.infer(call, reason, self._remaining(deadline), route)
+
+    async def _relay_stream(
+        self, call: InferCall, reason: FallbackReason, deadline: float, route: Sequence[str]
+    ) -> AsyncIterator[Relayed]:
+        call.routed(call.model_name, call.model_version, reason)
+        async for message in self.upstream.stream(call, reason, self._remaining(deadline), route):
+            yield message
 
     @staticmethod
     def _remaining(deadline: float) -> float:

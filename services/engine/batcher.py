@@ -269,9 +269,16 @@ class DynamicBatcher:
         self._arrived.set()
         return await request.future
 
-    def _refuse(self, refusal: Refusal, rows_ahead: int) -> None:
+    def _observe(self, event: Callable[[BatchEvents], None]) -> None:
+        """Tells every observer of an event; one that raises costs its own count, never a caller's answer."""
         for observer in self._observers:
-            observer.shed(refusal.value)
+            try:
+                event(observer)
+            except Exception:
+                log.exception("an observer of model %s failed", self.name)
+
+    def _refuse(self, refusal: Refusal, rows_ahead: int) -> None:
+        self._observe(lambda observer: observer.shed(refusal.value))
         if refusal is Refusal.QUEUE_FULL:
             raise QueueFullError(f"the queue of model {self.name} is full ({self.config.max_queue_size} requests)")
         wait = self._policy.predicted_wait(rows_ahead)
@@ -355,17 +362,19 @@ class DynamicBatcher:
     def _dead(self, request: _Request, now: float) -> bool:
         """Whether ``request`` is not to be run (its caller left, or the policy finds it hopeless); answers it if so."""
         if request.future.done():  # cancelled by its caller
-            for observer in self._observers:
-                observer.shed(_CANCELLED)
+            self._observe(lambda observer: observer.shed(_CANCELLED))
             return True
         if self._policy.hopeless(request, now):
-            waited = now - request.enqueued
-            for observer in self._observers:
-                observer.shed(_EXPIRED)
-                observer.failed(waited)
             request.future.set_exception(
                 DeadlineExceededError(f"deadline of a request to model {self.name} passed while it was queued")
             )
+            waited = now - request.enqueued
+
+            def expired(observer: BatchEvents) -> None:
+                observer.shed(_EXPIRED)
+                observer.failed(waited)
+
+            self._observe(expired)
             return True
         return False
 
@@ -453,18 +462,28 @@ class DynamicBatcher:
         observers = self._observers
         rows = sum(r.rows for r in batch)
         self._policy.run_times.observe(rows, finished - started)
-        for observer in observers:
-            observer.ran(rows, finished - started)
+        # Answers first: an observer that raises must not leave a caller waiting.
         for request, answer in zip(batch, split_outputs(outputs, batch), strict=True):
-            for observer in observers:
-                observer.queued(started - request.enqueued)
-                observer.answered(finished - request.enqueued)
             if not request.future.done():
                 request.future.set_result(answer)
+        try:
+            for observer in observers:
+                observer.ran(rows, finished - started)
+            for request in batch:
+                for observer in observers:
+                    observer.queued(started - request.enqueued)
+                    observer.answered(finished - request.enqueued)
+        except Exception:
+            log.exception("an observer of model %s failed", self.name)
 
     def _fail(self, batch: list[_Request], exc: EdgecascadeError, started: float) -> None:
         for request in batch:
-            for observer in self._observers:
-                observer.failed(started - request.enqueued)
             if not request.future.done():
                 request.future.set_exception(exc)
+        waits = [started - request.enqueued for request in batch]
+
+        def failed(observer: BatchEvents) -> None:
+            for waited in waits:
+                observer.failed(waited)
+
+        self._observe(failed)

@@ -46,9 +46,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._dp = dataplane
         self._is_ready = is_ready
 
-    def _call(self, request: pb.ModelInferRequest, context: Context) -> InferCall:
-        parameters = converters.params_from_proto(request.parameters)
+    def _call(self, request: pb.ModelInferRequest, context: Context, route: tuple[str, ...]) -> InferCall:
         annotate_span(self._dp.identity, request.model_name, request.model_version)
+        parameters = converters.params_from_proto(request.parameters)
         return InferCall(
             model_name=request.model_name,
             model_version=request.model_version,
@@ -56,12 +56,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             decode=lambda: converters.request_from_proto(request, parameters),
             wire=request,
             grpc_remaining=context.time_remaining(),
-            route=route_from_metadata(context.invocation_metadata()),
+            route=route,
+            routed=self._routed,
         )
 
-    def _relayed(self, call: InferCall, answer: Relayed) -> Any:
-        annotate_span(self._dp.identity, call.model_name, call.model_version, answer.reason)
-        return answer.message
+    def _routed(self, name: str, version: str, reason: str) -> None:
+        annotate_span(self._dp.identity, name, version, reason)
+
+    def _route(self, context: Context) -> tuple[str, ...]:
+        """The route a call arrived with; a loop is refused before anything else is read."""
+        route = route_from_metadata(context.invocation_metadata())
+        self._dp.check_route(route)
+        return route
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
@@ -102,24 +108,23 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelConfigResponse(config=converters.config_to_proto(served))
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
-        call = self._call(request, context)
-        answer = await self._dp.infer(call)
+        answer = await self._dp.infer(self._call(request, context, self._route(context)))
         if isinstance(answer, Relayed):
-            return self._relayed(call, answer)  # type: ignore[no-any-return]
-        annotate_span(self._dp.identity, answer.model_name, answer.model_version)
+            return answer.message  # type: ignore[no-any-return]
         return converters.response_to_proto(answer)
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        # A forwarding loop fails the whole call (its metadata is the stream's).
         # A bad request ends only its own answer, as an error message on the
         # stream (Triton's behaviour); the stream stays open for the next one.
+        route = self._route(context)
         async for request in request_iterator:
             try:
-                call = self._call(request, context)
-                async for answer in self._dp.stream(call):
+                async for answer in self._dp.stream(self._call(request, context, route)):
                     if isinstance(answer, Relayed):
-                        yield self._relayed(call, answer)
+                        yield answer.message
                     else:
                         yield pb.ModelStreamInferResponse(infer_response=converters.response_to_proto(answer))
             except EdgecascadeError as exc:

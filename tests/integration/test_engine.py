@@ -53,6 +53,42 @@ async def test_a_full_queue_on_the_device_forwards_upward(tmp_path: Path) -> Non
         await edge.stop()
 
 
+async def test_a_full_queue_on_a_stream_forwards_upward_as_stream_messages(tmp_path: Path) -> None:
+    for tier in ("device", "edge"):
+        ModelRepository(tmp_path / tier).add("mlp", mlp_model(tmp_path / f"{tier}.onnx", width=1024, layers=6))
+    edge = await start_node(EDGE, tmp_path / "edge", "edge-1")
+    device = await start_node(
+        DEVICE, tmp_path / "device", "device-1", upstream=edge.address,
+        batching={"max_queue_size": 1, "max_batch_size": 1}, runtime={"max_concurrent_runs": 1},
+    )  # fmt: skip
+    request = infer_request("mlp", {"x": np.ones((64, 64), np.float32)})
+
+    async def one_stream(stub: pb_grpc.GRPCInferenceServiceStub) -> list[pb.ModelStreamInferResponse]:
+        async def requests() -> AsyncIterator[pb.ModelInferRequest]:
+            yield request
+
+        return [r async for r in stub.ModelStreamInfer(requests())]
+
+    try:
+        async with grpc.aio.insecure_channel(device.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            streams = await asyncio.gather(*(one_stream(stub) for _ in range(24)))
+        replies = [reply for stream in streams for reply in stream]
+        assert all(not r.error_message and r.HasField("infer_response") for r in replies), replies[:2]
+        served = [params(r.infer_response)["edgecascade.served_by"] for r in replies]
+        assert "tier0:device-1" in served and "tier1:edge-1" in served
+        forwarded = [
+            r.infer_response
+            for r in replies
+            if params(r.infer_response).get("edgecascade.served_by") != "tier0:device-1"
+        ]
+        assert {params(r)["edgecascade.fallback_reason"] for r in forwarded} == {"queue_full"}
+        assert all(output(r.infer_response, "y").shape == (64, 1024) for r in replies)
+    finally:
+        await device.stop()
+        await edge.stop()
+
+
 async def test_memory_refusal_forwards_with_reason_memory_or_is_resource_exhausted(
     chain: Chain, tmp_path: Path
 ) -> None:
@@ -135,11 +171,10 @@ async def test_engine_metrics_are_recorded(tmp_path: Path) -> None:
 
     from services.config import load_config
     from services.rpc.node import Node
-    from services.tier_config import TierConfig
 
     ModelRepository(tmp_path / "repo").add("lin", linear_model(tmp_path / "l.onnx"))
     reader = InMemoryMetricReader()
-    config = load_config(TierConfig, env={}, overrides={"repository": {"path": str(tmp_path / "repo")}})
+    config = load_config(DEVICE.config_type, env={}, overrides={"repository": {"path": str(tmp_path / "repo")}})
     node = Node(DEVICE, config, metric_readers=[reader])
     await node.start()
     try:

@@ -6,6 +6,7 @@ import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,8 +14,10 @@ import pytest
 
 from services.engine.batcher import BatchingConfig, DynamicBatcher
 from services.engine.model_stats import ModelStats
+from services.engine.onnx_session import OnnxSession
 from services.engine.run_pool import RunPool
 from services.errors import ConfigError, DeadlineExceededError, InvalidArgumentError, QueueFullError
+from tests.support.onnx_models import linear_model
 
 
 class Model:
@@ -363,3 +366,27 @@ async def test_every_observer_hears_every_event_and_the_statistics_are_one_of_th
     assert batcher.stats is stats and stats.inference_count == 2 and stats.execution_count == 2
     assert stats.shed == {"queue_full": 1, "expired": 1} and stats.fail.count == 1
     await batcher.close()
+
+
+async def test_an_observer_that_raises_never_leaves_a_caller_waiting(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Broken:
+        def queued(self, seconds: float) -> None:
+            raise RuntimeError("observer bug")
+
+        def ran(self, rows: int, seconds: float) -> None:
+            raise RuntimeError("observer bug")
+
+    pool = RunPool(1)
+    model = OnnxSession(linear_model(tmp_path / "m.onnx"))
+    batcher = DynamicBatcher("m", BatchingConfig(), pool, model.run, True, observers=[Broken()])
+    batcher.start()
+    try:
+        loop = asyncio.get_running_loop()
+        out = await asyncio.wait_for(batcher.submit({"x": np.ones((1, 4), np.float32)}, (), loop.time() + 5), 5)
+        assert out["y"].shape == (1, 3)
+    finally:
+        await batcher.close()
+        pool.close()
+    assert "an observer of model m failed" in caplog.text
