@@ -92,7 +92,7 @@ def publish_demo_models(
                 subs = prepare(files, "fp32", options)
                 for item in publish_model(registry, keys, name, DEMO_VERSION, subs, options):
                     published.append(item.target_path)
-                    say(f"registry: published {item.target_path} (drop {item.custom['accuracy']['drop_points']} pts)")
+                    say(f"registry: published {item.target_path} (drop {item.facts.accuracy.drop_points:f} pts)")
             except EdgecascadeError as exc:
                 say(f"[yellow]registry: {name} not published: {exc.message}[/yellow]")
     finally:

@@ -46,9 +46,10 @@ from services.errors import (
     UnimplementedError,
 )
 from services.rpc.artifact_client import GrpcArtifactSource
+from services.updates.variant_facts import VariantFacts, signature_from_json
 from tier2_region.config import RegionConfig
 from tier2_region.registry.metadata_expiry import expired_roles, expiry_warnings, read_expiries
-from tier2_region.registry.model_inspection import inspect_model, signature_from_json
+from tier2_region.registry.model_inspection import inspect_model
 from tier2_region.registry.pipeline import (
     DEFAULT_VALIDATION_ROWS,
     PipelineOptions,
@@ -449,20 +450,21 @@ def variants_table(records: Sequence[VariantRecord], title: str) -> Table:
     ):
         table.add_column(column)
     for r in records:
-        c = r.custom
-        peak = c["peak_memory_bytes"].get(str(c["max_batch_size"]), 0)
-        gate = c["gate"]
-        verdict = "pass" if gate["passed"] else ("override" if gate["override"] else "fail")
+        facts = VariantFacts.from_dict(r.custom, r.target_path)
+        peak = facts.peak_memory_bytes(facts.max_batch_size) or 0
+        one = facts.latency_us(1)
+        gate = facts.gate
+        verdict = "pass" if gate.passed else ("override" if gate.override else "fail")
         table.add_row(
             r.name,
             r.version,
             r.variant,
             size(r.blob_length),
-            f"{size(peak)} ({c['max_batch_size']})",
-            f"{c['latency_us'].get('1', {}).get('p50', '?')} µs",
-            f"{float(c['accuracy']['value']):.2%}",
-            f"{float(c['accuracy']['drop_points']):+.2f}",
-            f"{float(c['confidence_threshold']):.2f}",
+            f"{size(peak)} ({facts.max_batch_size})",
+            f"{one.p50 if one else '?'} µs",
+            f"{float(facts.accuracy.value):.2%}",
+            f"{float(facts.accuracy.drop_points):+.2f}",
+            f"{facts.threshold:.2f}",
             verdict,
         )
     return table
@@ -484,39 +486,40 @@ def _show(args: argparse.Namespace, console: Console) -> int:
         console.print_json(json.dumps({path: info.custom for path, info in signed.items()}))
         return 0
     for path, info in signed.items():
-        c = info.custom
-        table = Table(title=f"{path} (signed)", show_header=False)
-        table.add_column("field")
-        table.add_column("value")
-        table.add_row("encrypted blob", f"{info.length} bytes, sha256 {info.hashes['sha256']}")
-        table.add_row("plaintext", f"{c['plaintext_length']} bytes, sha256 {c['plaintext_sha256']}")
-        table.add_row("encryption", f"{c['encryption']['algorithm']}, key {c['encryption']['key_id']}")
-        sig = c["signature"]
-        table.add_row("inputs", ", ".join(f"{t['name']} {t['datatype']} {t['shape']}" for t in sig["inputs"]))
-        table.add_row("outputs", ", ".join(f"{t['name']} {t['datatype']} {t['shape']}" for t in sig["outputs"]))
-        table.add_row("peak memory", ", ".join(f"b={b}: {size(v)}" for b, v in c["peak_memory_bytes"].items()))
-        table.add_row(
-            "latency p50/p99", ", ".join(f"b={b}: {v['p50']}/{v['p99']} µs" for b, v in c["latency_us"].items())
-        )
-        table.add_row("load time", f"{c['load_time_us'] / 1000:.1f} ms")
-        acc = c["accuracy"]
-        table.add_row(
-            "accuracy",
-            f"{acc['metric']} {float(acc['value']):.2%} (reference {float(acc['reference']):.2%}, "
-            f"{float(acc['drop_points']):+.2f} pts, agreement {float(acc['agreement']):.2%}, "
-            f"{acc['validation_size']} rows: {acc['validation_source']})",
-        )
-        table.add_row(
-            "confidence threshold",
-            f"{c['confidence_threshold']} (kept predictions reach {c['confidence_target_accuracy']})",
-        )
-        table.add_row("gate", json.dumps(c["gate"]))
-        table.add_row("hardware classes", ", ".join(c["hardware_classes"]))
-        table.add_row("min onnxruntime / opset", f"{c['min_onnxruntime_version']} / {c['opset']}")
-        table.add_row("golden vectors", c["golden_vectors"])
-        table.add_row("published", c["published_at"])
-        console.print(table)
+        console.print(_facts_table(path, info.length, info.hashes["sha256"], VariantFacts.from_dict(info.custom, path)))
     return 0
+
+
+def _facts_table(path: str, length: int, sha256: str, facts: VariantFacts) -> Table:
+    """One variant's signed facts, a row per fact."""
+    table = Table(title=f"{path} (signed)", show_header=False)
+    table.add_column("field")
+    table.add_column("value")
+    table.add_row("encrypted blob", f"{length} bytes, sha256 {sha256}")
+    table.add_row("plaintext", f"{facts.plaintext_length} bytes, sha256 {facts.plaintext_sha256}")
+    table.add_row("encryption", f"{facts.encryption.algorithm}, key {facts.encryption.key_id}")
+    for side, specs in (("inputs", facts.signature.inputs), ("outputs", facts.signature.outputs)):
+        table.add_row(side, ", ".join(f"{t.name} {t.datatype} {list(t.shape)}" for t in specs))
+    table.add_row("peak memory", ", ".join(f"b={b}: {size(v)}" for b, v in facts.peak_memory.items()))
+    table.add_row("latency p50/p99", ", ".join(f"b={b}: {v.p50}/{v.p99} µs" for b, v in facts.latency.items()))
+    table.add_row("load time", f"{facts.load_time_us / 1000:.1f} ms")
+    acc = facts.accuracy
+    table.add_row(
+        "accuracy",
+        f"{acc.metric} {float(acc.value):.2%} (reference {float(acc.reference):.2%}, "
+        f"{float(acc.drop_points):+.2f} pts, agreement {float(acc.agreement):.2%}, "
+        f"{acc.validation_size} rows: {acc.validation_source})",
+    )
+    table.add_row(
+        "confidence threshold",
+        f"{facts.confidence_threshold:f} (kept predictions reach {facts.confidence_target_accuracy:f})",
+    )
+    table.add_row("gate", json.dumps(facts.gate.to_dict(), sort_keys=True))  # as the metadata file orders it
+    table.add_row("hardware classes", ", ".join(facts.hardware_classes))
+    table.add_row("min onnxruntime / opset", f"{facts.min_onnxruntime_version} / {facts.opset}")
+    table.add_row("golden vectors", facts.golden_vectors)
+    table.add_row("published", facts.published_at)
+    return table
 
 
 def resign_targets(args: argparse.Namespace, console: Console) -> int:

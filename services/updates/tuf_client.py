@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +47,22 @@ from services.errors import (
     StaleVersionError,
     UpstreamUnavailableError,
 )
+from services.updates.variant_facts import VariantFacts, is_sha256
+
+# is_sha256 (the check of a signed digest before it becomes a file name) is shared with the signed variant facts.
+__all__ = [
+    "ArtifactFetcher",
+    "ArtifactSource",
+    "Download",
+    "ModelTarget",
+    "TufClient",
+    "check_target_name",
+    "domain_error",
+    "hashed_target_path",
+    "is_sha256",
+    "model_target",
+    "signed_sha256",
+]
 
 log = logging.getLogger("edgecascade.tuf")
 
@@ -57,8 +72,6 @@ METADATA_BASE = URL_ROOT + "metadata/"
 TARGETS_PATH = "targets/"
 TARGETS_BASE = URL_ROOT + TARGETS_PATH
 HASH_ALGORITHM = "sha256"
-# A signed digest becomes a file name (``<sha256>.part``, ``blobs/<sha256>``): nothing but its 64 hex digits may.
-_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 class ArtifactSource(Protocol):
@@ -76,13 +89,11 @@ class ArtifactSource(Protocol):
         ...
 
 
-def is_sha256(value: object) -> bool:
-    """Whether ``value`` is a sha256 digest as written in metadata and file names: 64 lowercase hex characters."""
-    return isinstance(value, str) and _SHA256_HEX.fullmatch(value) is not None
-
-
 def signed_sha256(info: TargetFile) -> str:
     """A target's signed sha256, checked before it is used in a file name or path.
+
+    A signed digest becomes a file name (``<sha256>.part``, ``blobs/<sha256>``):
+    nothing but its 64 lowercase hex digits may (:func:`is_sha256`).
 
     Raises:
         IntegrityError: The signed info has no sha256, or it is not 64 lowercase hex characters.
@@ -378,36 +389,39 @@ class ModelTarget:
         target_path: ``models/<name>/<version>/<variant>``.
         length: Signed length of the encrypted blob.
         sha256: Signed digest of the encrypted blob.
-        custom: The signed ``custom`` fields (profile, signature, encryption, gate …).
+        facts: The signed facts (profile, signature, encryption, gate …), checked.
         info: ngclient's target info, for :meth:`TufClient.download`.
     """
 
     target_path: str
     length: int
     sha256: str
-    custom: dict[str, Any]
+    facts: VariantFacts
     info: TargetFile
+
+    @property
+    def custom(self) -> dict[str, Any]:
+        """The signed ``custom`` field as JSON (``facts`` as signed, unrecognized fields included)."""
+        return self.facts.to_dict()
 
     @property
     def golden_vectors_path(self) -> str:
         """Target path of the variant's golden vectors."""
-        return str(self.custom.get("golden_vectors", ""))
+        return self.facts.golden_vectors
 
     def peak_memory_bytes(self, batch_size: int) -> int | None:
         """Signed peak memory at a profiled batch size, or None if that size was not profiled."""
-        table = self.custom.get("peak_memory_bytes")
-        value = table.get(str(batch_size)) if isinstance(table, dict) else None
-        return int(value) if isinstance(value, int) else None
+        return self.facts.peak_memory_bytes(batch_size)
 
 
 def model_target(info: TargetFile) -> ModelTarget:
     """Reads a model variant's signed facts from its target info.
 
     Raises:
-        IntegrityError: The target is not a model variant published by edgecascade,
-            or its signed sha256 is missing or not 64 lowercase hex characters.
+        IntegrityError: The target is not a model variant published by edgecascade
+            (its ``custom`` field does not parse as :class:`VariantFacts`; the
+            message names the field), or its signed sha256 is missing or not 64
+            lowercase hex characters.
     """
-    custom = info.custom
-    if not isinstance(custom, dict) or custom.get("kind") != "model" or "plaintext_sha256" not in custom:
-        raise IntegrityError(f"target {info.path} is not a model variant published by edgecascade")
-    return ModelTarget(info.path, info.length, signed_sha256(info), dict(custom), info)
+    facts = VariantFacts.from_dict(info.custom, info.path)
+    return ModelTarget(info.path, info.length, signed_sha256(info), facts, info)

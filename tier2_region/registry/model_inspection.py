@@ -14,17 +14,25 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import onnx
 
 from services.engine.onnx_session import OnnxSession
-from services.errors import EdgecascadeError, InvalidModelError, SignatureMismatchError
-from services.inference import ModelSignature, TensorSpec
-from services.tensors import DATATYPES
+from services.errors import EdgecascadeError, InvalidModelError
+from services.inference import ModelSignature
+from services.updates.variant_facts import check_signature, signature_from_json, signature_to_json
+
+# The signature checks are shared with the nodes (they live with the signed variant facts); named here too.
+__all__ = [
+    "PROPERTY_PREFIX",
+    "ModelFacts",
+    "check_signature",
+    "inspect_model",
+    "signature_from_json",
+    "signature_to_json",
+]
 
 PROPERTY_PREFIX = "edgecascade."
 
@@ -97,72 +105,3 @@ def inspect_model(path: Path) -> ModelFacts:
         properties=properties,
         data=data,
     )
-
-
-def signature_to_json(signature: ModelSignature) -> dict[str, list[dict[str, Any]]]:
-    """The signature as JSON-ready data (what is signed into a target's ``custom``)."""
-
-    def side(specs: Sequence[TensorSpec]) -> list[dict[str, Any]]:
-        return [{"name": s.name, "datatype": s.datatype, "shape": list(s.shape)} for s in specs]
-
-    return {"inputs": side(signature.inputs), "outputs": side(signature.outputs)}
-
-
-def signature_from_json(data: Mapping[str, Any], where: str) -> ModelSignature:
-    """Parses a declared signature: ``{"inputs": [{name, datatype, shape}], "outputs": [...]}``.
-
-    Args:
-        data: The parsed JSON.
-        where: Names the source in error messages.
-
-    Raises:
-        InvalidArgumentError: The data does not have that shape (as :class:`SignatureMismatchError`).
-    """
-
-    def side(key: str) -> tuple[TensorSpec, ...]:
-        items = data.get(key)
-        if not isinstance(items, list):
-            raise SignatureMismatchError(f"{where}: '{key}' must be a list of {{name, datatype, shape}}")
-        specs = []
-        for item in items:
-            if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-                raise SignatureMismatchError(f"{where}: every entry of '{key}' needs a string 'name'")
-            datatype = item.get("datatype")
-            if datatype not in DATATYPES:
-                raise SignatureMismatchError(
-                    f"{where}: {key} '{item['name']}' has datatype {datatype!r}; expected one of "
-                    f"{', '.join(sorted(DATATYPES))}"
-                )
-            shape = item.get("shape")
-            if not isinstance(shape, list) or not all(isinstance(d, int) and d >= -1 for d in shape):
-                raise SignatureMismatchError(
-                    f"{where}: {key} '{item['name']}' needs 'shape' as a list of integers (-1 for any size)"
-                )
-            specs.append(TensorSpec(item["name"], datatype, tuple(shape)))
-        return tuple(specs)
-
-    return ModelSignature(inputs=side("inputs"), outputs=side("outputs"))
-
-
-def check_signature(actual: ModelSignature, declared: ModelSignature, what: str) -> None:
-    """Refuses a model whose inputs or outputs differ from the declared ones.
-
-    Raises:
-        SignatureMismatchError: A tensor is missing, extra, or differs in datatype or shape.
-    """
-    for side, have, want in (("input", actual.inputs, declared.inputs), ("output", actual.outputs, declared.outputs)):
-        have_by_name = {s.name: s for s in have}
-        want_by_name = {s.name: s for s in want}
-        for name in want_by_name.keys() - have_by_name.keys():
-            raise SignatureMismatchError(
-                f"{what} has no {side} '{name}' although it was declared; it has {', '.join(sorted(have_by_name))}"
-            )
-        for name in have_by_name.keys() - want_by_name.keys():
-            raise SignatureMismatchError(f"{what} has an undeclared {side} '{name}'")
-        for name, spec in want_by_name.items():
-            got = have_by_name[name]
-            if got.datatype != spec.datatype or got.shape != spec.shape:
-                raise SignatureMismatchError(
-                    f"{what} {side} '{name}' is {got.datatype} {list(got.shape)}, "
-                    f"declared {spec.datatype} {list(spec.shape)}"
-                )

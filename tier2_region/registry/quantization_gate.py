@@ -13,18 +13,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.errors import QuantizationGateError
+from services.updates.variant_facts import GateFacts, GateOverride, ratio
 from tier2_region.registry.profiles import VariantProfile
 
+# GateOverride (why a failing variant was published anyway) is signed as it is: it is one of the variant facts.
+__all__ = ["DEFAULT_MAX_DROP_POINTS", "GateDecision", "GateOverride", "check_gate"]
+
 DEFAULT_MAX_DROP_POINTS = 1.0
-
-
-@dataclass(frozen=True)
-class GateOverride:
-    """Why a failing variant was published anyway."""
-
-    reason: str
-    by: str
-    at: str
 
 
 @dataclass(frozen=True)
@@ -37,15 +32,13 @@ class GateDecision:
     passed: bool
     override: GateOverride | None = None
 
+    def facts(self) -> GateFacts:
+        """The verdict as signed into the variant's facts (points to 4 decimal places)."""
+        return GateFacts(ratio(self.drop_points, 4), ratio(self.max_drop_points, 4), self.passed, self.override)
+
     def to_json(self) -> dict[str, Any]:
         """JSON-ready form (signed into the target's ``custom``)."""
-        # Decimal strings: TUF's canonical JSON has no floats.
-        return {
-            "drop_points": f"{self.drop_points:.4f}",
-            "max_drop_points": f"{self.max_drop_points:.4f}",
-            "passed": self.passed,
-            "override": None if self.override is None else self.override.__dict__,
-        }
+        return self.facts().to_dict()
 
 
 def check_gate(

@@ -41,7 +41,6 @@ from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Root, TargetFile
 
 from services.atomic_files import fsync_directory
-from services.engine.model_repository import check_model_name, check_version
 from services.errors import (
     ConfigError,
     DuplicateVariantError,
@@ -51,8 +50,22 @@ from services.errors import (
 )
 from services.inference import ModelSignature
 from services.updates.content_encryption import ALGORITHM, encrypt_artifact
-from services.updates.variant_facts import SCHEMA, golden_path, target_path
-from tier2_region.registry.model_inspection import ModelFacts, check_signature, signature_from_json, signature_to_json
+from services.updates.variant_facts import (
+    AAD_TARGET_PATH,
+    Accuracy,
+    Encryption,
+    GoldenFacts,
+    Latency,
+    ProfiledWith,
+    VariantFacts,
+    check_model_ref,
+    check_signature,
+    check_variant_name,
+    golden_path,
+    ratio,
+    target_path,
+)
+from tier2_region.registry.model_inspection import ModelFacts
 from tier2_region.registry.profiles import VariantProfile
 from tier2_region.registry.quantization_gate import DEFAULT_MAX_DROP_POINTS, GateDecision, GateOverride, check_gate
 from tier2_region.registry.registry_database import RegistryDatabase, VariantRecord
@@ -91,35 +104,16 @@ UNCOMMITTED_ROOT_DIR = "retired-root-uncommitted"
 PENDING_ROOT_KEYS = "root_rotation_pending"
 _ROOT_KEY_FILE = re.compile(r"root-[0-9]+\.pem")
 
-# Matched with fullmatch: ``$`` would also accept a name followed by a newline.
-_VARIANT = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
-
-
-def check_variant_name(variant: str) -> str:
-    """Returns ``variant`` if it is a valid variant name (``fp32``, ``int8``, ``int8-per-channel`` …).
-
-    Raises:
-        InvalidArgumentError: It is not 1-32 lower-case letters, digits, '_' or '-'.
-    """
-    if not _VARIANT.fullmatch(variant):
-        raise InvalidArgumentError(
-            f"variant name {variant!r} is not valid: use 1-32 lower-case letters, digits, '_' or '-', "
-            "starting with a letter or digit"
-        )
-    return variant
-
-
-def check_model_ref(name: str, version: str) -> tuple[str, str]:
-    """Returns ``(name, version)`` if both are valid in a target path.
-
-    The name as :func:`check_model_name` takes it (matched in full, so no
-    trailing newline); the version as :func:`check_version` does (ASCII digits
-    only: ``str.isdigit`` alone would take ``"¹"``).
-
-    Raises:
-        InvalidArgumentError: Either is not valid.
-    """
-    return check_model_name(name), check_version(version)
+# The name checks are shared with the nodes (services.updates.variant_facts); named here too.
+__all__ = [
+    "ModelRegistry",
+    "PublishRequest",
+    "PublishedVariant",
+    "RootRotation",
+    "VariantSubmission",
+    "check_model_ref",
+    "check_variant_name",
+]
 
 
 @dataclass(frozen=True)
@@ -158,7 +152,7 @@ class PublishRequest:
 
 @dataclass(frozen=True)
 class PublishedVariant:
-    """A variant as committed: its target, blob and signed custom fields."""
+    """A variant as committed: its target, blob and signed facts."""
 
     name: str
     version: str
@@ -167,8 +161,13 @@ class PublishedVariant:
     golden_path: str
     length: int
     sha256: str
-    custom: dict[str, Any] = field(default_factory=dict)
+    facts: VariantFacts
     gate: GateDecision | None = None
+
+    @property
+    def custom(self) -> dict[str, Any]:
+        """The signed ``custom`` field (``facts`` as signed)."""
+        return self.facts.to_dict()
 
 
 @dataclass(frozen=True)
@@ -351,7 +350,7 @@ class ModelRegistry:
                         "immutable, publish a new version instead"
                     )
             if existing:
-                earlier = signature_from_json(existing[0].custom["signature"], "the registry")
+                earlier = VariantFacts.from_dict(existing[0].custom, existing[0].target_path).signature
                 check_signature(
                     first.facts.signature, earlier, f"{what} (as published earlier: '{existing[0].variant}')"
                 )
@@ -377,15 +376,10 @@ class ModelRegistry:
             plaintext = sub.facts.data
             encrypted = encrypt_artifact(plaintext, path)
             key_id = secrets.token_hex(16)
-            custom = self._custom(request, sub, decisions[sub.variant], key_id, golden, now)
+            facts = self._facts(request, sub, decisions[sub.variant], key_id, golden, now)
+            custom = facts.to_dict()
             golden_bytes = json.dumps(sub.profile.golden.to_json(), sort_keys=True).encode()
-            golden_custom = {
-                "schema": SCHEMA,
-                "kind": "golden_vectors",
-                "name": request.name,
-                "version": request.version,
-                "variant": sub.variant,
-            }
+            golden_custom = GoldenFacts(request.name, request.version, sub.variant).to_dict()
             targets += [NewTarget(path, encrypted.blob, custom), NewTarget(golden, golden_bytes, golden_custom)]
             content_keys[key_id] = encrypted.key
             info = TargetFile.from_data(path, encrypted.blob, ["sha256"])
@@ -413,7 +407,7 @@ class ModelRegistry:
                     golden,
                     info.length,
                     info.hashes["sha256"],
-                    custom,
+                    facts,
                     decisions[sub.variant],
                 )
             )
@@ -431,7 +425,7 @@ class ModelRegistry:
         step("published")
         return published
 
-    def _custom(
+    def _facts(
         self,
         request: PublishRequest,
         sub: VariantSubmission,
@@ -439,52 +433,50 @@ class ModelRegistry:
         key_id: str,
         golden: str,
         now: str,
-    ) -> dict[str, Any]:
+    ) -> VariantFacts:
+        """The facts to sign about one variant, checked as every reader will check them.
+
+        Raises:
+            IntegrityError: A fact is out of range (a negative measurement): no reader would accept it.
+            InvalidArgumentError: A measured ratio is not a finite number.
+        """
         profile = sub.profile
-        # TUF's canonical JSON has no floats: measured quantities are integers in
-        # named units, ratios are decimal strings.
-        return {
-            "schema": SCHEMA,
-            "kind": "model",
-            "name": request.name,
-            "version": request.version,
-            "variant": sub.variant,
-            "task": sub.facts.properties.get(TASK_PROPERTY, ""),
-            "properties": dict(sorted(sub.facts.properties.items())),
-            "plaintext_sha256": sub.facts.sha256,
-            "plaintext_length": sub.facts.size,
-            "encryption": {"algorithm": ALGORITHM, "key_id": key_id, "aad": "target_path"},
-            "signature": signature_to_json(sub.facts.signature),
-            "opset": sub.facts.opset,
-            "max_batch_size": profile.max_batch_size,
-            "peak_memory_bytes": {str(b.batch_size): b.peak_memory_bytes for b in profile.batches},
-            "latency_us": {
-                str(b.batch_size): {"p50": round(b.latency_p50_us), "p99": round(b.latency_p99_us)}
-                for b in profile.batches
-            },
-            "load_time_us": round(profile.load_time_ms * 1000),
-            "accuracy": {
-                "metric": profile.metric,
-                "value": decimal(profile.accuracy),
-                "reference": decimal(profile.reference_accuracy),
-                "drop_points": decimal(profile.accuracy_drop_points, 4),
-                "agreement": decimal(profile.agreement),
-                "validation_size": profile.validation_size,
-                "validation_source": profile.validation_source,
-            },
-            "confidence_threshold": decimal(profile.confidence_threshold),
-            "confidence_target_accuracy": decimal(profile.target_accuracy),
-            "hardware_classes": list(request.hardware_classes),
-            "min_onnxruntime_version": request.min_onnxruntime_version,
-            "golden_vectors": golden,
-            "gate": decision.to_json(),
-            "profiled_with": {
-                "onnxruntime": profile.onnxruntime_version,
-                "machine": profile.machine,
-                "intra_op_threads": profile.intra_op_threads,
-            },
-            "published_at": now,
-        }
+        facts = VariantFacts(
+            name=request.name,
+            version=request.version,
+            variant=sub.variant,
+            task=sub.facts.properties.get(TASK_PROPERTY, ""),
+            properties=dict(sorted(sub.facts.properties.items())),
+            plaintext_sha256=sub.facts.sha256,
+            plaintext_length=sub.facts.size,
+            encryption=Encryption(ALGORITHM, key_id, AAD_TARGET_PATH),
+            signature=sub.facts.signature,
+            opset=sub.facts.opset,
+            max_batch_size=profile.max_batch_size,
+            peak_memory={b.batch_size: b.peak_memory_bytes for b in profile.batches},
+            latency={b.batch_size: Latency(round(b.latency_p50_us), round(b.latency_p99_us)) for b in profile.batches},
+            load_time_us=round(profile.load_time_ms * 1000),
+            accuracy=Accuracy(
+                metric=profile.metric,
+                value=ratio(profile.accuracy),
+                reference=ratio(profile.reference_accuracy),
+                drop_points=ratio(profile.accuracy_drop_points, 4),
+                agreement=ratio(profile.agreement),
+                validation_size=profile.validation_size,
+                validation_source=profile.validation_source,
+            ),
+            confidence_threshold=ratio(profile.confidence_threshold),
+            confidence_target_accuracy=ratio(profile.target_accuracy),
+            hardware_classes=tuple(request.hardware_classes),
+            min_onnxruntime_version=request.min_onnxruntime_version,
+            golden_vectors=golden,
+            gate=decision.facts(),
+            profiled_with=ProfiledWith(profile.onnxruntime_version, profile.machine, profile.intra_op_threads),
+            published_at=now,
+        )
+        # Signed only if every reader will accept it.
+        VariantFacts.from_dict(facts.to_dict(), target_path(request.name, request.version, sub.variant))
+        return facts
 
     def refresh_online(self, keys: SigningKeys) -> list[str]:
         """Re-signs what is close to expiry (see :meth:`TufRepository.refresh_online`).
@@ -708,8 +700,3 @@ def _keyid(path: Path) -> str:
 
 def _distinct(directories: list[Path]) -> list[Path]:
     return list(dict.fromkeys(directories))
-
-
-def decimal(value: float, places: int = 6) -> str:
-    """A ratio as the decimal string signed metadata carries (canonical JSON has no floats)."""
-    return f"{value:.{places}f}"
