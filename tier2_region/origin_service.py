@@ -26,6 +26,9 @@ from tier2_region.registry.signing_keys import load_keys
 
 log = logging.getLogger("edgecascade.artifacts")
 
+# How long stop() waits for a re-signing round that is already writing.
+STOP_WAIT_S = 30.0
+
 ARTIFACT_SERVICE = artifacts_pb2.DESCRIPTOR.services_by_name["ArtifactService"].full_name
 
 
@@ -46,6 +49,7 @@ class ArtifactOrigin:
         self.registry: ModelRegistry | None = None
         self._servicer: ArtifactServicer | None = None
         self._resigner: Ticker | None = None
+        self._resigning: asyncio.Future[list[str]] | None = None
         if not settings.path:
             return
         self.registry = ModelRegistry(Path(settings.path), settings.expiry)
@@ -60,8 +64,10 @@ class ArtifactOrigin:
             async def resign() -> None:
                 if not registry.exists():
                     return
+                # The thread is not cancellable: stop() waits for it before it closes the registry.
+                self._resigning = asyncio.ensure_future(asyncio.to_thread(registry.refresh_online, keys))
                 try:
-                    roles = await asyncio.to_thread(registry.refresh_online, keys)
+                    roles = await asyncio.shield(self._resigning)
                 except EdgecascadeError as exc:
                     log.error("re-signing the registry's online metadata failed: %s", exc.message)
                     return
@@ -101,6 +107,11 @@ class ArtifactOrigin:
         """Stops re-signing and closes the repository's files."""
         if self._resigner is not None:
             await self._resigner.stop()
+        if self._resigning is not None:
+            # A re-signing round already in its thread finishes (it is one atomic commit) before the files close.
+            await asyncio.wait({self._resigning}, timeout=STOP_WAIT_S)
+            if self._resigning.done() and not self._resigning.cancelled():
+                self._resigning.exception()  # retrieved: its failure was logged by the round
         if self._servicer is not None:
             self._servicer.close()
         if self.registry is not None:
