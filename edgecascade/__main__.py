@@ -10,6 +10,8 @@ Commands::
     edgecascade repo demo --role device|edge|region --repo DIR
     edgecascade model init|quantize|profile|publish|list|show   the registry's publish pipeline
     edgecascade model resign-targets|rotate-root                  keep the registry's metadata from expiring
+    edgecascade fleet [--json] | fleet token | fleet revoke ID    the region's enrolled nodes
+    edgecascade deploy NAME VERSION [--tier T] [--hardware-class C]  what the matching nodes should run
 
 Each verb is bound to its handler where it is declared (``set_defaults(handler=…)``);
 :func:`main` calls that handler, and a verb declared without one is an error.
@@ -26,7 +28,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from edgecascade import client_commands, model_commands
+from edgecascade import client_commands, fleet_commands, model_commands
 from edgecascade.demo_models import DEFAULT_MODELS_DIR, DEVICE_MODEL, place_demo_models
 from edgecascade.mesh_launcher import Mesh, run_until_signal
 from services import __version__
@@ -121,6 +123,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR, help="where the demo ONNX models are")
     demo.set_defaults(handler=_repo_demo)
     model_commands.add_parser(sub)
+    fleet_commands.add_parsers(sub)
     return parser
 
 

@@ -154,6 +154,18 @@ def generate(
     return 0
 
 
+def _artifacts(info: mesh_pb2.GetTierInfoResponse) -> str:
+    """The artifact cache's use and counters (an edge's), or ``-``."""
+    if not info.HasField("artifact_cache"):
+        return "-"
+    a = info.artifact_cache
+    bound = megabytes(a.max_bytes) if a.max_bytes else "unbounded"
+    return (
+        f"{megabytes(a.used_bytes)} / {bound} · blobs {a.blobs} · hits {a.hits} · misses {a.misses} · "
+        f"evicted {a.evictions} ({megabytes(a.evicted_bytes)})"
+    )
+
+
 def status(console: Console, state_dir: Path, timeout: float) -> int:
     """Prints what every node of the running mesh reports about itself, and the registry's expiry warnings.
 
@@ -171,7 +183,7 @@ def status(console: Console, state_dir: Path, timeout: float) -> int:
     states = node_states(state_dir)
     addresses = [endpoints["region"], endpoints["edge"], *endpoints["devices"]]
     table = Table(title="edgecascade mesh")
-    for column in ("address", "tier", "node", "upstream", "memory used / budget", "models"):
+    for column in ("address", "tier", "node", "upstream", "memory used / budget", "models", "artifact cache"):
         table.add_column(column)
     failures = 0
     for address in addresses:
@@ -192,7 +204,7 @@ def status(console: Console, state_dir: Path, timeout: float) -> int:
                 continue
         models = ", ".join(f"{m.name} v{m.version} {m.state}" for m in info.models) or "-"
         memory = f"{megabytes(info.cache.used_bytes)} / {megabytes(info.cache.budget_bytes)}"
-        table.add_row(address, info.tier_name, info.node_id, info.upstream or "-", memory, models)
+        table.add_row(address, info.tier_name, info.node_id, info.upstream or "-", memory, models, _artifacts(info))
     console.print(table)
     # Registry metadata close to expiry (read from the region's artifact service): warned well ahead,
     # and a failure once a role has expired (every client refresh in the fleet fails on it).

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from collections.abc import Awaitable, Callable
 
 log = logging.getLogger("edgecascade.ticker")
@@ -25,16 +26,21 @@ class Ticker:
         name: Names the work in logs and the task.
         interval_s: Seconds from the end of one run to the start of the next.
         work: The work; its exceptions are logged, never raised.
+        jitter: Each wait is ``interval_s`` times a random factor in ``1 ± jitter``, so
+            that a fleet started together does not call in together.
 
     Raises:
-        ValueError: ``interval_s`` is not positive.
+        ValueError: ``interval_s`` is not positive, or ``jitter`` is not in [0, 1).
     """
 
-    def __init__(self, name: str, interval_s: float, work: Callable[[], Awaitable[None]]) -> None:
+    def __init__(self, name: str, interval_s: float, work: Callable[[], Awaitable[None]], jitter: float = 0.0) -> None:
         if interval_s <= 0:
             raise ValueError(f"the interval of {name} must be positive, got {interval_s}")
+        if not 0 <= jitter < 1:
+            raise ValueError(f"the jitter of {name} must be in [0, 1), got {jitter}")
         self.name = name
         self.interval_s = interval_s
+        self.jitter = jitter
         self._work = work
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
@@ -65,4 +71,8 @@ class Ticker:
                 self.failures += 1
                 log.exception("%s failed; it runs again in %.3g s", self.name, self.interval_s)
             self.runs += 1
-            await asyncio.sleep(self.interval_s)
+            await asyncio.sleep(self.next_wait())
+
+    def next_wait(self) -> float:
+        """The seconds until the next run (the interval, jittered)."""
+        return self.interval_s * (1 + self.jitter * (2 * random.random() - 1))

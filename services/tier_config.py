@@ -29,6 +29,11 @@ Sections and their environment variables (``EDGECASCADE_<SECTION>__<KEY>``):
 ``[log]``
     ``level`` of the process log.
 
+``[updates]`` (devices and edges)
+    ``state_dir`` (keys and enrollment; empty: no enrollment or check-in),
+    ``enrollment_token`` or ``enrollment_token_file``, ``check_interval_s``,
+    ``jitter``, ``hardware_class`` and ``call_timeout_s``.
+
 A tier adds its own sections in its own package (``[registry]`` in
 ``tier2_region.config``, ``[artifacts]`` in ``tier1_edge.config``); a section
 on a tier that does not have it stops start-up as unknown.
@@ -171,6 +176,41 @@ def check_chunk_bytes(section: str, chunk_bytes: int) -> None:
         raise ConfigError(
             f"[{section}] chunk_bytes must be between {MIN_CHUNK_BYTES} and {MAX_CHUNK_BYTES}, got {chunk_bytes}"
         )
+
+
+@dataclass(frozen=True)
+class UpdatesSection:
+    """Enrollment and check-in with the region (devices and edges; an edge relays its devices').
+
+    Attributes:
+        state_dir: Where the node keeps its keys and enrollment (empty: it neither enrolls nor checks in).
+        enrollment_token: The one-time token from ``edgecascade fleet token`` (or ``enrollment_token_file``).
+        enrollment_token_file: A file holding the token (read at start; for secrets kept out of config).
+        check_interval_s: Seconds between check-ins (the region may ask for another interval).
+        jitter: Each wait is the interval times ``1 ± jitter``, so a fleet does not call in together.
+        hardware_class: The device class variants are published for; empty = any.
+        call_timeout_s: Deadline of one enrollment or check-in call.
+    """
+
+    state_dir: str = ""
+    enrollment_token: str = ""
+    enrollment_token_file: str = ""
+    check_interval_s: float = 30.0
+    jitter: float = 0.1
+    hardware_class: str = ""
+    call_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 0.1 <= self.check_interval_s <= 86_400:
+            raise ConfigError(f"[updates] check_interval_s must be from 0.1 to 86400, got {self.check_interval_s}")
+        if not 0 <= self.jitter <= 0.5:
+            raise ConfigError(f"[updates] jitter must be from 0 to 0.5, got {self.jitter}")
+        if not 0.1 <= self.call_timeout_s <= 600:
+            raise ConfigError(f"[updates] call_timeout_s must be from 0.1 to 600, got {self.call_timeout_s}")
+        if self.enrollment_token and self.enrollment_token_file:
+            raise ConfigError("[updates] set enrollment_token or enrollment_token_file, not both")
+        if len(self.hardware_class) > 64:
+            raise ConfigError("[updates] hardware_class must be at most 64 characters")
 
 
 @dataclass(frozen=True)

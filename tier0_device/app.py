@@ -1,7 +1,9 @@
 """Composition root of the device tier.
 
 Everything is built inside the running event loop by :class:`services.rpc.node.Node`
-from ``SPEC`` and the configuration; this module states what makes a device a device.
+from ``SPEC`` and the configuration; this module states what makes a device a device:
+its configuration (the shared sections plus ``[updates]``) and its components —
+enrollment and check-in with the region through its edge.
 """
 
 from __future__ import annotations
@@ -10,8 +12,17 @@ from collections.abc import Mapping
 from typing import Any
 
 from services.rpc.node import TierSpec
+from services.rpc.updates_service import NodeUpdatesService
+from tier0_device.config import DeviceConfig
 
-SPEC = TierSpec(tier="tier0", role="device", service_name="edgecascade-tier0", top_of_chain=False)
+SPEC = TierSpec(
+    tier="tier0",
+    role="device",
+    service_name="edgecascade-tier0",
+    top_of_chain=False,
+    config_type=DeviceConfig,
+    components=(NodeUpdatesService,),
+)
 
 # Defaults of this tier that differ from the shared ones.
 DEFAULTS: Mapping[str, Mapping[str, Any]] = {

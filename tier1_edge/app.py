@@ -3,7 +3,8 @@
 Everything is built inside the running event loop by :class:`services.rpc.node.Node`
 from ``SPEC`` and the configuration; this module states what makes an edge an
 edge: its configuration (the shared sections plus ``[artifacts]``) and its
-components — the verifying pull-through artifact cache it serves its devices.
+components — the verifying pull-through artifact cache it serves its devices, the
+relay of their enrollment and check-ins to the region, and its own check-ins.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from services.rpc.node import TierSpec
+from services.rpc.updates_service import NodeUpdatesService
 from tier1_edge.cache_service import ArtifactCacheService
 from tier1_edge.config import EdgeConfig
+from tier1_edge.fleet_relay_service import FleetRelayService
 
 SPEC = TierSpec(
     tier="tier1",
@@ -21,7 +24,7 @@ SPEC = TierSpec(
     service_name="edgecascade-tier1",
     top_of_chain=False,
     config_type=EdgeConfig,
-    components=(ArtifactCacheService,),
+    components=(ArtifactCacheService, FleetRelayService, NodeUpdatesService),
 )
 
 # Defaults of this tier that differ from the shared ones.

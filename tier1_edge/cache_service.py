@@ -3,8 +3,9 @@
 With ``[artifacts] cache_dir`` the edge serves its devices the region's TUF
 repository through :class:`~tier1_edge.artifact_cache.ArtifactCache`: a TUF
 client of its ``[upstream]`` anchored in ``[artifacts] trusted_root``, which
-verifies every blob before it caches or serves it. Without ``cache_dir`` it
-serves nothing.
+verifies every blob before it caches or serves it, within ``[artifacts]
+max_cache_bytes``. Without ``cache_dir`` it serves nothing. Its use, hits,
+misses and evictions are part of the node's ``GetTierInfo`` (``artifact_cache``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from protos.edgecascade.v1 import artifacts_pb2, artifacts_pb2_grpc
+from protos.edgecascade.v1 import artifacts_pb2, artifacts_pb2_grpc, mesh_pb2
 from services.errors import ConfigError, EdgecascadeError
 from services.rpc.artifact_client import GrpcArtifactSource
 from services.rpc.artifact_servicer import ArtifactServicer
@@ -56,7 +57,7 @@ class ArtifactCacheService:
             self.cache = ArtifactCache(
                 self._source,
                 root,
-                ArtifactCacheConfig(Path(settings.cache_dir), settings.refresh_interval_s),
+                ArtifactCacheConfig(Path(settings.cache_dir), settings.refresh_interval_s, settings.max_cache_bytes),
                 f"upstream {config.upstream.address}",
             )
         except EdgecascadeError as exc:
@@ -75,6 +76,26 @@ class ArtifactCacheService:
                 ARTIFACT_SERVICE, lambda s: artifacts_pb2_grpc.add_ArtifactServiceServicer_to_server(servicer, s)
             )
         ]
+
+    def tier_info(self, response: mesh_pb2.GetTierInfoResponse) -> None:
+        """Adds the cache's use and counters to the node's answer (nothing without a cache)."""
+        if self.cache is None:
+            return
+        usage = self.cache.usage()
+        stats = self.cache.stats
+        response.artifact_cache.CopyFrom(
+            mesh_pb2.ArtifactCacheStatus(
+                max_bytes=usage.max_bytes,
+                used_bytes=usage.used_bytes,
+                blobs=usage.blobs,
+                in_flight_bytes=usage.in_flight_bytes,
+                hits=stats.blob_hits,
+                misses=stats.blob_misses,
+                evictions=stats.evictions,
+                evicted_bytes=stats.evicted_bytes,
+                too_large=stats.too_large,
+            )
+        )
 
     async def start(self) -> None:
         """Nothing runs in the background until a device asks."""

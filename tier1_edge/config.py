@@ -5,7 +5,11 @@
     service), ``trusted_root``: the root metadata file the cache trusts (required
     with ``cache_dir``), ``refresh_interval_s`` (how often a request for the
     timestamp starts a background refresh from upstream; a verified timestamp
-    is served until its signed expiry) and ``chunk_bytes``.
+    is served until its signed expiry), ``chunk_bytes`` and ``max_cache_bytes``:
+    the bound on the bytes of cached blobs (default 10 GiB; 0 = unbounded,
+    else at least 1 MiB). Least recently used blobs are evicted to stay within
+    it; metadata is not counted and never evicted; a blob larger than the whole
+    bound is refused (RESOURCE_EXHAUSTED), not streamed through.
 """
 
 from __future__ import annotations
@@ -13,7 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from services.errors import ConfigError
-from services.tier_config import TierConfig, check_chunk_bytes
+from services.tier_config import TierConfig, UpdatesSection, check_chunk_bytes
+from tier1_edge.artifact_cache import DEFAULT_MAX_BYTES
+
+# A smaller non-zero bound is surely a mistake of unit (it would hold no model).
+MIN_CACHE_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -24,6 +32,7 @@ class ArtifactsSection:
     trusted_root: str = ""
     refresh_interval_s: float = 10.0
     chunk_bytes: int = 256 * 1024
+    max_cache_bytes: int = DEFAULT_MAX_BYTES
 
     def __post_init__(self) -> None:
         if self.cache_dir and not self.trusted_root:
@@ -34,6 +43,11 @@ class ArtifactsSection:
         if self.refresh_interval_s < 0:
             raise ConfigError(f"[artifacts] refresh_interval_s must not be negative, got {self.refresh_interval_s}")
         check_chunk_bytes("artifacts", self.chunk_bytes)
+        if self.max_cache_bytes != 0 and self.max_cache_bytes < MIN_CACHE_BYTES:
+            raise ConfigError(
+                f"[artifacts] max_cache_bytes must be 0 (unbounded) or at least {MIN_CACHE_BYTES} bytes (1 MiB), "
+                f"got {self.max_cache_bytes}"
+            )
 
 
 @dataclass(frozen=True)
@@ -41,6 +55,7 @@ class EdgeConfig(TierConfig):
     """The whole configuration of an edge process."""
 
     artifacts: ArtifactsSection = field(default_factory=ArtifactsSection)
+    updates: UpdatesSection = field(default_factory=UpdatesSection)
 
     def __post_init__(self) -> None:
         super().__post_init__()

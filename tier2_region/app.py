@@ -3,8 +3,9 @@
 Everything is built inside the running event loop by :class:`services.rpc.node.Node`
 from ``SPEC`` and the configuration; this module states what makes a region a
 region: the top of the chain, its configuration (the shared sections plus
-``[registry]``) and its components — the model registry served as the artifact
-origin and kept re-signed.
+``[registry]`` and ``[fleet]``) and its components — the model registry served as the
+artifact origin and kept re-signed, and the fleet service (enrollment, check-in,
+assignment of variants with their keys).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 from services.rpc.node import TierSpec
 from tier2_region.config import RegionConfig
+from tier2_region.fleet_service import FleetControl
 from tier2_region.origin_service import ArtifactOrigin
 
 SPEC = TierSpec(
@@ -22,7 +24,7 @@ SPEC = TierSpec(
     service_name="edgecascade-tier2",
     top_of_chain=True,
     config_type=RegionConfig,
-    components=(ArtifactOrigin,),
+    components=(ArtifactOrigin, FleetControl),
 )
 
 # Defaults of this tier that differ from the shared ones.

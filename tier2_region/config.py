@@ -1,4 +1,4 @@
-"""The region's configuration: the shared sections plus ``[registry]``.
+"""The region's configuration: the shared sections plus ``[registry]`` and ``[fleet]``.
 
 ``[registry]``
     ``path`` of the model registry (its TUF repository is served by the
@@ -12,6 +12,14 @@
     re-sign targets in the last third of their lifetime; off by default so the
     targets key stays offline, renewed with ``edgecascade model resign-targets``)
     and ``chunk_bytes`` per streamed artifact message.
+``[fleet]``
+    ``path`` of the fleet inventory (SQLite: nodes, enrollment tokens,
+    deployments; empty: no fleet service; needs ``[registry] path``, whose
+    variants it assigns), ``check_interval_s`` between a node's check-ins (the
+    node adds jitter), ``clock_skew_s``: how far a check-in's timestamp may be
+    from the region's clock (a nonce is remembered for twice that), and
+    ``token_ttl_s``: how long an enrollment token made by ``edgecascade fleet
+    token`` is valid unless told otherwise.
 """
 
 from __future__ import annotations
@@ -94,13 +102,44 @@ class RegistrySection:
         )
 
 
+# The largest check interval the wire carries (uint32 seconds) is far beyond any sensible one: a day.
+MAX_CHECK_INTERVAL_S = 86400
+
+
+@dataclass(frozen=True)
+class FleetSection:
+    """The region's fleet: enrollment, check-in and assignment of model variants."""
+
+    path: str = ""
+    check_interval_s: int = 30
+    clock_skew_s: int = 300
+    token_ttl_s: int = 86400
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.check_interval_s <= MAX_CHECK_INTERVAL_S:
+            raise ConfigError(
+                f"[fleet] check_interval_s must be between 1 and {MAX_CHECK_INTERVAL_S} seconds, "
+                f"got {self.check_interval_s}"
+            )
+        if self.clock_skew_s <= 0:
+            raise ConfigError(f"[fleet] clock_skew_s must be a positive number of seconds, got {self.clock_skew_s}")
+        if self.token_ttl_s <= 0:
+            raise ConfigError(f"[fleet] token_ttl_s must be a positive number of seconds, got {self.token_ttl_s}")
+
+
 @dataclass(frozen=True)
 class RegionConfig(TierConfig):
     """The whole configuration of a region process."""
 
     registry: RegistrySection = field(default_factory=RegistrySection)
+    fleet: FleetSection = field(default_factory=FleetSection)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.registry.path:
             self.check_chunk_fits("registry", self.registry.chunk_bytes)
+        if self.fleet.path and not self.registry.path:
+            raise ConfigError(
+                "[fleet] path is set but [registry] path is empty; the fleet assigns the registry's variants, "
+                "set the registry path too"
+            )

@@ -16,6 +16,7 @@ from typing import Protocol
 
 from opentelemetry.sdk.trace import TracerProvider
 
+from services.engine.model_cache import ModelCache
 from services.inference import NodeIdentity
 from services.rpc.server import ServiceBinding
 from services.tier_config import TierConfig
@@ -28,6 +29,7 @@ class NodeContext:
     config: TierConfig
     identity: NodeIdentity
     tracer_provider: TracerProvider
+    cache: ModelCache | None = None  # the node's engine (None in tests of components that need none)
 
 
 class Component(Protocol):
@@ -43,7 +45,11 @@ class Component(Protocol):
         ...
 
     async def stop(self) -> None:
-        """Stops its work and releases what it holds; called once, after the server stopped."""
+        """Stops its work and releases what it holds; called once, after the server stopped.
+
+        It must also be safe when :meth:`start` never ran: a node whose start fails
+        releases every part built so far.
+        """
         ...
 
 

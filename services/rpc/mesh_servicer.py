@@ -1,6 +1,15 @@
-"""The ``edgecascade.v1.MeshService`` servicer: who this node is and what it holds."""
+"""The ``edgecascade.v1.MeshService`` servicer: who this node is and what it holds.
+
+A part of the node (a tier's component) adds what it holds to the answer by
+having a ``tier_info(response)`` method (:class:`TierInfoContributor`); the
+node passes its parts, and those that have one are asked at each call. This
+servicer names no tier.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 from grpc import aio
 
@@ -12,17 +21,29 @@ from services.dataplane import Dataplane
 TIERS = {"tier0": pb.TIER_DEVICE, "tier1": pb.TIER_EDGE, "tier2": pb.TIER_REGION}
 
 
+@runtime_checkable
+class TierInfoContributor(Protocol):
+    """A part of the node that adds to ``GetTierInfo``."""
+
+    def tier_info(self, response: pb.GetTierInfoResponse) -> None:
+        """Sets its own fields of ``response`` (quickly, on the event loop; it must not raise)."""
+        ...
+
+
 class MeshServicer(pb_grpc.MeshServiceServicer):
     """Serves the mesh control plane of one node.
 
     Args:
         dataplane: The node's data plane (identity and models).
         upstream: ``host:port`` of the next tier, empty at the top.
+        parts: The node's parts (read at each call, so the node may add them after building this); each
+            that is a :class:`TierInfoContributor` adds its own fields to the answer, in order.
     """
 
-    def __init__(self, dataplane: Dataplane, upstream: str) -> None:
+    def __init__(self, dataplane: Dataplane, upstream: str, parts: Sequence[object] = ()) -> None:
         self._dp = dataplane
         self._upstream = upstream
+        self._parts = parts
 
     async def GetTierInfo(
         self, request: pb.GetTierInfoRequest, context: aio.ServicerContext[object, object]
@@ -41,7 +62,7 @@ class MeshServicer(pb_grpc.MeshServiceServicer):
                 held.shed.update(model.stats.shed)
             models.append(held)
         stats = cache.stats
-        return pb.GetTierInfoResponse(
+        response = pb.GetTierInfoResponse(
             tier=TIERS.get(identity.tier, pb.TIER_UNSPECIFIED),
             tier_name=identity.tier,
             node_id=identity.node_id,
@@ -58,3 +79,7 @@ class MeshServicer(pb_grpc.MeshServiceServicer):
                 refusals=stats.refusals,
             ),
         )
+        for part in self._parts:
+            if isinstance(part, TierInfoContributor):
+                part.tier_info(response)
+        return response

@@ -167,8 +167,8 @@ class Node:
             self.identity, cache, upstream, RequestLimits(cfg.requests.max_timeout_us, cfg.requests.max_hops)
         )
         inference = InferenceServicer(dataplane, lambda: self._ready)
-        mesh = MeshServicer(dataplane, cfg.upstream.address)
-        context = NodeContext(cfg, self.identity, self._tracer_provider)
+        mesh = MeshServicer(dataplane, cfg.upstream.address, self._components)  # its parts may add to GetTierInfo
+        context = NodeContext(cfg, self.identity, self._tracer_provider, cache)
         for factory in self.spec.components:
             part = factory(context)
             # Released in reverse, after the server has stopped taking calls.

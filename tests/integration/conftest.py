@@ -39,7 +39,7 @@ class Chain:
     models: Path
 
 
-SECTIONS = frozenset({"batching", "cache", "runtime", "requests"})
+SECTIONS = frozenset({"batching", "cache", "runtime", "requests", "updates", "artifacts", "registry"})
 
 
 async def start_node(spec: TierSpec, repository: Path, node_id: str, upstream: str = "", **settings: Any) -> Node:

@@ -7,17 +7,32 @@ import json
 import logging
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
 
-from services.errors import ArtifactNotFoundError, DigestMismatchError, InvalidArgumentError, UnavailableError
+from protos.edgecascade.v1 import mesh_pb2
+from services.config import load_config
+from services.errors import (
+    ArtifactNotFoundError,
+    CapacityError,
+    ConfigError,
+    DigestMismatchError,
+    InvalidArgumentError,
+    UnavailableError,
+)
+from services.inference import NodeIdentity
+from services.rpc.components import NodeContext
 from services.updates.tuf_client import hashed_target_path
 from tests.support.registry import DirectorySource, FakeClock, RegistryKit, new_registry, publish_lm
 from tier1_edge import artifact_cache
 from tier1_edge.artifact_cache import ArtifactCache, ArtifactCacheConfig
+from tier1_edge.cache_service import ArtifactCacheService
+from tier1_edge.config import EdgeConfig
 
 # Only a bound for a test that has already failed (something waited that should not have); never reached when passing.
 LIMIT_S = 20.0
@@ -72,12 +87,20 @@ def _cache(
     source: DirectorySource,
     clock: Ticks | None = None,
     wall: FakeClock | None = None,
+    max_bytes: int = artifact_cache.DEFAULT_MAX_BYTES,
+    keep: Callable[[], Collection[str]] | None = None,
 ) -> ArtifactCache:
-    config = ArtifactCacheConfig(tmp / "edge-cache", refresh_interval_s=10.0)
+    config = ArtifactCacheConfig(tmp / "edge-cache", refresh_interval_s=10.0, max_bytes=max_bytes)
     root = kit.registry.repository.trusted_root()
-    if wall is None:
-        return ArtifactCache(source, root, config, "test upstream", clock or Ticks())
-    return ArtifactCache(source, root, config, "test upstream", clock or Ticks(), wall)
+    return ArtifactCache(
+        source,
+        root,
+        config,
+        "test upstream",
+        clock or Ticks(),
+        wall or (lambda: datetime.now(UTC)),
+        keep or (lambda: ()),
+    )
 
 
 def _blob_path(kit: RegistryKit, variant: str = "int8") -> str:
@@ -467,3 +490,254 @@ async def test_a_blob_the_verified_targets_do_not_list_yet_refreshes_once_per_in
         await cache.open(unlisted)
     assert _refresh_attempts(cache) == attempts + 2
     await cache.close()
+
+
+# --- the bound ---------------------------------------------------------------------------------------------------
+
+# Holds any two of the test blobs (1822 and 2444 bytes), never three.
+BOUND = 5000
+PAST_GRACE_S = artifact_cache.IN_USE_GRACE_S + 1
+
+
+@dataclass(frozen=True)
+class Blob:
+    path: str
+    digest: str
+    size: int
+
+
+def _blobs(kit: RegistryKit) -> tuple[Blob, Blob, Blob, Blob]:
+    """lm 1 int8, lm 1 fp32, and lm 2 int8 and fp32 (published here)."""
+    publish_lm(kit, version="2", seed=1)
+    found = []
+    for version, variant in (("1", "int8"), ("1", "fp32"), ("2", "int8"), ("2", "fp32")):
+        info = kit.registry.target("lm", version, variant)
+        found.append(Blob("targets/" + hashed_target_path(info), info.hashes["sha256"], info.length))
+    a, b, c, d = found
+    assert a.size + b.size <= BOUND and c.size + d.size <= BOUND and a.size + b.size + c.size > BOUND
+    return a, b, c, d
+
+
+def _kept(tmp: Path) -> set[str]:
+    return {p.name for p in (tmp / "edge-cache" / "blobs").iterdir()}
+
+
+def _metadata_files(tmp: Path) -> dict[str, bytes]:
+    cache_dir = tmp / "edge-cache"
+    return {
+        str(p.relative_to(cache_dir)): p.read_bytes()
+        for d in ("served", "tuf")
+        for p in (cache_dir / d).rglob("*")
+        if p.is_file()
+    }
+
+
+async def test_a_bound_smaller_than_three_blobs_evicts_the_least_recently_used(
+    kit: RegistryKit, tmp_path: Path
+) -> None:
+    a, b, c, _ = _blobs(kit)
+    source = DirectorySource(kit.registry.repository_dir)
+    clock = Ticks()
+    cache = _cache(kit, tmp_path, source, clock, max_bytes=BOUND)
+    for blob in (a, b, a):  # the second `a` is a hit: a is now more recently used than b
+        await cache.open(blob.path)
+        clock.now += PAST_GRACE_S
+    assert (cache.stats.blob_hits, cache.stats.blob_misses, source.requests[a.path]) == (1, 2, 1)
+    served = await cache.open(c.path)  # no room for c: b, the least recently used, goes
+    assert served.read_bytes() == (kit.registry.repository_dir / c.path).read_bytes()
+    assert _kept(tmp_path) == {a.digest, c.digest}
+    assert (cache.stats.evictions, cache.stats.evicted_bytes) == (1, b.size)
+    assert cache.usage() == artifact_cache.ArtifactCacheUsage(BOUND, a.size + c.size, 2, 0)
+    assert (await cache.open(a.path)).is_file() and source.requests[a.path] == 1  # kept: still a hit
+    clock.now += PAST_GRACE_S
+    await cache.open(b.path)  # evicted: a miss, downloaded again, and c (now the least recently used) goes
+    assert source.requests[b.path] == 2 and _kept(tmp_path) == {a.digest, b.digest}
+    assert (cache.stats.blob_hits, cache.stats.blob_misses, cache.stats.evictions) == (2, 4, 2)
+    assert cache.usage().used_bytes == a.size + b.size <= BOUND
+    await cache.close()
+
+
+async def test_a_blob_used_within_the_grace_is_not_evicted_and_the_excess_goes_later(
+    kit: RegistryKit, tmp_path: Path
+) -> None:
+    a, b, c, _ = _blobs(kit)
+    clock = Ticks()
+    cache = _cache(kit, tmp_path, DirectorySource(kit.registry.repository_dir), clock, max_bytes=BOUND)
+    path_a = await cache.open(a.path)
+    await cache.open(b.path)
+    reading = path_a.open("rb")  # a request streaming a now
+    try:
+        await cache.open(c.path)  # a and b were just used (their requests may not have opened them yet): kept
+        assert _kept(tmp_path) == {a.digest, b.digest, c.digest} and cache.stats.evictions == 0
+        assert cache.usage().used_bytes == a.size + b.size + c.size > BOUND
+        clock.now += PAST_GRACE_S
+        await cache.open(c.path)  # the next blob request evicts the excess: a, the least recently used
+        assert _kept(tmp_path) == {b.digest, c.digest} and cache.usage().used_bytes <= BOUND
+        # The stream that had a open reads it to the end.
+        assert reading.read() == (kit.registry.repository_dir / a.path).read_bytes()
+    finally:
+        reading.close()
+    await cache.close()
+
+
+async def test_a_blob_in_flight_is_never_evicted(kit: RegistryKit, tmp_path: Path) -> None:
+    a, b, c, d = _blobs(kit)
+    source = GatedSource(kit.registry.repository_dir, lambda p: p == c.path)
+    clock = Ticks()
+    cache = _cache(kit, tmp_path, source, clock, max_bytes=BOUND)
+    for blob in (a, b):
+        await cache.open(blob.path)
+    clock.now += PAST_GRACE_S
+    source.gate.clear()
+    transfer = asyncio.create_task(cache.open(c.path))
+    try:
+        assert await asyncio.to_thread(source.wait_held, 1)
+        # Room for c was made before its transfer began: a (the least recently used) went; c is reserved.
+        assert _kept(tmp_path) == {b.digest}
+        assert cache.usage() == artifact_cache.ArtifactCacheUsage(BOUND, b.size, 1, c.size)
+        await cache.open(d.path)  # b goes, not c's reservation
+        clock.now += PAST_GRACE_S
+        await cache.open(a.path)  # d goes; c, in flight all along, is no candidate
+        assert _kept(tmp_path) == {a.digest} and cache.stats.evictions == 3
+        assert not transfer.done()
+    finally:
+        source.gate.set()
+    assert (await transfer).read_bytes() == (kit.registry.repository_dir / c.path).read_bytes()
+    assert _kept(tmp_path) == {a.digest, c.digest}
+    assert cache.usage() == artifact_cache.ArtifactCacheUsage(BOUND, a.size + c.size, 2, 0)
+    await cache.close()
+
+
+async def test_digests_the_keep_hook_names_are_never_evicted(kit: RegistryKit, tmp_path: Path) -> None:
+    a, b, c, d = _blobs(kit)
+    clock = Ticks()
+    keep = {a.digest}
+    cache = _cache(
+        kit, tmp_path, DirectorySource(kit.registry.repository_dir), clock, max_bytes=BOUND, keep=lambda: keep
+    )
+    for blob in (a, b, c, d):  # a is always the least recently used, and always kept
+        await cache.open(blob.path)
+        clock.now += PAST_GRACE_S
+    assert _kept(tmp_path) == {a.digest, d.digest} and cache.stats.evictions == 2
+
+    def broken() -> Collection[str]:
+        raise RuntimeError("assignments unavailable")
+
+    cache.set_keep(broken)  # a hook that fails keeps everything
+    await cache.open(b.path)
+    assert _kept(tmp_path) == {a.digest, b.digest, d.digest} and cache.stats.evictions == 2
+    cache.set_keep(lambda: ())
+    clock.now += PAST_GRACE_S
+    await cache.open(b.path)
+    assert _kept(tmp_path) == {b.digest, d.digest} and cache.usage().used_bytes <= BOUND
+    await cache.close()
+
+
+async def test_metadata_is_never_evicted_nor_counted(kit: RegistryKit, tmp_path: Path) -> None:
+    a, b, c, d = _blobs(kit)
+    clock = Ticks()
+    cache = _cache(kit, tmp_path, DirectorySource(kit.registry.repository_dir), clock, max_bytes=2500)
+    for name in ("timestamp.json", "1.root.json", "3.snapshot.json", "3.targets.json"):
+        await cache.open(f"metadata/{name}")
+    metadata = _metadata_files(tmp_path)
+    assert sum(len(data) for data in metadata.values()) > 2500  # more than the bound, and never in its way
+    for blob in (a, b, c, d):  # each one pushes the one before out
+        await cache.open(blob.path)
+        clock.now += PAST_GRACE_S
+    assert _kept(tmp_path) == {d.digest} and cache.stats.evictions == 3
+    assert cache.usage().used_bytes == d.size
+    assert _metadata_files(tmp_path) == metadata
+    assert (await cache.open("metadata/3.targets.json")).is_file()
+    await cache.close()
+
+
+async def test_a_blob_larger_than_the_whole_bound_is_refused_before_any_transfer(
+    kit: RegistryKit, tmp_path: Path
+) -> None:
+    a, b, _, _ = _blobs(kit)
+    source = DirectorySource(kit.registry.repository_dir)
+    cache = _cache(kit, tmp_path, source, max_bytes=2000)
+    for _ in range(2):
+        with pytest.raises(CapacityError, match=r"more than this edge's whole artifact cache.*max_cache_bytes = 2000"):
+            await cache.open(b.path)
+    assert source.requests[b.path] == 0 and cache.stats.too_large == 2 and not _kept(tmp_path)
+    assert (await cache.open(a.path)).is_file()  # one that fits is served
+    assert not any((tmp_path / "edge-cache" / "staging").iterdir())
+    await cache.close()
+
+
+async def test_a_restart_keeps_the_usage_the_order_and_the_bound(kit: RegistryKit, tmp_path: Path) -> None:
+    a, b, c, _ = _blobs(kit)
+    source = DirectorySource(kit.registry.repository_dir)
+    clock = Ticks()
+    cache = _cache(kit, tmp_path, source, clock, max_bytes=BOUND)
+    for blob in (a, b, a):  # a is used last
+        await cache.open(blob.path)
+        clock.now += PAST_GRACE_S
+    await cache.close()
+    restarted = _cache(kit, tmp_path, source, max_bytes=BOUND)
+    assert restarted.usage() == artifact_cache.ArtifactCacheUsage(BOUND, a.size + b.size, 2, 0)
+    await restarted.open(c.path)  # the order of use survived the restart: b goes, not a
+    assert _kept(tmp_path) == {a.digest, c.digest}
+    await restarted.close()
+    # A restart with a smaller bound trims at once, least recently used first (a, used before c came).
+    smaller = _cache(kit, tmp_path, source, max_bytes=2000)
+    assert _kept(tmp_path) == {c.digest}
+    assert smaller.usage() == artifact_cache.ArtifactCacheUsage(2000, c.size, 1, 0)
+    assert smaller.stats.evictions == 1
+    await smaller.close()
+    # Evicted files on their way out when the edge stopped are deleted at the next start.
+    leftover = tmp_path / "edge-cache" / "evicted" / "leftover"
+    leftover.write_bytes(b"x")
+    _cache(kit, tmp_path, source, max_bytes=0)
+    assert not leftover.exists()
+
+
+async def test_an_unbounded_cache_never_evicts(kit: RegistryKit, tmp_path: Path) -> None:
+    blobs = _blobs(kit)
+    clock = Ticks()
+    cache = _cache(kit, tmp_path, DirectorySource(kit.registry.repository_dir), clock, max_bytes=0)
+    for blob in blobs:
+        await cache.open(blob.path)
+        clock.now += PAST_GRACE_S
+    assert _kept(tmp_path) == {blob.digest for blob in blobs} and cache.stats.evictions == 0
+    assert cache.usage() == artifact_cache.ArtifactCacheUsage(0, sum(blob.size for blob in blobs), 4, 0)
+    await cache.close()
+
+
+@pytest.mark.parametrize("value", [-1, 1, 1024 * 1024 - 1])
+def test_the_bound_is_zero_or_at_least_a_mebibyte(value: int) -> None:
+    with pytest.raises(ConfigError, match=r"\[artifacts\] max_cache_bytes must be 0 \(unbounded\) or at least 1048576"):
+        load_config(EdgeConfig, env={}, overrides={"artifacts": {"max_cache_bytes": value}})
+
+
+def test_the_bound_defaults_to_ten_gibibytes_and_is_set_by_file_or_environment() -> None:
+    assert load_config(EdgeConfig, env={}).artifacts.max_cache_bytes == 10 * 1024**3
+    assert load_config(EdgeConfig, env={"EDGECASCADE_ARTIFACTS__MAX_CACHE_BYTES": "0"}).artifacts.max_cache_bytes == 0
+    with pytest.raises(ConfigError, match="max_cache_bytes"):
+        load_config(EdgeConfig, env={"EDGECASCADE_ARTIFACTS__MAX_CACHE_BYTES": "10GiB"})
+
+
+def test_the_service_passes_the_bound_and_reports_it(kit: RegistryKit, tmp_path: Path) -> None:
+    root = tmp_path / "root.json"
+    root.write_bytes(kit.registry.repository.trusted_root())
+    config = load_config(
+        EdgeConfig,
+        env={},
+        overrides={
+            "artifacts": {"cache_dir": str(tmp_path / "c"), "trusted_root": str(root), "max_cache_bytes": 2**20},
+            "upstream": {"address": "127.0.0.1:1"},
+        },
+    )
+    service = ArtifactCacheService(NodeContext(config, NodeIdentity("tier1", "e"), TracerProvider()))
+    response = mesh_pb2.GetTierInfoResponse()
+    service.tier_info(response)
+    assert response.artifact_cache == mesh_pb2.ArtifactCacheStatus(max_bytes=2**20)
+    assert response.HasField("artifact_cache")
+    without = ArtifactCacheService(
+        NodeContext(load_config(EdgeConfig, env={}), NodeIdentity("tier1", "e"), TracerProvider())
+    )
+    response = mesh_pb2.GetTierInfoResponse()
+    without.tier_info(response)
+    assert not response.HasField("artifact_cache")
+    asyncio.run(service.stop())

@@ -58,3 +58,16 @@ def test_the_interval_must_be_positive() -> None:
 
     with pytest.raises(ValueError, match="must be positive"):
         Ticker("bad", 0, work)
+
+
+def test_jitter_spreads_the_waits_within_its_bounds() -> None:
+    async def work() -> None:
+        return None
+
+    ticker = Ticker("check-in", 10.0, work, jitter=0.2)
+    waits = [ticker.next_wait() for _ in range(500)]
+    assert all(8.0 <= w <= 12.0 for w in waits)
+    assert max(waits) - min(waits) > 2.0  # spread, not constant
+    assert Ticker("steady", 10.0, work).next_wait() == 10.0
+    with pytest.raises(ValueError, match="jitter"):
+        Ticker("bad", 10.0, work, jitter=1.0)

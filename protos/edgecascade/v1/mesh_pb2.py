@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n protos/edgecascade/v1/mesh.proto\x12\x0e\x65\x64gecascade.v1\"\x14\n\x12GetTierInfoRequest\"\xf3\x01\n\tHeldModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x17\n\x0f\x66ootprint_bytes\x18\x05 \x01(\x04\x12\x1a\n\x12\x66ootprint_measured\x18\x06 \x01(\x08\x12\x13\n\x0bqueue_depth\x18\x07 \x01(\r\x12\x31\n\x04shed\x18\x08 \x03(\x0b\x32#.edgecascade.v1.HeldModel.ShedEntry\x1a+\n\tShedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x89\x01\n\x0b\x43\x61\x63heStatus\x12\x14\n\x0c\x62udget_bytes\x18\x01 \x01(\x04\x12\x12\n\nused_bytes\x18\x02 \x01(\x04\x12\x0c\n\x04hits\x18\x03 \x01(\x04\x12\x0e\n\x06misses\x18\x04 \x01(\x04\x12\r\n\x05loads\x18\x05 \x01(\x04\x12\x11\n\tevictions\x18\x06 \x01(\x04\x12\x10\n\x08refusals\x18\x07 \x01(\x04\"\xd7\x01\n\x13GetTierInfoResponse\x12\"\n\x04tier\x18\x01 \x01(\x0e\x32\x14.edgecascade.v1.Tier\x12\x11\n\ttier_name\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x10\n\x08upstream\x18\x05 \x01(\t\x12)\n\x06models\x18\x06 \x03(\x0b\x32\x19.edgecascade.v1.HeldModel\x12*\n\x05\x63\x61\x63he\x18\x07 \x01(\x0b\x32\x1b.edgecascade.v1.CacheStatus*M\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x0f\n\x0bTIER_DEVICE\x10\x01\x12\r\n\tTIER_EDGE\x10\x02\x12\x0f\n\x0bTIER_REGION\x10\x03\x32g\n\x0bMeshService\x12X\n\x0bGetTierInfo\x12\".edgecascade.v1.GetTierInfoRequest\x1a#.edgecascade.v1.GetTierInfoResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n protos/edgecascade/v1/mesh.proto\x12\x0e\x65\x64gecascade.v1\"\x14\n\x12GetTierInfoRequest\"\xf3\x01\n\tHeldModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x17\n\x0f\x66ootprint_bytes\x18\x05 \x01(\x04\x12\x1a\n\x12\x66ootprint_measured\x18\x06 \x01(\x08\x12\x13\n\x0bqueue_depth\x18\x07 \x01(\r\x12\x31\n\x04shed\x18\x08 \x03(\x0b\x32#.edgecascade.v1.HeldModel.ShedEntry\x1a+\n\tShedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x89\x01\n\x0b\x43\x61\x63heStatus\x12\x14\n\x0c\x62udget_bytes\x18\x01 \x01(\x04\x12\x12\n\nused_bytes\x18\x02 \x01(\x04\x12\x0c\n\x04hits\x18\x03 \x01(\x04\x12\x0e\n\x06misses\x18\x04 \x01(\x04\x12\r\n\x05loads\x18\x05 \x01(\x04\x12\x11\n\tevictions\x18\x06 \x01(\x04\x12\x10\n\x08refusals\x18\x07 \x01(\x04\"\xbf\x01\n\x13\x41rtifactCacheStatus\x12\x11\n\tmax_bytes\x18\x01 \x01(\x04\x12\x12\n\nused_bytes\x18\x02 \x01(\x04\x12\r\n\x05\x62lobs\x18\x03 \x01(\r\x12\x17\n\x0fin_flight_bytes\x18\x04 \x01(\x04\x12\x0c\n\x04hits\x18\x05 \x01(\x04\x12\x0e\n\x06misses\x18\x06 \x01(\x04\x12\x11\n\tevictions\x18\x07 \x01(\x04\x12\x15\n\revicted_bytes\x18\x08 \x01(\x04\x12\x11\n\ttoo_large\x18\t \x01(\x04\"\x94\x02\n\x13GetTierInfoResponse\x12\"\n\x04tier\x18\x01 \x01(\x0e\x32\x14.edgecascade.v1.Tier\x12\x11\n\ttier_name\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x10\n\x08upstream\x18\x05 \x01(\t\x12)\n\x06models\x18\x06 \x03(\x0b\x32\x19.edgecascade.v1.HeldModel\x12*\n\x05\x63\x61\x63he\x18\x07 \x01(\x0b\x32\x1b.edgecascade.v1.CacheStatus\x12;\n\x0e\x61rtifact_cache\x18\x08 \x01(\x0b\x32#.edgecascade.v1.ArtifactCacheStatus*M\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x0f\n\x0bTIER_DEVICE\x10\x01\x12\r\n\tTIER_EDGE\x10\x02\x12\x0f\n\x0bTIER_REGION\x10\x03\x32g\n\x0bMeshService\x12X\n\x0bGetTierInfo\x12\".edgecascade.v1.GetTierInfoRequest\x1a#.edgecascade.v1.GetTierInfoResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_HELDMODEL_SHEDENTRY']._loaded_options = None
   _globals['_HELDMODEL_SHEDENTRY']._serialized_options = b'8\001'
-  _globals['_TIER']._serialized_start=678
-  _globals['_TIER']._serialized_end=755
+  _globals['_TIER']._serialized_start=933
+  _globals['_TIER']._serialized_end=1010
   _globals['_GETTIERINFOREQUEST']._serialized_start=52
   _globals['_GETTIERINFOREQUEST']._serialized_end=72
   _globals['_HELDMODEL']._serialized_start=75
@@ -43,8 +43,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HELDMODEL_SHEDENTRY']._serialized_end=318
   _globals['_CACHESTATUS']._serialized_start=321
   _globals['_CACHESTATUS']._serialized_end=458
-  _globals['_GETTIERINFORESPONSE']._serialized_start=461
-  _globals['_GETTIERINFORESPONSE']._serialized_end=676
-  _globals['_MESHSERVICE']._serialized_start=757
-  _globals['_MESHSERVICE']._serialized_end=860
+  _globals['_ARTIFACTCACHESTATUS']._serialized_start=461
+  _globals['_ARTIFACTCACHESTATUS']._serialized_end=652
+  _globals['_GETTIERINFORESPONSE']._serialized_start=655
+  _globals['_GETTIERINFORESPONSE']._serialized_end=931
+  _globals['_MESHSERVICE']._serialized_start=1012
+  _globals['_MESHSERVICE']._serialized_end=1115
 # @@protoc_insertion_point(module_scope)

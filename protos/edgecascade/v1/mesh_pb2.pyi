@@ -67,8 +67,30 @@ class CacheStatus(_message.Message):
     refusals: int
     def __init__(self, budget_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., loads: _Optional[int] = ..., evictions: _Optional[int] = ..., refusals: _Optional[int] = ...) -> None: ...
 
+class ArtifactCacheStatus(_message.Message):
+    __slots__ = ("max_bytes", "used_bytes", "blobs", "in_flight_bytes", "hits", "misses", "evictions", "evicted_bytes", "too_large")
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BLOBS_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    MISSES_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TOO_LARGE_FIELD_NUMBER: _ClassVar[int]
+    max_bytes: int
+    used_bytes: int
+    blobs: int
+    in_flight_bytes: int
+    hits: int
+    misses: int
+    evictions: int
+    evicted_bytes: int
+    too_large: int
+    def __init__(self, max_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., blobs: _Optional[int] = ..., in_flight_bytes: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., evicted_bytes: _Optional[int] = ..., too_large: _Optional[int] = ...) -> None: ...
+
 class GetTierInfoResponse(_message.Message):
-    __slots__ = ("tier", "tier_name", "node_id", "version", "upstream", "models", "cache")
+    __slots__ = ("tier", "tier_name", "node_id", "version", "upstream", "models", "cache", "artifact_cache")
     TIER_FIELD_NUMBER: _ClassVar[int]
     TIER_NAME_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +98,7 @@ class GetTierInfoResponse(_message.Message):
     UPSTREAM_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     CACHE_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACT_CACHE_FIELD_NUMBER: _ClassVar[int]
     tier: Tier
     tier_name: str
     node_id: str
@@ -83,4 +106,5 @@ class GetTierInfoResponse(_message.Message):
     upstream: str
     models: _containers.RepeatedCompositeFieldContainer[HeldModel]
     cache: CacheStatus
-    def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., tier_name: _Optional[str] = ..., node_id: _Optional[str] = ..., version: _Optional[str] = ..., upstream: _Optional[str] = ..., models: _Optional[_Iterable[_Union[HeldModel, _Mapping]]] = ..., cache: _Optional[_Union[CacheStatus, _Mapping]] = ...) -> None: ...
+    artifact_cache: ArtifactCacheStatus
+    def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., tier_name: _Optional[str] = ..., node_id: _Optional[str] = ..., version: _Optional[str] = ..., upstream: _Optional[str] = ..., models: _Optional[_Iterable[_Union[HeldModel, _Mapping]]] = ..., cache: _Optional[_Union[CacheStatus, _Mapping]] = ..., artifact_cache: _Optional[_Union[ArtifactCacheStatus, _Mapping]] = ...) -> None: ...

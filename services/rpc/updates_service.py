@@ -1,0 +1,185 @@
+"""A node's enrollment and check-ins (devices and edges): the loop that keeps it on its desired state.
+
+With ``[updates] state_dir`` the node keeps its keys there (created on first
+start), enrolls once with its upstream using the one-time token, and then
+checks in every ``check_interval_s`` (jittered) through a
+:class:`~services.ticker.Ticker`: a signed report of what it runs goes up, the
+desired state comes back and is handed to the node's
+:class:`~services.updates.checkin.UpdateTarget` in the background. An upstream
+that is down costs a check-in, never serving: the node keeps what it has and
+tries again at the next tick (enrollment retries sooner, with backoff).
+Without ``state_dir`` the component does nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import onnxruntime
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
+
+from services.atomic_files import write_atomically
+from services.errors import ConfigError, EdgecascadeError, UnavailableError
+from services.rpc.components import NodeContext
+from services.rpc.fleet_client import FleetClient
+from services.rpc.server import ServiceBinding
+from services.ticker import Ticker
+from services.tier_config import UpdatesSection
+from services.updates.checkin import DesiredState, NodeFacts, NoUpdates, UpdateTarget
+from services.updates.identity import FileKeyProvider, NodeKeys
+
+log = logging.getLogger("edgecascade.updates")
+
+ENROLLMENT_FILE = "enrollment.json"
+
+
+def updates_settings(context: NodeContext) -> UpdatesSection:
+    """The ``[updates]`` section of a node that has one.
+
+    Raises:
+        ConfigError: The tier has no ``[updates]`` section.
+    """
+    settings = getattr(context.config, "updates", None)
+    if not isinstance(settings, UpdatesSection):
+        raise ConfigError(f"the {context.identity.tier} configuration has no [updates] section")
+    return settings
+
+
+class NodeUpdatesService:
+    """Enrollment and periodic check-in of one node.
+
+    Args:
+        context: The node's context (its configuration has an ``[updates]`` section).
+        target: What applies the desired state (the node's updater; :class:`NoUpdates` reports only).
+
+    Raises:
+        ConfigError: The state directory or keys are unusable, the token file cannot be read, or there is no upstream.
+    """
+
+    def __init__(self, context: NodeContext, target: UpdateTarget | None = None) -> None:
+        settings = updates_settings(context)
+        self._settings = settings
+        self._context = context
+        self._target: UpdateTarget = target or NoUpdates()
+        self._client: FleetClient | None = None
+        self._ticker: Ticker | None = None
+        self._apply: asyncio.Task[None] | None = None
+        self._failing = False
+        self.desired: DesiredState | None = None
+        self.check_ins = 0
+        self.failures = 0
+        if not settings.state_dir:
+            return
+        config = context.config
+        if not config.upstream.address:
+            raise ConfigError("[updates] state_dir is set but there is no [upstream] address to check in with")
+        self._state_dir = Path(settings.state_dir)
+        self._keys: NodeKeys = FileKeyProvider(self._state_dir / "keys").keys()
+        self._token = settings.enrollment_token
+        if settings.enrollment_token_file:
+            try:
+                self._token = Path(settings.enrollment_token_file).read_text().strip()
+            except OSError as exc:
+                raise ConfigError(
+                    f"[updates] enrollment_token_file {settings.enrollment_token_file} cannot be read: {exc.strerror}"
+                ) from None
+        self._client = FleetClient(config.upstream.address, context.tracer_provider, config.server.max_message_bytes)
+        self._ticker = Ticker("check-in", settings.check_interval_s, self._tick, jitter=settings.jitter)
+
+    @property
+    def bindings(self) -> Sequence[ServiceBinding]:
+        """None: the node calls out, nothing calls in."""
+        return []
+
+    @property
+    def enrolled(self) -> bool:
+        """Whether this node has enrolled (its enrollment is recorded in the state directory)."""
+        return self._settings.state_dir != "" and (self._state_dir / ENROLLMENT_FILE).is_file()
+
+    async def start(self) -> None:
+        """Starts checking in (the first check-in, and enrollment if needed, right away)."""
+        if self._ticker is not None:
+            self._ticker.start()
+
+    async def stop(self) -> None:
+        """Stops checking in; an update in progress is cancelled (its journal lets it resume)."""
+        if self._ticker is not None:
+            await self._ticker.stop()
+        if self._apply is not None:
+            self._apply.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._apply
+        if self._client is not None:
+            await self._client.close()
+
+    def facts(self) -> NodeFacts:
+        """What this node reports about itself."""
+        config = self._context.config
+        disk = shutil.disk_usage(self._state_dir).free if self._settings.state_dir else 0
+        return NodeFacts(
+            node_id=self._context.identity.node_id,
+            tier=self._context.identity.tier,
+            hardware_class=self._settings.hardware_class,
+            memory_budget_bytes=config.cache.budget,
+            onnxruntime_version=onnxruntime.__version__,
+            free_disk_bytes=disk,
+        )
+
+    async def _tick(self) -> None:
+        assert self._client is not None
+        assert self._ticker is not None
+        try:
+            if not self.enrolled:
+                await self._enroll()
+            desired = await self._client.check_in(
+                self.facts(), self._target.installed(), self._keys, self._settings.call_timeout_s
+            )
+        except EdgecascadeError as exc:
+            self.failures += 1
+            # One warning per streak of failures: an upstream that is down must not flood the log.
+            (log.debug if self._failing else log.warning)("check-in failed: %s", exc.message)
+            self._failing = True
+            return
+        if self._failing:
+            log.info("check-in works again")
+        self._failing = False
+        self.check_ins += 1
+        self.desired = desired
+        if desired.check_interval_s:
+            self._ticker.interval_s = float(desired.check_interval_s)
+        for item in desired.unassigned:
+            log.info("model %s version %s is not assigned to this node: %s", item.name, item.version, item.reason)
+        if self._apply is None or self._apply.done():
+            # Installing may take long; the next check-in reports its progress meanwhile.
+            self._apply = asyncio.create_task(self._target.apply(desired.assignments), name="apply desired state")
+
+    async def _enroll(self) -> None:
+        assert self._client is not None
+        if not self._token:
+            raise ConfigError(
+                "this node is not enrolled and has no enrollment token: set [updates] enrollment_token "
+                "(from `edgecascade fleet token`)"
+            )
+        client, token, facts, keys = self._client, self._token, self.facts(), self._keys
+        timeout = self._settings.call_timeout_s
+        interval = 0
+        # An upstream that is still starting answers UNAVAILABLE: retry for a while, with backoff and jitter.
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(UnavailableError),
+            wait=wait_exponential_jitter(multiplier=0.2, max=5.0),
+            stop=stop_after_delay(self._settings.check_interval_s),
+            reraise=True,
+        ):
+            with attempt:
+                interval = await client.enroll(token, facts, keys, timeout)
+        record = {"node_id": facts.node_id, "identity_public_key": keys.identity_public.hex()}
+        write_atomically(self._state_dir / ENROLLMENT_FILE, (json.dumps(record) + "\n").encode())
+        log.info("enrolled as %s", facts.node_id)
+        if interval and self._ticker is not None:
+            self._ticker.interval_s = float(interval)

@@ -1,0 +1,92 @@
+"""What a node says at check-in and what it gets back, without the wire.
+
+A node reports its facts and what it runs; the region answers its desired
+state: per model deployed to it, the version and variant that fit it with the
+variant's content key granted to it (:class:`AssignedVariant`), or why nothing
+fits (:class:`Unassigned`). An :class:`UpdateTarget` — the node's updater —
+takes the assignments and reports what it runs; :class:`NoUpdates` stands in
+where nothing installs (a node that only reports).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from services.updates.key_grants import KeyGrant
+
+
+@dataclass(frozen=True)
+class NodeFacts:
+    """What a node is, as it reports itself at enrollment and check-in."""
+
+    node_id: str
+    tier: str  # tier0, tier1 or tier2
+    hardware_class: str
+    memory_budget_bytes: int
+    onnxruntime_version: str
+    free_disk_bytes: int
+
+
+@dataclass(frozen=True)
+class InstalledModel:
+    """One model on a node and where its update stands (assigned … committed, or refused)."""
+
+    name: str
+    version: str
+    variant: str
+    state: str
+    last_error: str = ""
+
+
+@dataclass(frozen=True)
+class AssignedVariant:
+    """The version and variant of a model the node should run, with its content key granted to the node."""
+
+    name: str
+    version: str
+    variant: str
+    target_path: str
+    grant: KeyGrant
+
+
+@dataclass(frozen=True)
+class Unassigned:
+    """A model deployed to the node that it does not get, and why."""
+
+    name: str
+    version: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    """The region's answer to a check-in."""
+
+    assignments: tuple[AssignedVariant, ...] = ()
+    unassigned: tuple[Unassigned, ...] = ()
+    check_interval_s: int = 0
+
+
+class UpdateTarget(Protocol):
+    """The node's updater, as the check-in loop sees it."""
+
+    async def apply(self, assignments: Sequence[AssignedVariant]) -> None:
+        """Brings the node toward the assigned versions (may take long; returns when done or refused)."""
+        ...
+
+    def installed(self) -> list[InstalledModel]:
+        """What the node runs now, with the state of any update."""
+        ...
+
+
+class NoUpdates:
+    """A node that reports but installs nothing (no updater configured)."""
+
+    async def apply(self, assignments: Sequence[AssignedVariant]) -> None:
+        """Ignores the assignments."""
+
+    def installed(self) -> list[InstalledModel]:
+        """Nothing."""
+        return []

@@ -1,0 +1,14 @@
+"""The device's configuration: the shared sections plus ``[updates]`` (enrollment and check-in)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from services.tier_config import TierConfig, UpdatesSection
+
+
+@dataclass(frozen=True)
+class DeviceConfig(TierConfig):
+    """The whole configuration of a device process."""
+
+    updates: UpdatesSection = field(default_factory=UpdatesSection)
