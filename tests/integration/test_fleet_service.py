@@ -7,6 +7,7 @@ key pairs and a FleetService stub.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -310,3 +311,52 @@ async def test_a_region_without_a_fleet_path_serves_no_fleet(tmp_path: Path) -> 
         assert error.code() == grpc.StatusCode.UNIMPLEMENTED
     finally:
         await node.stop()
+
+
+async def test_real_nodes_enroll_through_the_edge_and_get_their_variant(region: Region, tmp_path: Path) -> None:
+    """A device process-in-process enrolls via its edge's relay and checks in; the region assigns what fits it."""
+    from services.rpc.updates_service import NodeUpdatesService
+    from tests.integration.conftest import start_node
+    from tier0_device.app import SPEC as DEVICE
+    from tier1_edge.app import SPEC as EDGE
+
+    fleet = region.control.fleet
+    assert fleet is not None
+    fleet.deploy("lm", "2", tier="device")
+    updates = {"check_interval_s": 0.2, "jitter": 0.0, "hardware_class": CLASS}
+    edge = await start_node(
+        EDGE,
+        tmp_path / "edge-repo",
+        "edge-1",
+        upstream=region.node.address,
+        updates={**updates, "state_dir": str(tmp_path / "edge"), "enrollment_token": fleet.create_token().token},
+    )
+    try:
+        device = await start_node(
+            DEVICE,
+            tmp_path / "device-repo",
+            "device-1",
+            upstream=edge.address,
+            cache={"memory_budget_bytes": 128 * MB},
+            updates={**updates, "state_dir": str(tmp_path / "dev"), "enrollment_token": fleet.create_token().token},
+        )
+        try:
+            service = device.component(NodeUpdatesService)
+            for _ in range(2000):
+                if service.desired is not None:
+                    break
+                await asyncio.sleep(0.01)
+            desired = service.desired
+            assert desired is not None, f"no desired state; failures {service.failures}"
+            (assignment,) = desired.assignments
+            # 70 MB int8 fits the 128 MB budget, the 210 MB fp32 does not.
+            assert (assignment.name, assignment.version, assignment.variant) == ("lm", "2", "int8")
+            content_key = unwrap_key(assignment.grant, service._keys.agreement, "device-1", assignment.target_path)
+            key_id = assignment.grant.key_id
+            assert content_key == region.kit.registry.database.content_key(key_id)
+        finally:
+            await device.stop()
+    finally:
+        await edge.stop()
+    listed = {entry.node.node_id: entry for entry in fleet.listing()}
+    assert set(listed) == {"device-1", "edge-1"}
