@@ -211,6 +211,9 @@ class ModelCache:
     async def load(self, name: str) -> LoadedModel:
         """Loads (or reloads) the newest version of ``name``; swaps it in once warm.
 
+        "Newest" is the repository's to say (its default for ``resolve``): a repository may name a
+        lower version than one loaded (an installed store reverting), and that one then serves.
+
         Raises:
             ModelNotFoundError: The repository does not have the model.
             ModelNotReadyError: It cannot be loaded or warmed up.
@@ -352,10 +355,10 @@ class ModelCache:
         # The load is a task of its own: a caller that gives up (its deadline
         # passed) neither cancels it nor the other callers' wait.
         return await self._loads.run(
-            key, lambda: self._load_and_install(entry), name=f"load {entry.name} v{entry.version}"
+            key, lambda: self._load_and_install(entry, newest=force), name=f"load {entry.name} v{entry.version}"
         )
 
-    async def _load_and_install(self, entry: ModelEntry) -> LoadedModel:
+    async def _load_and_install(self, entry: ModelEntry, newest: bool = False) -> LoadedModel:
         key = (entry.name, entry.version)
         try:
             model = await self._load_admitted(entry)
@@ -368,7 +371,7 @@ class ModelCache:
         previous = self._loaded.get(key)
         self._loaded[key] = model
         latest = self._latest.get(entry.name)
-        if latest is None or int(entry.version) >= int(latest.version):
+        if latest is None or newest or int(entry.version) >= int(latest.version):
             self._latest[entry.name] = model
             if latest is not None and latest is not model:
                 self._retire(latest)  # hot swap: the old version drains, then is released

@@ -49,7 +49,7 @@ class OnnxSession:
     """One loaded ONNX model.
 
     Args:
-        path: The ``.onnx`` file.
+        path: The ``.onnx`` file, or the model's bytes (decrypted in memory: nothing is written to disk).
         intra_op_threads: Threads onnxruntime may use inside one run.
 
     Raises:
@@ -57,15 +57,17 @@ class OnnxSession:
             tensor types the protocol cannot carry.
     """
 
-    def __init__(self, path: Path, intra_op_threads: int = 1) -> None:
+    def __init__(self, path: Path | bytes, intra_op_threads: int = 1) -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        model = path if isinstance(path, bytes) else str(path)
+        what = "model bytes" if isinstance(path, bytes) else f"model file {path.name}"
         try:
-            self._session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+            self._session = ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises several unrelated types for a bad file
-            raise ModelNotReadyError(f"model file {path.name} cannot be loaded by onnxruntime") from exc
+            raise ModelNotReadyError(f"{what} cannot be loaded by onnxruntime") from exc
         self.signature = ModelSignature(
             inputs=tuple(_spec(a) for a in self._session.get_inputs()),
             outputs=tuple(_spec(a) for a in self._session.get_outputs()),
