@@ -24,7 +24,7 @@ from services.updates.checkin import AssignedVariant, DesiredState, InstalledMod
 from services.updates.identity import NodeKeys
 from services.updates.key_grants import KeyGrant
 
-TIERS = {"tier0": mesh_pb2.TIER_DEVICE, "tier1": mesh_pb2.TIER_EDGE, "tier2": mesh_pb2.TIER_REGION}
+TIERS = {"device": mesh_pb2.TIER_DEVICE, "edge": mesh_pb2.TIER_EDGE, "region": mesh_pb2.TIER_REGION}
 NONCE_BYTES = 16
 
 

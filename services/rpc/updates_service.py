@@ -31,7 +31,7 @@ from services.rpc.fleet_client import FleetClient
 from services.rpc.server import ServiceBinding
 from services.ticker import Ticker
 from services.tier_config import UpdatesSection
-from services.updates.checkin import DesiredState, NodeFacts, NoUpdates, UpdateTarget
+from services.updates.checkin import ROLES, DesiredState, NodeFacts, NoUpdates, UpdateTarget
 from services.updates.identity import FileKeyProvider, NodeKeys
 
 log = logging.getLogger("edgecascade.updates")
@@ -124,7 +124,7 @@ class NodeUpdatesService:
         disk = shutil.disk_usage(self._state_dir).free if self._settings.state_dir else 0
         return NodeFacts(
             node_id=self._context.identity.node_id,
-            tier=self._context.identity.tier,
+            tier=ROLES.get(self._context.identity.tier, self._context.identity.tier),
             hardware_class=self._settings.hardware_class,
             memory_budget_bytes=config.cache.budget,
             onnxruntime_version=onnxruntime.__version__,

@@ -19,14 +19,23 @@ from services.updates.key_grants import KeyGrant
 
 @dataclass(frozen=True)
 class NodeFacts:
-    """What a node is, as it reports itself at enrollment and check-in."""
+    """What a node is, as it reports itself at enrollment and check-in.
+
+    Attributes:
+        node_id: Its id (as ``[server] node_id`` takes it).
+        tier: ``device`` or ``edge``.
+        hardware_class: The device class variants are published for; empty = unknown.
+        memory_budget_bytes: What its model cache may hold.
+        onnxruntime_version: The runtime it loads models with, e.g. ``1.20.1``.
+        free_disk_bytes: Free space in its state directory.
+    """
 
     node_id: str
-    tier: str  # tier0, tier1 or tier2
+    tier: str
     hardware_class: str
     memory_budget_bytes: int
     onnxruntime_version: str
-    free_disk_bytes: int
+    free_disk_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -67,6 +76,10 @@ class DesiredState:
     assignments: tuple[AssignedVariant, ...] = ()
     unassigned: tuple[Unassigned, ...] = ()
     check_interval_s: int = 0
+
+
+# A node's tier, as ``edgecascade.served_by`` names it, and as the fleet names it.
+ROLES = {"tier0": "device", "tier1": "edge", "tier2": "region"}
 
 
 class UpdateTarget(Protocol):

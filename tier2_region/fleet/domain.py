@@ -15,7 +15,20 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from services.errors import ConfigError, InvalidArgumentError
 from services.tier_config import check_node_id
-from services.updates.key_grants import KeyGrant
+from services.updates.checkin import AssignedVariant as Assignment
+from services.updates.checkin import DesiredState, InstalledModel, NodeFacts, Unassigned
+
+# The check-in types are the shared ones (a node builds them, the region reads them).
+__all__ = [
+    "Assignment",
+    "CheckInReport",
+    "DesiredState",
+    "Enrollment",
+    "InstalledModel",
+    "NodeFacts",
+    "SignedCheckIn",
+    "Unassigned",
+]
 
 # The tiers that enroll (the region is the one they enroll with).
 TIERS = ("device", "edge")
@@ -32,27 +45,6 @@ MAX_BYTES_VALUE = 2**63 - 1
 
 
 @dataclass(frozen=True)
-class NodeFacts:
-    """What a node is, as it reports itself.
-
-    Attributes:
-        node_id: Its id (as ``[server] node_id`` takes it).
-        tier: ``device`` or ``edge``.
-        hardware_class: The device class variants are published for; empty = unknown.
-        memory_budget_bytes: What its model cache may hold.
-        onnxruntime_version: The runtime it loads models with, e.g. ``1.20.1``.
-        free_disk_bytes: Free space in its state directory.
-    """
-
-    node_id: str
-    tier: str
-    hardware_class: str
-    memory_budget_bytes: int
-    onnxruntime_version: str
-    free_disk_bytes: int = 0
-
-
-@dataclass(frozen=True)
 class Enrollment:
     """An enrollment request: a one-time token, the node's facts and its raw public keys."""
 
@@ -60,17 +52,6 @@ class Enrollment:
     facts: NodeFacts
     identity_public_key: bytes
     agreement_public_key: bytes
-
-
-@dataclass(frozen=True)
-class InstalledModel:
-    """One model on a node and where its update stands."""
-
-    name: str
-    version: str
-    variant: str
-    state: str
-    last_error: str = ""
 
 
 @dataclass(frozen=True)
@@ -90,35 +71,6 @@ class SignedCheckIn:
     report_bytes: bytes
     signature: bytes
     report: CheckInReport
-
-
-@dataclass(frozen=True)
-class Assignment:
-    """The version and variant of one model a node should run, with the variant's key wrapped to it."""
-
-    name: str
-    version: str
-    variant: str
-    target_path: str
-    grant: KeyGrant
-
-
-@dataclass(frozen=True)
-class Unassigned:
-    """A model deployed to a node that it does not get, and why."""
-
-    name: str
-    version: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class DesiredState:
-    """The answer to a check-in."""
-
-    assignments: tuple[Assignment, ...]
-    unassigned: tuple[Unassigned, ...]
-    check_interval_s: int
 
 
 def check_text(value: str, what: str, limit: int = MAX_TEXT, *, required: bool = False) -> str:
