@@ -243,7 +243,7 @@ def main(spec: TierSpec, defaults: Mapping[str, Mapping[str, Any]], argv: Sequen
         The process exit code: 0 after a clean stop (SIGTERM or Ctrl-C), 2 for a configuration error.
     """
     parser = argparse.ArgumentParser(
-        prog=f"python -m {sys.modules['__main__'].__spec__.name if sys.modules['__main__'].__spec__ else spec.tier}",
+        prog=f"python -m {_module_name(spec)}",
         description=f"Run an edgecascade {spec.role} node ({spec.tier}) serving the Open Inference Protocol.",
         epilog="Every setting can also be given as EDGECASCADE_<SECTION>__<KEY>, e.g. EDGECASCADE_SERVER__PORT=8001; "
         "the environment wins over the file. Traces are exported by OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set.",
@@ -272,6 +272,12 @@ def main(spec: TierSpec, defaults: Mapping[str, Mapping[str, Any]], argv: Sequen
         print(f"configuration error: {exc.message}", file=sys.stderr)
         return 2
     return 0
+
+
+def _module_name(spec: TierSpec) -> str:
+    """The module the tier was started as (``tier0_device``), for ``--help``."""
+    main_spec = sys.modules["__main__"].__spec__
+    return main_spec.name.removesuffix(".__main__") if main_spec is not None else spec.tier
 
 
 async def _run_until_signal(spec: TierSpec, config: TierConfig) -> None:
