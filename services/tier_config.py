@@ -32,7 +32,9 @@ Sections and their environment variables (``EDGECASCADE_<SECTION>__<KEY>``):
 ``[updates]`` (devices and edges)
     ``state_dir`` (keys and enrollment; empty: no enrollment or check-in),
     ``enrollment_token`` or ``enrollment_token_file``, ``check_interval_s``,
-    ``jitter``, ``hardware_class`` and ``call_timeout_s``.
+    ``jitter``, ``hardware_class``, ``call_timeout_s`` and ``trusted_root`` (the
+    registry's root metadata: set, the node installs its assignments through its
+    updater and serves only what it installed).
 
 A tier adds its own sections in its own package (``[registry]`` in
 ``tier2_region.config``, ``[artifacts]`` in ``tier1_edge.config``); a section
@@ -190,11 +192,15 @@ class UpdatesSection:
         jitter: Each wait is the interval times ``1 ± jitter``, so a fleet does not call in together.
         hardware_class: The device class variants are published for; empty = any.
         call_timeout_s: Deadline of one enrollment or check-in call.
+        trusted_root: The registry's root metadata the node trusts (provisioned, never fetched
+            on first use). Set, the node installs what it is assigned through its updater and
+            serves only what it installed; empty, it checks in and reports but installs nothing.
     """
 
     state_dir: str = ""
     enrollment_token: str = ""
     enrollment_token_file: str = ""
+    trusted_root: str = ""
     check_interval_s: float = 30.0
     jitter: float = 0.1
     hardware_class: str = ""
@@ -211,6 +217,8 @@ class UpdatesSection:
             raise ConfigError("[updates] set enrollment_token or enrollment_token_file, not both")
         if len(self.hardware_class) > 64:
             raise ConfigError("[updates] hardware_class must be at most 64 characters")
+        if self.trusted_root and not self.state_dir:
+            raise ConfigError("[updates] trusted_root needs a state_dir to install into")
 
 
 @dataclass(frozen=True)

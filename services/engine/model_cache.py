@@ -39,7 +39,7 @@ from services.engine.model_repository import ModelEntry, ModelRepository
 from services.engine.model_stats import ModelStats
 from services.engine.onnx_session import OnnxSession
 from services.engine.run_pool import RunPool
-from services.errors import EdgecascadeError, MemoryBudgetError, ModelNotFoundError, ModelNotReadyError
+from services.errors import ConfigError, EdgecascadeError, MemoryBudgetError, ModelNotFoundError, ModelNotReadyError
 from services.inference import ModelSignature
 from services.single_flight import SingleFlight
 
@@ -160,6 +160,17 @@ class ModelCache:
         self._drain_tasks: set[asyncio.Task[None]] = set()
         self._draining: set[LoadedModel] = set()
 
+    def use_source(self, repository: ModelRepository, opener: SessionOpener) -> None:
+        """Serves models from another repository, opened another way (a node's encrypted installed store).
+
+        Raises:
+            ConfigError: A model is already loaded or loading from the current source.
+        """
+        if self._loaded or self._draining or self._loads.keys():
+            raise ConfigError("the model cache's source can only change before any model is loaded")
+        self.repository = repository
+        self.loader.opener = opener
+
     @property
     def batching(self) -> BatchingConfig:
         """The tier-wide batching defaults (before any model's overrides)."""
@@ -234,8 +245,10 @@ class ModelCache:
             self._retire(model)
 
     async def preload(self) -> None:
-        """Loads the newest version of every model in the repository; failures are recorded, not raised."""
+        """Loads the newest version of every model not loaded yet; failures are recorded, not raised."""
         for name in self.repository.names():
+            if name in self._latest:
+                continue  # already serving (an updater's recovery loaded it)
             with contextlib.suppress(EdgecascadeError):
                 await self.load(name)
 

@@ -26,6 +26,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, w
 
 from services.atomic_files import write_atomically
 from services.errors import ConfigError, EdgecascadeError, UnavailableError
+from services.rpc.artifact_client import GrpcArtifactSource
 from services.rpc.components import NodeContext
 from services.rpc.fleet_client import FleetClient
 from services.rpc.server import ServiceBinding
@@ -33,6 +34,9 @@ from services.ticker import Ticker
 from services.tier_config import UpdatesSection
 from services.updates.checkin import ROLES, DesiredState, NodeFacts, NoUpdates, UpdateTarget
 from services.updates.identity import FileKeyProvider, NodeKeys
+from services.updates.installed_store import InstalledStore
+from services.updates.model_fetcher import ModelFetcher
+from services.updates.updater import Updater
 
 log = logging.getLogger("edgecascade.updates")
 
@@ -74,6 +78,8 @@ class NodeUpdatesService:
         self.desired: DesiredState | None = None
         self.check_ins = 0
         self.failures = 0
+        self._updater: Updater | None = None
+        self._source: GrpcArtifactSource | None = None
         if not settings.state_dir:
             return
         config = context.config
@@ -91,6 +97,43 @@ class NodeUpdatesService:
                 ) from None
         self._client = FleetClient(config.upstream.address, context.tracer_provider, config.server.max_message_bytes)
         self._ticker = Ticker("check-in", settings.check_interval_s, self._tick, jitter=settings.jitter)
+        if settings.trusted_root and target is None:
+            self._updater = self._build_updater(context, settings)
+            self._target = self._updater
+
+    def _build_updater(self, context: NodeContext, settings: UpdatesSection) -> Updater:
+        """The node's updater over its upstream's artifact service; the cache then serves only what it installs."""
+        config, cache = context.config, context.cache
+        if cache is None:
+            raise ConfigError("[updates] trusted_root needs the node's model cache")
+        try:
+            root = Path(settings.trusted_root).read_bytes()
+        except OSError as exc:
+            raise ConfigError(
+                f"[updates] trusted_root {settings.trusted_root} cannot be read: {exc.strerror}"
+            ) from None
+        store = InstalledStore(self._state_dir / "installed")
+        cache.use_source(store.repository(), store.opener(context.identity.node_id, self._keys.agreement))
+        self._source = GrpcArtifactSource(config.upstream.address, config.server.max_message_bytes)
+        try:
+            fetcher = ModelFetcher(
+                self._source, root, self._state_dir / "tuf", f"the artifact service at {config.upstream.address}"
+            )
+        except EdgecascadeError as exc:
+            self._source.close()
+            raise ConfigError(f"[updates] trusted_root {settings.trusted_root}: {exc.message}") from None
+        facts = self.facts()
+        return Updater(
+            context.identity.node_id,
+            self._keys,
+            fetcher,
+            store,
+            cache,
+            facts.memory_budget_bytes,
+            facts.hardware_class,
+            facts.onnxruntime_version,
+            lambda: shutil.disk_usage(self._state_dir).free,
+        )
 
     @property
     def bindings(self) -> Sequence[ServiceBinding]:
@@ -103,7 +146,12 @@ class NodeUpdatesService:
         return self._settings.state_dir != "" and (self._state_dir / ENROLLMENT_FILE).is_file()
 
     async def start(self) -> None:
-        """Starts checking in (the first check-in, and enrollment if needed, right away)."""
+        """Recovers what the updater left (serving exactly one verified version per model), then checks in."""
+        if self._updater is not None:
+            # Serving comes back at once from what is committed; an update a crash interrupted
+            # resumes in the background, so an upstream that is down never delays the start.
+            await self._updater.recover(resume=False)
+            self._apply = asyncio.create_task(self._updater.resume(), name="resume updates")
         if self._ticker is not None:
             self._ticker.start()
 
@@ -117,6 +165,8 @@ class NodeUpdatesService:
                 await self._apply
         if self._client is not None:
             await self._client.close()
+        if self._source is not None:
+            self._source.close()
 
     def facts(self) -> NodeFacts:
         """What this node reports about itself."""
