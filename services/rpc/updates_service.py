@@ -14,12 +14,12 @@ Without ``state_dir`` the component does nothing.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import shutil
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
+from typing import Any
 
 import onnxruntime
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
@@ -151,7 +151,7 @@ class NodeUpdatesService:
             # Serving comes back at once from what is committed; an update a crash interrupted
             # resumes in the background, so an upstream that is down never delays the start.
             await self._updater.recover(resume=False)
-            self._apply = asyncio.create_task(self._updater.resume(), name="resume updates")
+            self._apply = self._background(self._updater.resume(), "resume updates")
         if self._ticker is not None:
             self._ticker.start()
 
@@ -161,12 +161,23 @@ class NodeUpdatesService:
             await self._ticker.stop()
         if self._apply is not None:
             self._apply.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._apply
+            await asyncio.gather(self._apply, return_exceptions=True)
         if self._client is not None:
             await self._client.close()
         if self._source is not None:
             self._source.close()
+
+    @staticmethod
+    def _background(work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """Runs an update in its own task; a failure is logged (the updater records its own reasons)."""
+        task = asyncio.create_task(work, name=name)
+
+        def done(finished: asyncio.Task[None]) -> None:
+            if not finished.cancelled() and finished.exception() is not None:
+                log.error("%s failed", name, exc_info=finished.exception())
+
+        task.add_done_callback(done)
+        return task
 
     def facts(self) -> NodeFacts:
         """What this node reports about itself."""
@@ -207,7 +218,7 @@ class NodeUpdatesService:
             log.info("model %s version %s is not assigned to this node: %s", item.name, item.version, item.reason)
         if self._apply is None or self._apply.done():
             # Installing may take long; the next check-in reports its progress meanwhile.
-            self._apply = asyncio.create_task(self._target.apply(desired.assignments), name="apply desired state")
+            self._apply = self._background(self._target.apply(desired.assignments), "apply desired state")
 
     async def _enroll(self) -> None:
         assert self._client is not None
