@@ -87,8 +87,17 @@ async def test_a_deployed_model_is_installed_through_the_edge_and_served_by_the_
         answer = await _served_by_device(device.address)
         assert "edgecascade.fallback_reason" not in answer
         service = device.component(NodeUpdatesService)
-        installed = {m.name: m for m in service._target.installed()}
-        assert (installed["lm"].version, installed["lm"].state) == ("1", "committed")
+
+        def state_of_lm() -> tuple[str, str]:
+            installed = {m.name: m for m in service._target.installed()}
+            return (installed["lm"].version, installed["lm"].state) if "lm" in installed else ("", "")
+
+        # The new version serves from its trial on; the commit follows right after.
+        for _ in range(500):
+            if state_of_lm() == ("1", "committed"):
+                break
+            await asyncio.sleep(0.01)
+        assert state_of_lm() == ("1", "committed")
         assert plaintext_leaks(state, model_plaintexts(kit.files)) == []
     finally:
         for node in reversed(nodes):
