@@ -13,16 +13,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from protos.edgecascade.v1 import artifacts_pb2, artifacts_pb2_grpc, mesh_pb2
+from protos.edgecascade.v1 import mesh_pb2
 from services.errors import ConfigError, EdgecascadeError
 from services.rpc.artifact_client import GrpcArtifactSource
-from services.rpc.artifact_servicer import ArtifactServicer
+from services.rpc.artifact_servicer import ArtifactServicer, artifact_bindings
 from services.rpc.components import NodeContext
 from services.rpc.server import ServiceBinding
 from tier1_edge.artifact_cache import ArtifactCache, ArtifactCacheConfig
 from tier1_edge.config import EdgeConfig
-
-ARTIFACT_SERVICE = artifacts_pb2.DESCRIPTOR.services_by_name["ArtifactService"].full_name
 
 
 class ArtifactCacheService:
@@ -68,14 +66,7 @@ class ArtifactCacheService:
     @property
     def bindings(self) -> Sequence[ServiceBinding]:
         """The artifact service, when a cache directory is configured."""
-        servicer = self._servicer
-        if servicer is None:
-            return []
-        return [
-            ServiceBinding(
-                ARTIFACT_SERVICE, lambda s: artifacts_pb2_grpc.add_ArtifactServiceServicer_to_server(servicer, s)
-            )
-        ]
+        return artifact_bindings(self._servicer)
 
     def tier_info(self, response: mesh_pb2.GetTierInfoResponse) -> None:
         """Adds the cache's use and counters to the node's answer (nothing without a cache)."""

@@ -13,9 +13,8 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from protos.edgecascade.v1 import artifacts_pb2, artifacts_pb2_grpc
 from services.errors import EdgecascadeError
-from services.rpc.artifact_servicer import ArtifactServicer
+from services.rpc.artifact_servicer import ArtifactServicer, artifact_bindings
 from services.rpc.components import NodeContext
 from services.rpc.server import ServiceBinding
 from services.ticker import Ticker
@@ -28,8 +27,6 @@ log = logging.getLogger("edgecascade.artifacts")
 
 # How long stop() waits for a re-signing round that is already writing.
 STOP_WAIT_S = 30.0
-
-ARTIFACT_SERVICE = artifacts_pb2.DESCRIPTOR.services_by_name["ArtifactService"].full_name
 
 
 class ArtifactOrigin:
@@ -80,14 +77,7 @@ class ArtifactOrigin:
     @property
     def bindings(self) -> Sequence[ServiceBinding]:
         """The artifact service, when a registry is configured."""
-        servicer = self._servicer
-        if servicer is None:
-            return []
-        return [
-            ServiceBinding(
-                ARTIFACT_SERVICE, lambda s: artifacts_pb2_grpc.add_ArtifactServiceServicer_to_server(servicer, s)
-            )
-        ]
+        return artifact_bindings(self._servicer)
 
     async def start(self) -> None:
         """Starts re-signing; warns when nothing will re-sign or nothing is published yet."""

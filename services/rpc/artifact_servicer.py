@@ -17,6 +17,7 @@ from grpc import aio
 from protos.edgecascade.v1 import artifacts_pb2 as pb
 from protos.edgecascade.v1 import artifacts_pb2_grpc as pb_grpc
 from services.errors import InvalidArgumentError
+from services.rpc.server import ServiceBinding
 from services.updates.artifact_store import ArtifactProvider
 
 DEFAULT_CHUNK_BYTES = 256 * 1024
@@ -60,3 +61,13 @@ class ArtifactServicer(pb_grpc.ArtifactServiceServicer):
                     break
                 yield pb.FetchResponse(data=data, offset=offset, total_length=total)
                 offset += len(data)
+
+
+ARTIFACT_SERVICE = pb.DESCRIPTOR.services_by_name["ArtifactService"].full_name
+
+
+def artifact_bindings(servicer: ArtifactServicer | None) -> list[ServiceBinding]:
+    """The artifact service's binding for a node's server, or none when the node serves no artifacts."""
+    if servicer is None:
+        return []
+    return [ServiceBinding(ARTIFACT_SERVICE, lambda s: pb_grpc.add_ArtifactServiceServicer_to_server(servicer, s))]
