@@ -51,15 +51,21 @@ def _parser() -> argparse.ArgumentParser:
     up = sub.add_parser(
         "up",
         help="start the whole mesh (region, edge, devices) on this machine",
-        description="Start Tier 2 (region), one Tier 1 (edge) and N Tier 0 (device) processes on loopback, "
-        "place the demo models on first start, print the endpoints and write <state-dir>/endpoints.json once "
-        "every node reports SERVING. Ctrl-C or SIGTERM stops every node cleanly. A node that exits is restarted "
-        "on its port, whatever its exit code, after 1, 2, 4, 8 and 16 s, and given up on after 5 restarts in "
-        "5 minutes, while the "
-        "others keep running; <state-dir>/nodes.json records each node's state. Settings in the environment "
-        "(EDGECASCADE_<SECTION>__<KEY>, OTEL_*) are passed to every node, except the per-node ones the launcher "
-        "sets itself (server host/port/node_id/port_file, repository path, upstream address, registry and "
-        "artifacts paths), which are ignored for the nodes.",
+        description=(
+            "Start Tier 2 (region), one Tier 1 (edge) and N Tier 0 (device) processes on loopback. "
+            "On first start the region's registry is created, the demo models are published into it and "
+            "deployed (charlm-device to the devices, charlm-edge to the edge); the edge and the devices "
+            "start empty, enroll with one-time tokens the launcher makes and install their models through "
+            "their updaters. The endpoints are printed and written to <state-dir>/endpoints.json once every "
+            "node reports SERVING and has installed what it was assigned (or 180 s passed). Ctrl-C or "
+            "SIGTERM stops every node cleanly. A node that exits is restarted on its port, whatever its exit "
+            "code, after 1, 2, 4, 8 and 16 s, and given up on after 5 restarts in 5 minutes, while the "
+            "others keep running; <state-dir>/nodes.json records each node's state. Settings in the "
+            "environment (EDGECASCADE_<SECTION>__<KEY>, OTEL_*) are passed to every node, except the "
+            "per-node ones the launcher sets itself (server host/port/node_id/port_file, repository path, "
+            "upstream address, registry, artifacts, fleet and updates paths and tokens), which are ignored "
+            "for the nodes. The nodes check in every 2 s unless EDGECASCADE_FLEET__CHECK_INTERVAL_S is set."
+        ),
     )
     up.add_argument("--devices", type=int, default=2, help="number of device nodes (default 2)")
     up.add_argument(

@@ -166,6 +166,28 @@ def _artifacts(info: mesh_pb2.GetTierInfoResponse) -> str:
     )
 
 
+def _updates(info: mesh_pb2.GetTierInfoResponse) -> str:
+    """The node's enrollment and each model's update state against its desired version, or ``-``."""
+    if not info.HasField("updates"):
+        return "-"
+    u = info.updates
+    if not u.enrolled:
+        return f"[yellow]not enrolled[/yellow] ({u.failed_check_ins} failed attempts)"
+    desired = {d.name: d for d in u.desired}
+    parts = []
+    for m in u.installed:
+        want = desired.pop(m.name, None)
+        line = f"{escape(m.name)} {escape(m.version)} {escape(m.variant)} {escape(m.state)}"
+        if want is not None and (want.version, want.variant) != (m.version, m.variant):
+            line += f" → {escape(want.version)} {escape(want.variant)}"
+        if m.last_error:
+            line += f" [red]({escape(m.last_error)})[/red]"
+        parts.append(line)
+    parts += [f"{escape(d.name)} → {escape(d.version)} {escape(d.variant)} (waiting)" for d in desired.values()]
+    seen = "never" if u.last_check_in_age_s < 0 else f"{u.last_check_in_age_s:.0f} s ago"
+    return "; ".join(parts or ["nothing assigned"]) + f" · checked in {seen}"
+
+
 def status(console: Console, state_dir: Path, timeout: float) -> int:
     """Prints what every node of the running mesh reports about itself, and the registry's expiry warnings.
 
@@ -183,7 +205,8 @@ def status(console: Console, state_dir: Path, timeout: float) -> int:
     states = node_states(state_dir)
     addresses = [endpoints["region"], endpoints["edge"], *endpoints["devices"]]
     table = Table(title="edgecascade mesh")
-    for column in ("address", "tier", "node", "upstream", "memory used / budget", "models", "artifact cache"):
+    columns = ("address", "tier", "node", "upstream", "memory used / budget", "models", "updates", "artifact cache")
+    for column in columns:
         table.add_column(column)
     failures = 0
     for address in addresses:
@@ -204,7 +227,8 @@ def status(console: Console, state_dir: Path, timeout: float) -> int:
                 continue
         models = ", ".join(f"{m.name} v{m.version} {m.state}" for m in info.models) or "-"
         memory = f"{megabytes(info.cache.used_bytes)} / {megabytes(info.cache.budget_bytes)}"
-        table.add_row(address, info.tier_name, info.node_id, info.upstream or "-", memory, models, _artifacts(info))
+        upstream = info.upstream or "-"
+        table.add_row(address, info.tier_name, info.node_id, upstream, memory, models, _updates(info), _artifacts(info))
     console.print(table)
     # Registry metadata close to expiry (read from the region's artifact service): warned well ahead,
     # and a failure once a role has expired (every client refresh in the fleet fails on it).

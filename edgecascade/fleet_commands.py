@@ -118,7 +118,7 @@ def add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
     deploy.set_defaults(handler=deploy_model)
 
 
-class _NoVariants:
+class NoVariants:
     """The catalog of the verbs that read no registry."""
 
     def offers(self, name: str, version: str) -> list[VariantOffer]:
@@ -167,7 +167,7 @@ def create_token(args: argparse.Namespace, console: Console) -> int:
     path = inventory_path(args, config)
     inventory = Inventory(path)
     try:
-        issued = Fleet(inventory, _NoVariants(), config.fleet).create_token(args.ttl_s)
+        issued = Fleet(inventory, NoVariants(), config.fleet).create_token(args.ttl_s)
     finally:
         inventory.close()
     console.print(issued.token, markup=False, soft_wrap=True)
@@ -187,7 +187,7 @@ def revoke_node(args: argparse.Namespace, console: Console) -> int:
         raise NotFoundError(f"no fleet inventory at {path}")
     inventory = Inventory(path)
     try:
-        Fleet(inventory, _NoVariants(), config.fleet).revoke(args.node_id)
+        Fleet(inventory, NoVariants(), config.fleet).revoke(args.node_id)
     finally:
         inventory.close()
     console.print(
@@ -256,7 +256,7 @@ def list_fleet(args: argparse.Namespace, console: Console) -> int:
     if path.is_file():
         inventory = Inventory(path)
         try:
-            entries = Fleet(inventory, _NoVariants(), config.fleet).listing()
+            entries = Fleet(inventory, NoVariants(), config.fleet).listing()
         finally:
             inventory.close()
     if args.json:

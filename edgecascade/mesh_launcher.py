@@ -3,12 +3,27 @@
 Starts the region, one edge and N devices as child processes on loopback, each
 with its own directory under the state directory (``config.toml``,
 ``models/``, ``log.txt``, ``port.json``). On first start the region's model
-registry is created (``region-1/keys``, ``region-1/registry``) and the demo
-models are published into it; the region serves it and the edge caches it
-(``edge-1/artifacts``), trusting ``edge-1/trusted-root.json``. Each child binds a free port and
-reports it in its port file; the launcher chains the upstream addresses
-(device → edge → region), waits until every node answers its health check with
-SERVING, then writes ``<state-dir>/endpoints.json``.
+registry is created (``region-1/keys``, ``region-1/registry``), the demo
+models are published into it, and they are deployed through the region's fleet
+(``region-1/fleet.sqlite``): ``charlm-device`` to every device, ``charlm-edge``
+to the edge. Only the region gets demo copies in its repository (the last
+fallback); the edge and the devices start empty. Each of them keeps its keys,
+enrollment and installed models in ``<node>/state``, trusts
+``<state-dir>/trusted-root.json`` (the registry's root, provisioned, never
+fetched), and, until it has enrolled, is started with a fresh one-time token
+(``<node>/enrollment-token``, mode 0600, made by the launcher as
+``edgecascade fleet token`` would). The nodes then enroll, check in and install
+what is deployed to them through their updaters, from the region's registry
+through the edge's verifying cache. Each child binds a free port and reports it
+in its port file; the launcher chains the upstream addresses (device → edge →
+region), waits until every node answers its health check with SERVING and until
+the edge and every device have installed what they were assigned (or
+``INSTALL_TIMEOUT_S`` passed: requests go upstream meanwhile), then writes
+``<state-dir>/endpoints.json``.
+
+The nodes check in every ``DEMO_ENVIRONMENT`` interval (2 s) unless the
+environment sets ``EDGECASCADE_FLEET__CHECK_INTERVAL_S``, so ``edgecascade deploy``
+reaches the demo mesh within seconds.
 
 The children inherit the launcher's environment, so every ``EDGECASCADE_*`` and
 ``OTEL_*`` setting reaches every node, except the per-node settings the launcher
@@ -35,6 +50,7 @@ import contextlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -49,17 +65,25 @@ import tomli_w
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.markup import escape
 
+from edgecascade.demo_fleet import deploy_demo_models, issue_token
 from edgecascade.demo_models import place_demo_models
 from edgecascade.demo_registry import publish_demo_models, trusted_root
+from protos.edgecascade.v1 import mesh_pb2, mesh_pb2_grpc
 from services.atomic_files import write_atomically
 from services.config import ENV_PREFIX
-from services.errors import ConfigError, UnavailableError
+from services.errors import ConfigError, EdgecascadeError, UnavailableError
+from services.rpc.updates_service import ENROLLMENT_FILE
 
 START_TIMEOUT_S = 60.0
 STOP_GRACE_S = 10.0
 LOG_TAIL_BYTES = 64 * 1024
 SUPERVISE_INTERVAL_S = 0.2
 HEALTH_CHECK_TIMEOUT_S = 2.0
+INSTALL_TIMEOUT_S = 180.0  # first start: enroll, check in, download, verify, trial, commit
+TOKEN_TTL_S = 3600.0  # a token the launcher makes is used within seconds; an unused one lapses soon
+
+# Defaults the nodes get unless the launcher's own environment sets them.
+DEMO_ENVIRONMENT = {"EDGECASCADE_FLEET__CHECK_INTERVAL_S": "2"}
 
 # The states of a node in nodes.json.
 STARTING = "starting"  # first start, not yet serving
@@ -80,6 +104,11 @@ LAUNCHER_OWNED_SETTINGS: tuple[tuple[str, str], ...] = (
     ("registry", "key_dir"),
     ("artifacts", "cache_dir"),
     ("artifacts", "trusted_root"),
+    ("fleet", "path"),
+    ("updates", "state_dir"),
+    ("updates", "trusted_root"),
+    ("updates", "enrollment_token"),
+    ("updates", "enrollment_token_file"),
 )
 
 # Runs a tier module the way ``python -m`` does, after asking Linux to SIGTERM the
@@ -193,6 +222,26 @@ class Child:
         """The node's model repository."""
         return self.directory / "models"
 
+    @property
+    def updates_dir(self) -> Path:
+        """Where the node keeps its keys, enrollment and installed models (edge and devices)."""
+        return self.directory / "state"
+
+    @property
+    def token_file(self) -> Path:
+        """The one-time enrollment token the node starts with until it has enrolled."""
+        return self.directory / "enrollment-token"
+
+    @property
+    def installs(self) -> bool:
+        """Whether the node gets its models through enrollment and its updater (all but the region)."""
+        return self.role != "region"
+
+    @property
+    def enrolled(self) -> bool:
+        """Whether the node has recorded its enrollment."""
+        return (self.updates_dir / ENROLLMENT_FILE).is_file()
+
 
 class Mesh:
     """The children of one ``edgecascade up``.
@@ -228,7 +277,10 @@ class Mesh:
             Child(f"device-{i}", "device", self.state_dir / f"device-{i}", "tier0_device")
             for i in range(1, devices + 1)
         ]
-        self.region.tier_settings = {"registry": {"path": str(self.registry_dir), "key_dir": str(self.key_dir)}}
+        self.region.tier_settings = {
+            "registry": {"path": str(self.registry_dir), "key_dir": str(self.key_dir)},
+            "fleet": {"path": str(self.fleet_file)},
+        }
         self.edge.tier_settings = {
             "artifacts": {
                 "cache_dir": str(self.edge.directory / "artifacts"),
@@ -237,7 +289,13 @@ class Mesh:
         }
         for child in self.children:
             child.policy = restart_policy()
-        self._environment, self._ignored_variables = child_environment(os.environ)
+            if child.installs:
+                child.tier_settings["updates"] = {
+                    "state_dir": str(child.updates_dir),
+                    "trusted_root": str(self.trusted_root_file),
+                }
+        inherited, self._ignored_variables = child_environment(os.environ)
+        self._environment = {**DEMO_ENVIRONMENT, **inherited}
 
     @property
     def children(self) -> list[Child]:
@@ -255,16 +313,17 @@ class Mesh:
         return self.state_dir / "nodes.json"
 
     def provision_demo(self) -> None:
-        """On first start: puts the demo models into each node's repository, then creates the region's
-        registry (with its dev keys) and publishes the demo models into it (see :meth:`publish_registry`).
+        """On first start: puts the region's demo copies into its repository, creates the region's
+        registry (with its dev keys), publishes the demo models into it (see :meth:`publish_registry`)
+        and deploys them to the edge and the devices (see :func:`deploy_demo_models`).
 
         Raises:
             ConfigError: A demo model file is missing.
         """
-        for child in self.children:
-            for placement in place_demo_models(child.repository, child.role, self.models_dir):
-                self.say(f"placed {placement.name} ({placement.file}) on {child.name}")
+        for placement in place_demo_models(self.region.repository, self.region.role, self.models_dir):
+            self.say(f"placed {placement.name} ({placement.file}) on {self.region.name}")
         self.publish_registry()
+        deploy_demo_models(self.fleet_file, self.registry_dir, self.say)
 
     @property
     def registry_dir(self) -> Path:
@@ -277,9 +336,14 @@ class Mesh:
         return self.region.directory / "keys"
 
     @property
+    def fleet_file(self) -> Path:
+        """The region's fleet inventory (nodes, tokens, deployments)."""
+        return self.region.directory / "fleet.sqlite"
+
+    @property
     def trusted_root_file(self) -> Path:
-        """The root metadata the edge trusts."""
-        return self.edge.directory / "trusted-root.json"
+        """The root metadata the edge and the devices trust."""
+        return self.state_dir / "trusted-root.json"
 
     def publish_registry(self) -> None:
         """Creates the registry and publishes the demo models into it, the first time.
@@ -290,7 +354,7 @@ class Mesh:
         from edgecascade.model_commands import heldout_docs  # imported on use: it pulls in the demo corpus
 
         publish_demo_models(self.registry_dir, self.key_dir, self.models_dir, self.say, lambda f: heldout_docs(f, None))
-        self.edge.directory.mkdir(parents=True, exist_ok=True)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
         write_atomically(self.trusted_root_file, trusted_root(self.registry_dir))
 
     def start(self) -> dict[str, Any]:
@@ -315,6 +379,7 @@ class Mesh:
             self._await_serving(child)
             child.state = UP
         self._write_state()
+        self.await_installs()
         endpoints = {
             "region": self.region.address,
             "edge": self.edge.address,
@@ -330,7 +395,10 @@ class Mesh:
             "repository": {"path": str(child.repository)},
             "upstream": {"address": upstream},
         }
-        return {**settings, **child.tier_settings}
+        settings.update(child.tier_settings)
+        if child.installs and not child.enrolled:
+            settings["updates"] = {**settings["updates"], "enrollment_token_file": str(child.token_file)}
+        return settings
 
     def node_config(self, child: Child, upstream: str, port: int) -> str:
         """The text of a node's ``config.toml``."""
@@ -349,9 +417,11 @@ class Mesh:
             self._await_port(child)
 
     def _launch(self, child: Child, upstream: str, port: int) -> None:
-        """Writes the node's config and starts its process (``port`` 0: any free port)."""
+        """Writes the node's config (with a new enrollment token until it has enrolled) and starts its process
+        (``port`` 0: any free port)."""
         child.directory.mkdir(parents=True, exist_ok=True)
         child.port_file.unlink(missing_ok=True)
+        self._provide_token(child)
         config = child.directory / "config.toml"
         write_atomically(config, self.node_config(child, upstream, port).encode())
         if child.log is not None:
@@ -361,6 +431,91 @@ class Mesh:
         # A stop that arrives while Popen runs must not leave a started child unrecorded (and so unstopped).
         with _stop_deferred():
             child.process = self._popen(child, config)
+
+    def _provide_token(self, child: Child) -> None:
+        """Writes a fresh one-time token for a node that has not enrolled; removes a used one.
+
+        A token from an earlier start may have been used by a process that died before it
+        recorded its enrollment, or have lapsed: a new one per start costs nothing.
+        """
+        if not child.installs:
+            return
+        if child.enrolled:
+            child.token_file.unlink(missing_ok=True)
+            return
+        try:
+            token = issue_token(self.fleet_file, TOKEN_TTL_S)
+            write_atomically(child.token_file, (token + "\n").encode(), mode=0o600)
+        except (EdgecascadeError, OSError, sqlite3.Error) as exc:
+            # The node still starts and serves what it can; it reports that it cannot enroll.
+            self.say(f"[yellow]no enrollment token for {child.name}: {escape(str(exc))}[/yellow]")
+
+    def _update_status(self, child: Child) -> mesh_pb2.UpdateStatus | None:
+        """What the node reports about its enrollment and updates, or None if it does not answer."""
+        with grpc.insecure_channel(child.address) as channel:
+            try:
+                info = mesh_pb2_grpc.MeshServiceStub(channel).GetTierInfo(
+                    mesh_pb2.GetTierInfoRequest(), timeout=HEALTH_CHECK_TIMEOUT_S
+                )
+            except grpc.RpcError:
+                return None
+        return info.updates if info.HasField("updates") else None
+
+    def await_installs(self, timeout_s: float = INSTALL_TIMEOUT_S) -> bool:
+        """Waits until the edge and every device run what they were assigned at their last check-in.
+
+        A model is done when the node has committed the desired version and variant, or
+        refused it (the reason is shown). Progress is reported once per change.
+
+        Returns:
+            Whether every node was done within ``timeout_s`` (if not, it says which are not:
+            their requests go upstream meanwhile, and they keep installing).
+        """
+        pending = [child for child in self.children if child.installs]
+        shown: set[tuple[str, ...]] = set()
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            for child in list(pending):
+                status = self._update_status(child)
+                if status is not None and status.enrolled:
+                    child.token_file.unlink(missing_ok=True)  # used: nothing secret is left lying around
+                if status is not None and status.check_ins and self._installed(child, status, shown):
+                    pending.remove(child)
+            if pending and time.monotonic() >= deadline:
+                names = ", ".join(child.name for child in pending)
+                self.say(
+                    f"[yellow]{names} have not installed their models within {timeout_s:.0f} s; they keep "
+                    "trying, and forward requests upstream meanwhile (see edgecascade status)[/yellow]"
+                )
+                return False
+            if pending:
+                time.sleep(0.2)
+        return True
+
+    def _installed(self, child: Child, status: mesh_pb2.UpdateStatus, shown: set[tuple[str, ...]]) -> bool:
+        """Whether the node committed or refused each model it was assigned; says each outcome once."""
+        rows = {m.name: m for m in status.installed}
+        done = True
+        for want in status.desired:
+            row = rows.get(want.name)
+            if row is None or row.state not in ("committed", "refused"):
+                done = False
+                continue
+            if row.state == "committed" and (row.version, row.variant) != (want.version, want.variant):
+                done = False  # an older version serves while the assigned one is on its way
+                continue
+            key = (child.name, row.name, row.version, row.variant, row.state)
+            if key in shown:
+                continue
+            shown.add(key)
+            if row.state == "committed":
+                self.say(f"{child.name} installed {row.name} version {row.version} ({row.variant})")
+            else:
+                self.say(
+                    f"[yellow]{child.name} refused {escape(want.name)} version {escape(want.version)}: "
+                    f"{escape(row.last_error)}[/yellow]"
+                )
+        return done
 
     def _popen(self, child: Child, config: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen(

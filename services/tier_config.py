@@ -32,9 +32,10 @@ Sections and their environment variables (``EDGECASCADE_<SECTION>__<KEY>``):
 ``[updates]`` (devices and edges)
     ``state_dir`` (keys and enrollment; empty: no enrollment or check-in),
     ``enrollment_token`` or ``enrollment_token_file``, ``check_interval_s``,
-    ``jitter``, ``hardware_class``, ``call_timeout_s`` and ``trusted_root`` (the
-    registry's root metadata: set, the node installs its assignments through its
-    updater and serves only what it installed).
+    ``jitter``, ``hardware_class``, ``call_timeout_s``, ``transfer_timeout_s`` (the
+    deadline of one artifact file's transfer) and ``trusted_root`` (the registry's
+    root metadata: set, the node installs its assignments through its updater and
+    serves only what it installed).
 
 A tier adds its own sections in its own package (``[registry]`` in
 ``tier2_region.config``, ``[artifacts]`` in ``tier1_edge.config``); a section
@@ -190,8 +191,12 @@ class UpdatesSection:
         enrollment_token_file: A file holding the token (read at start; for secrets kept out of config).
         check_interval_s: Seconds between check-ins (the region may ask for another interval).
         jitter: Each wait is the interval times ``1 ± jitter``, so a fleet does not call in together.
-        hardware_class: The device class variants are published for; empty = any.
+        hardware_class: The device class variants are published for; empty = this machine's
+            (``cpu-<architecture>``, the class the registry signs by default).
         call_timeout_s: Deadline of one enrollment or check-in call.
+        transfer_timeout_s: Deadline of one file's transfer from the upstream's artifact service
+            (TUF metadata or a model blob). An upstream that sends too slowly, or never ends, costs
+            an update at most this long; the download resumes from what arrived at the next try.
         trusted_root: The registry's root metadata the node trusts (provisioned, never fetched
             on first use). Set, the node installs what it is assigned through its updater and
             serves only what it installed; empty, it checks in and reports but installs nothing.
@@ -205,6 +210,7 @@ class UpdatesSection:
     jitter: float = 0.1
     hardware_class: str = ""
     call_timeout_s: float = 10.0
+    transfer_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         if not 0.1 <= self.check_interval_s <= 86_400:
@@ -213,6 +219,8 @@ class UpdatesSection:
             raise ConfigError(f"[updates] jitter must be from 0 to 0.5, got {self.jitter}")
         if not 0.1 <= self.call_timeout_s <= 600:
             raise ConfigError(f"[updates] call_timeout_s must be from 0.1 to 600, got {self.call_timeout_s}")
+        if not 0.1 <= self.transfer_timeout_s <= 86_400:
+            raise ConfigError(f"[updates] transfer_timeout_s must be from 0.1 to 86400, got {self.transfer_timeout_s}")
         if self.enrollment_token and self.enrollment_token_file:
             raise ConfigError("[updates] set enrollment_token or enrollment_token_file, not both")
         if len(self.hardware_class) > 64:

@@ -40,6 +40,16 @@ def facts_to_proto(facts: NodeFacts) -> pb.NodeFacts:
     )
 
 
+def installed_to_proto(installed: Sequence[InstalledModel]) -> list[mesh_pb2.InstalledModel]:
+    """What a node runs, as it reports it at check-in and in ``GetTierInfo``."""
+    return [
+        mesh_pb2.InstalledModel(
+            name=m.name, version=m.version, variant=m.variant, state=m.state, last_error=m.last_error
+        )
+        for m in installed
+    ]
+
+
 def signed_report(
     facts: NodeFacts, installed: Sequence[InstalledModel], keys: NodeKeys, now_ms: int, nonce: bytes
 ) -> pb.CheckInRequest:
@@ -48,10 +58,7 @@ def signed_report(
         facts=facts_to_proto(facts),
         timestamp_unix_ms=now_ms,
         nonce=nonce,
-        installed=[
-            pb.InstalledModel(name=m.name, version=m.version, variant=m.variant, state=m.state, last_error=m.last_error)
-            for m in installed
-        ],
+        installed=installed_to_proto(installed),
     )
     body = report.SerializeToString()
     return pb.CheckInRequest(report=body, signature=keys.sign(body))

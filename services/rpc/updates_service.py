@@ -17,6 +17,7 @@ import asyncio
 import json
 import logging
 import shutil
+import time
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,15 +25,23 @@ from typing import Any
 import onnxruntime
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
+from protos.edgecascade.v1 import mesh_pb2
 from services.atomic_files import write_atomically
 from services.errors import ConfigError, EdgecascadeError, UnavailableError
 from services.rpc.artifact_client import GrpcArtifactSource
 from services.rpc.components import NodeContext
-from services.rpc.fleet_client import FleetClient
+from services.rpc.fleet_client import FleetClient, installed_to_proto
 from services.rpc.server import ServiceBinding
 from services.ticker import Ticker
 from services.tier_config import UpdatesSection
-from services.updates.checkin import ROLES, DesiredState, NodeFacts, NoUpdates, UpdateTarget
+from services.updates.checkin import (
+    ROLES,
+    DesiredState,
+    NodeFacts,
+    NoUpdates,
+    UpdateTarget,
+    machine_hardware_class,
+)
 from services.updates.identity import FileKeyProvider, NodeKeys
 from services.updates.installed_store import InstalledStore
 from services.updates.model_fetcher import ModelFetcher
@@ -78,6 +87,7 @@ class NodeUpdatesService:
         self.desired: DesiredState | None = None
         self.check_ins = 0
         self.failures = 0
+        self._last_check_in: float | None = None  # monotonic time of the last successful check-in
         self._updater: Updater | None = None
         self._source: GrpcArtifactSource | None = None
         if not settings.state_dir:
@@ -114,7 +124,10 @@ class NodeUpdatesService:
             ) from None
         store = InstalledStore(self._state_dir / "installed")
         cache.use_source(store.repository(), store.opener(context.identity.node_id, self._keys.agreement))
-        self._source = GrpcArtifactSource(config.upstream.address, config.server.max_message_bytes)
+        # Each file's transfer has a deadline: an upstream that trickles bytes or never ends cannot hold an update.
+        self._source = GrpcArtifactSource(
+            config.upstream.address, config.server.max_message_bytes, timeout_s=settings.transfer_timeout_s
+        )
         try:
             fetcher = ModelFetcher(
                 self._source, root, self._state_dir / "tuf", f"the artifact service at {config.upstream.address}"
@@ -145,6 +158,24 @@ class NodeUpdatesService:
         """Whether this node has enrolled (its enrollment is recorded in the state directory)."""
         return self._settings.state_dir != "" and (self._state_dir / ENROLLMENT_FILE).is_file()
 
+    def tier_info(self, response: mesh_pb2.GetTierInfoResponse) -> None:
+        """Adds enrollment, check-ins and each model's update state to the node's answer (nothing without state_dir)."""
+        if not self._settings.state_dir:
+            return
+        age = -1.0 if self._last_check_in is None else time.monotonic() - self._last_check_in
+        desired = self.desired.assignments if self.desired is not None else ()
+        response.updates.CopyFrom(
+            mesh_pb2.UpdateStatus(
+                enrolled=self.enrolled,
+                installs=self._updater is not None,
+                check_ins=self.check_ins,
+                failed_check_ins=self.failures,
+                last_check_in_age_s=age,
+                installed=installed_to_proto(self._target.installed()),
+                desired=[mesh_pb2.DesiredVersion(name=a.name, version=a.version, variant=a.variant) for a in desired],
+            )
+        )
+
     async def start(self) -> None:
         """Recovers what the updater left (serving exactly one verified version per model), then checks in."""
         if self._updater is not None:
@@ -162,6 +193,9 @@ class NodeUpdatesService:
         if self._apply is not None:
             self._apply.cancel()
             await asyncio.gather(self._apply, return_exceptions=True)
+        if self._updater is not None:
+            # The updates belong to no caller (cancelling the apply leaves them running): they end here, unrecorded.
+            await self._updater.close()
         if self._client is not None:
             await self._client.close()
         if self._source is not None:
@@ -186,7 +220,7 @@ class NodeUpdatesService:
         return NodeFacts(
             node_id=self._context.identity.node_id,
             tier=ROLES.get(self._context.identity.tier, self._context.identity.tier),
-            hardware_class=self._settings.hardware_class,
+            hardware_class=self._settings.hardware_class or machine_hardware_class(),
             memory_budget_bytes=config.cache.budget,
             onnxruntime_version=onnxruntime.__version__,
             free_disk_bytes=disk,
@@ -211,6 +245,7 @@ class NodeUpdatesService:
             log.info("check-in works again")
         self._failing = False
         self.check_ins += 1
+        self._last_check_in = time.monotonic()
         self.desired = desired
         if desired.check_interval_s:
             self._ticker.interval_s = float(desired.check_interval_s)

@@ -10,11 +10,21 @@ where nothing installs (a node that only reports).
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from services.updates.key_grants import KeyGrant
+
+
+def machine_hardware_class() -> str:
+    """This machine's hardware class as the registry names it by default (``cpu-x86_64``, ``cpu-aarch64``).
+
+    The registry signs a variant for the class of the machine that profiled it unless the
+    publisher names others; a node that is not configured with a class reports this one.
+    """
+    return f"cpu-{platform.machine().lower() or 'unknown'}"
 
 
 @dataclass(frozen=True)

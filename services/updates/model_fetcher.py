@@ -76,14 +76,17 @@ class ModelFetcher:
         return self._client.download(target.info, self.staging_dir)
 
     def golden_vectors(self, target: ModelTarget) -> GoldenVectors:
-        """Downloads, verifies and parses a variant's golden vectors.
+        """Downloads, verifies and parses a variant's golden vectors; nothing of them stays in staging.
 
         Raises:
             IntegrityError: The file is not valid golden vectors (or fails verification).
         """
         info = self._client.target_info(check_target_name(target.golden_vectors_path))
         download = self._client.download(info, self.staging_dir)
+        data = download.path.read_bytes()
+        # The caller keeps what it needs of them (the updater, in the installed store); staging holds downloads only.
+        download.path.unlink(missing_ok=True)
         try:
-            return GoldenVectors.from_json(json.loads(download.path.read_bytes()))
+            return GoldenVectors.from_json(json.loads(data))
         except ValueError as exc:
             raise IntegrityError(f"golden vectors of {target.target_path} are not valid JSON") from exc

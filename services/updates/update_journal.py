@@ -62,7 +62,8 @@ class UpdateState(StrEnum):
 # Allowed moves; a state may be written again (an update resumed after a restart), and an unfinished
 # update may start again from ``assigned`` (its verified files were lost).
 _NEXT: dict[UpdateState, frozenset[UpdateState]] = {
-    UpdateState.ASSIGNED: frozenset({UpdateState.DOWNLOADING}),
+    # Straight to verified: a rollback to the version kept on the node (checked against the metadata, no download).
+    UpdateState.ASSIGNED: frozenset({UpdateState.DOWNLOADING, UpdateState.VERIFIED}),
     UpdateState.DOWNLOADING: frozenset({UpdateState.VERIFIED, UpdateState.ASSIGNED}),
     UpdateState.VERIFIED: frozenset({UpdateState.TRIAL, UpdateState.ASSIGNED}),
     UpdateState.TRIAL: frozenset({UpdateState.COMMITTED, UpdateState.ASSIGNED}),

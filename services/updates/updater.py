@@ -73,7 +73,7 @@ import numpy as np
 from services.engine.memory import megabytes
 from services.engine.model_cache import ModelCache
 from services.engine.model_loader import Footprint, LoadHooks
-from services.engine.model_repository import ModelEntry
+from services.engine.model_repository import ModelEntry, check_model_name, check_version
 from services.engine.onnx_session import OnnxSession
 from services.errors import (
     ConfigError,
@@ -241,6 +241,16 @@ class TrialHooks:
             )
 
 
+def _invalid(a: Assignment) -> str:
+    """Why an assignment cannot be journalled or installed (its name and version become file names), or ""."""
+    try:
+        check_model_name(a.name)
+        check_version(a.version)
+    except InvalidArgumentError as exc:
+        return exc.message
+    return ""
+
+
 def _version_tuple(text: str) -> tuple[int, ...]:
     """``1.32.0`` → ``(1, 32, 0)``; reading stops at the first part that does not start with a digit."""
     parts = []
@@ -327,9 +337,18 @@ class Updater:
         Returns once every update it started (or joined) has ended — committed,
         refused, or postponed (see :meth:`installed`). Refused assignments and
         those waiting out their backoff are skipped. Never raises for an update's failure.
+        An assignment whose model name or version is not valid (they become file names) is
+        ignored; the reason is noted on the model's journal entry when the name is valid.
         (This is :class:`~services.updates.checkin.UpdateTarget`'s ``apply``.)
         """
-        wanted = [Assignment.of(a) for a in assignments]
+        wanted = []
+        for assigned in assignments:
+            a = Assignment.of(assigned)
+            problem = _invalid(a)
+            if problem:
+                await asyncio.to_thread(self._ignore, a, problem)
+            else:
+                wanted.append(a)
         due = [a for a in wanted if self._flights.in_flight(a.name) or await asyncio.to_thread(self._due, a)]
         await asyncio.gather(
             *(
@@ -397,6 +416,13 @@ class Updater:
         entries = await asyncio.to_thread(self.journal.entries)
         await self.apply([e.assignment for e in entries if not e.state.final])
 
+    async def close(self) -> None:
+        """Cancels the updates in flight (the node stops); each resumes from its journal at the next start.
+
+        A download blocked in a worker thread ends when its artifact source is closed; its outcome is not recorded.
+        """
+        await self._flights.cancel_all()
+
     async def revert(self, name: str) -> InstalledModel:
         """Serves the previous committed version again (from its encrypted blob).
 
@@ -416,6 +442,19 @@ class Updater:
                 await asyncio.to_thread(self.store.commit, name, current.version)
             raise
         return next(m for m in self.installed() if m.name == name)
+
+    def _ignore(self, a: Assignment, problem: str) -> None:
+        """Notes why an assignment is not even journalled, on its model's entry (once) when the name is valid."""
+        reason = f"an assignment of version {a.version!r} ({a.variant!r}) was ignored: {problem}"
+        try:
+            entry = self.journal.read(a.name)
+        except InvalidArgumentError:
+            entry = None
+        if entry is not None and entry.last_error == reason:
+            return
+        log.warning("model %r: %s", a.name, reason)
+        if entry is not None:
+            self.journal.note(entry, reason)
 
     # -- one update --------------------------------------------------------------------------------------------
 
@@ -443,11 +482,16 @@ class Updater:
             elif entry.state.final:  # committed by the journal, but the store does not serve it: again
                 entry = await self._settle(a, UpdateState.ASSIGNED)
             stored = self.store.get(a.name, a.version)
-            usable = stored is not None and stored.variant == a.variant and stored.commit_seq is None
+            # A rollback to the version kept from before (the previous committed one) needs no download.
+            kept = stored is not None and stored.variant == a.variant and stored.commit_seq is not None
+            usable = stored is not None and stored.variant == a.variant
             if entry.state in (UpdateState.VERIFIED, UpdateState.TRIAL) and not usable:
                 log.warning("%s: its verified files are gone; starting the update again", what)
                 entry = await self._record(a, UpdateState.ASSIGNED)
-            if entry.state in (UpdateState.ASSIGNED, UpdateState.DOWNLOADING):
+            if kept and entry.state in (UpdateState.ASSIGNED, UpdateState.DOWNLOADING):
+                assert stored is not None
+                await self._recheck_kept(a, stored, what)
+            elif entry.state in (UpdateState.ASSIGNED, UpdateState.DOWNLOADING):
                 stored = await self._fetch(a, what)
             assert stored is not None
             await self._trial(a, stored, what)
@@ -493,6 +537,20 @@ class Updater:
         )
         await self._record(a, UpdateState.VERIFIED)
         return stored
+
+    async def _recheck_kept(self, a: Assignment, stored: StoredVersion, what: str) -> None:
+        """Checks a kept version against the registry's current metadata before it serves again.
+
+        Its blob was verified when it was first installed; the registry must still list the
+        same blob for it (a version withdrawn or re-signed since is not rolled back to), and
+        the gates apply as to any install.
+        """
+        target = await self._network(what, self.fetcher.resolve, a.name, a.version, a.variant)
+        self._gate(a, target, what)
+        if (target.length, target.sha256) != (stored.length, stored.sha256):
+            raise _RefusedError(f"{what}: the registry now signs another blob for this version than the one kept here")
+        await self._record(a, UpdateState.VERIFIED)
+        log.info("%s: rolling back to the version kept on this node", what)
 
     def _check_plaintext(self, a: Assignment, blob: Path, facts: dict[str, Any]) -> None:
         plaintext = open_plaintext(blob.read_bytes(), a.grant, facts, self.node_id, self._keys.agreement, a.target_path)

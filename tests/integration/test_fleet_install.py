@@ -28,6 +28,11 @@ from tier2_region.fleet_service import FleetControl
 
 async def _served_by_device(address: str, attempts: int = 1500) -> dict[str, Any]:
     """Asks the device for ``lm`` until the device itself answers (bounded)."""
+    return await _served_by(address, "tier0:device-1", attempts)
+
+
+async def _served_by(address: str, node: str, attempts: int = 1500) -> dict[str, Any]:
+    """Asks a node for ``lm`` until ``node`` answers (bounded)."""
     request = infer_request("lm", {"input_ids": np.zeros((1, 4), np.int64)})
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
@@ -36,10 +41,10 @@ async def _served_by_device(address: str, attempts: int = 1500) -> dict[str, Any
                 answer = params(await stub.ModelInfer(request, timeout=5))
             except grpc.aio.AioRpcError:
                 answer = {}
-            if answer.get("edgecascade.served_by") == "tier0:device-1":
+            if answer.get("edgecascade.served_by") == node:
                 return answer
             await asyncio.sleep(0.02)
-    raise AssertionError("the device never served the deployed model")
+    raise AssertionError(f"{node} never served the deployed model")
 
 
 async def test_a_deployed_model_is_installed_through_the_edge_and_served_by_the_device(tmp_path: Path) -> None:
@@ -114,3 +119,53 @@ async def test_a_deployed_model_is_installed_through_the_edge_and_served_by_the_
         await _served_by_device(again.address, attempts=50)
     finally:
         await again.stop()
+
+
+async def test_an_edge_installs_what_is_deployed_to_edges_and_serves_it_to_its_devices(tmp_path: Path) -> None:
+    kit = new_registry(tmp_path)
+    publish_real(kit, "lm", "1")
+    root = tmp_path / "root.json"
+    root.write_bytes(kit.registry.repository.trusted_root())
+    overrides: dict[str, Mapping[str, Any]] = {
+        "server": {"node_id": "region-1", "grace_seconds": 0.2},
+        "repository": {"path": str(tmp_path / "region-models")},
+        "registry": {"path": str(kit.registry.directory)},
+        "fleet": {"path": str(tmp_path / "fleet.sqlite"), "check_interval_s": 1},
+    }
+    region = Node(REGION, load_config(REGION.config_type, env={}, overrides=overrides))
+    await region.start()
+    nodes: list[Node] = [region]
+    try:
+        fleet = region.component(FleetControl).fleet
+        assert fleet is not None
+        fleet.deploy("lm", "1", tier="edge")
+        state = tmp_path / "edge-state"
+        edge = await start_node(
+            EDGE,
+            tmp_path / "edge-models",
+            "edge-1",
+            upstream=region.address,
+            artifacts={"cache_dir": str(tmp_path / "edge-cache"), "trusted_root": str(root), "refresh_interval_s": 0},
+            updates={
+                "state_dir": str(state),
+                "enrollment_token": fleet.create_token().token,
+                "trusted_root": str(root),
+                "hardware_class": this_hardware_class(),
+                "check_interval_s": 0.2,
+                "jitter": 0.0,
+            },
+        )
+        nodes.append(edge)
+        # A device without [updates] holds nothing: its request for lm is answered by the edge's installed copy.
+        device = await start_node(DEVICE, tmp_path / "device-models", "device-1", upstream=edge.address)
+        nodes.append(device)
+        answer = await _served_by(device.address, "tier1:edge-1")
+        assert answer["edgecascade.fallback_reason"] == "model_not_held"
+        [row] = edge.component(NodeUpdatesService)._target.installed()
+        assert (row.name, row.version) == ("lm", "1")
+        # Neither the edge's state nor its artifact cache holds the model in plaintext.
+        assert plaintext_leaks(state, model_plaintexts(kit.files)) == []
+        assert plaintext_leaks(tmp_path / "edge-cache", model_plaintexts(kit.files)) == []
+    finally:
+        for node in reversed(nodes):
+            await node.stop()

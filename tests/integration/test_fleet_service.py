@@ -123,7 +123,7 @@ def check_in_request(
     facts: pb.NodeFacts | None = None,
     at_ms: int | None = None,
     nonce: bytes | None = None,
-    installed: Sequence[pb.InstalledModel] = (),
+    installed: Sequence[mesh_pb2.InstalledModel] = (),
 ) -> pb.CheckInRequest:
     report = pb.CheckInReport(
         facts=facts or node_facts(),
@@ -149,7 +149,7 @@ async def test_enroll_with_a_token_then_a_signed_check_in_gets_a_grant_only_that
     answer = await enroll(region, keys)
     assert (answer.node_id, answer.check_interval_s) == ("device-1", 9)
     region.control.fleet.deploy("lm", "1")  # type: ignore[union-attr]
-    installed = [pb.InstalledModel(name="lm", version="1", variant="int8", state="downloading")]
+    installed = [mesh_pb2.InstalledModel(name="lm", version="1", variant="int8", state="downloading")]
     response = await region.stub.CheckIn(check_in_request(keys, installed=installed))
     assert response.check_interval_s == 9
     (assignment,) = response.assignments

@@ -26,6 +26,7 @@ from services.inference import SERVED_BY
 from services.rpc.converters import params_from_proto
 from services.tensors import encode_raw
 from tests.support.processes import wait_for_file, wait_until
+from tests.support.updater_node import plaintext_leaks
 
 BIN = Path(sys.executable).parent
 TIER_MODULES = ["tier0_device", "tier1_edge", "tier2_region"]
@@ -111,6 +112,8 @@ def test_edgecascade_up_runs_the_mesh_and_stops_it(tmp_path: Path) -> None:
         output = up.stdout.read().decode() if up.stdout else ""
     assert code == 0, output
     assert "edgecascade mesh is up" in output
+    assert "fleet: deployed charlm-device version 1 to every device" in output
+    assert "device-2 installed charlm-device version 1" in output
     assert not (state / "endpoints.json").exists()
     assert not any(_alive(pid) for pid in pids)
     # A second start reuses the placed models and comes up again; Ctrl-C stops it.
@@ -147,6 +150,17 @@ def _exercise_running_mesh(state: Path) -> list[int]:
     assert status.returncode == 0, status.stdout
     for tier in ("tier0", "tier1", "tier2"):
         assert tier in status.stdout
+    # The edge and the devices got their models through enrollment and their updaters, and say so;
+    # none of them holds a plaintext model (only the region keeps demo copies, as the last fallback).
+    for address, model in [(endpoints["edge"], EDGE_MODEL)] + [(d, DEVICE_MODEL) for d in endpoints["devices"]]:
+        updates = _tier_info(address).updates
+        assert updates.enrolled and [(m.name, m.version, m.state) for m in updates.installed] == [
+            (model, "1", "committed")
+        ]
+    demo = [p.read_bytes() for p in DEFAULT_MODELS_DIR.glob("*.onnx")]
+    for node in ("edge-1", "device-1", "device-2"):
+        assert plaintext_leaks(state / node, demo) == [], node
+        assert not (state / node / "enrollment-token").exists()  # used, then removed
 
     missing = _cli("generate", "x", "--model", "nope", "--state-dir", str(state))
     assert missing.returncode == 1 and "not held" in missing.stdout
@@ -228,6 +242,15 @@ def _infer(address: str, model: str, prompt: str) -> dict[str, Any]:
     return dict(params_from_proto(response.parameters))
 
 
+def _forwards_to_edge(device: str) -> bool:
+    try:
+        return bool(_infer(device, EDGE_MODEL, "Return the")[SERVED_BY] == "tier1:edge-1")
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.UNAVAILABLE:  # only "cannot reach it yet" is worth waiting out
+            raise
+        return False
+
+
 def _node_states(state: Path) -> dict[str, dict[str, Any]]:
     try:
         record = json.loads((state / "nodes.json").read_text())
@@ -281,8 +304,9 @@ def test_edgecascade_up_restarts_a_killed_node_and_keeps_the_others(tmp_path: Pa
             new_edge = json.loads((state / "edge-1" / "port.json").read_text())
             assert new_edge["address"] == edge and new_edge["pid"] != pids["edge-1"]  # same port, new process
             assert _alive(pids["region-1"]) and _alive(pids["device-1"])
-            # Forwarding through the device to the edge works again.
-            assert _infer(device, EDGE_MODEL, "Return the")[SERVED_BY] == "tier1:edge-1"
+            # Forwarding through the device to the edge works again, as soon as the device's channel
+            # reconnects (its backoff is capped at 2 s).
+            wait_until(lambda: _forwards_to_edge(device), 10, "the device forwarding to edge-1 again")
             assert _cli("status", "--state-dir", str(state)).returncode == 0
         finally:
             up.send_signal(signal.SIGTERM)

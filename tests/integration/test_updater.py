@@ -371,3 +371,25 @@ async def test_the_updater_is_what_the_check_in_loop_drives(world: World) -> Non
     a = world.assign(publish_real(world.kit, version="2", seed=2))
     await target.apply([AssignedVariant(a.name, a.version, a.variant, a.target_path, a.grant)])
     assert target.installed() == [InstalledModel("lm", "2", "fp32", "committed", "")]
+
+
+async def test_an_assignment_of_the_previous_version_rolls_back_to_the_kept_copy_without_a_download(
+    world: World,
+) -> None:
+    v2 = publish_real(world.kit, version="2", seed=2)
+    await apply(world.node, world.assign(v2))
+    assert serving_versions(world.node, "lm") == ["2"]
+    blob_requests = sum(n for p, n in world.source.requests.items() if p.startswith("targets/models/lm/1/"))
+
+    # A rollout rolled back: the region assigns version 1 again.
+    [row] = await apply(world.node, world.assign(world.v1))
+
+    assert (row.version, row.state, row.last_error) == ("1", "committed", "")
+    assert serving_versions(world.node, "lm") == ["1"]
+    assert np.allclose(await answer(world.node), answers_of(world.v1))
+    assert sum(n for p, n in world.source.requests.items() if p.startswith("targets/models/lm/1/")) == blob_requests
+    store = world.node.store
+    assert (store.committed("lm").version, store.previous("lm").version) == ("1", "2")  # type: ignore[union-attr]
+    # And forward again, to the version now kept as the previous one.
+    [row] = await apply(world.node, world.assign(v2))
+    assert (row.version, row.state, serving_versions(world.node, "lm")) == ("2", "committed", ["2"])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import platform
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ import onnxruntime as ort
 from services.engine.batcher import BatchingConfig
 from services.engine.model_cache import ModelCache
 from services.engine.run_pool import RunPool
-from services.updates.checkin import InstalledModel
+from services.updates.checkin import InstalledModel, machine_hardware_class
 from services.updates.golden_vectors import GoldenVectors
 from services.updates.identity import FileKeyProvider, NodeKeys
 from services.updates.installed_store import InstalledStore
@@ -47,7 +46,7 @@ def run_model(path: Path, inputs: dict[str, np.ndarray[Any, Any]]) -> np.ndarray
 
 def this_hardware_class() -> str:
     """This machine's hardware class, as the registry names it."""
-    return f"cpu-{platform.machine().lower() or 'unknown'}"
+    return machine_hardware_class()
 
 
 def lm_file(files: Path, seed: int) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import tomllib
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 
 from edgecascade import mesh_launcher
 from edgecascade.mesh_launcher import LAUNCHER_OWNED_SETTINGS, Child, Mesh, RestartPolicy, child_environment
+from protos.edgecascade.v1 import mesh_pb2
 
 
 class FakeClock:
@@ -71,7 +73,35 @@ def test_owned_settings_are_exactly_the_keys_of_the_per_node_config_files(tmp_pa
     for child in mesh.children:
         config = tomllib.loads(mesh.node_config(child, upstream="127.0.0.1:1", port=0))
         written |= {(section, key) for section, values in config.items() for key in values}
-    assert written == set(LAUNCHER_OWNED_SETTINGS)
+    # The launcher writes the token file's path; a token from the environment would clash with it.
+    assert written == set(LAUNCHER_OWNED_SETTINGS) - {("updates", "enrollment_token")}
+
+
+def test_the_edge_and_devices_install_through_their_updaters_and_start_with_a_token_until_enrolled(
+    tmp_path: Path,
+) -> None:
+    mesh = Mesh(tmp_path / "state", 2, tmp_path / "models", lambda _: None)
+    region = mesh.node_settings(mesh.region, "", 0)
+    assert "updates" not in region and region["fleet"] == {"path": str(mesh.fleet_file)}
+    for child in (mesh.edge, *mesh.devices):
+        assert mesh.node_settings(child, "127.0.0.1:1", 0)["updates"] == {
+            "state_dir": str(child.directory / "state"),
+            "trusted_root": str(mesh.state_dir / "trusted-root.json"),
+            "enrollment_token_file": str(child.directory / "enrollment-token"),
+        }
+    device = mesh.devices[0]
+    (device.directory / "state").mkdir(parents=True)
+    (device.directory / "state" / "enrollment.json").write_text("{}")
+    assert "enrollment_token_file" not in mesh.node_settings(device, "127.0.0.1:1", 0)["updates"]
+
+
+def test_the_demo_check_interval_is_a_default_the_environment_overrides(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("EDGECASCADE_FLEET__CHECK_INTERVAL_S", raising=False)
+    assert Mesh(tmp_path, 1, tmp_path, print)._environment["EDGECASCADE_FLEET__CHECK_INTERVAL_S"] == "2"
+    monkeypatch.setenv("EDGECASCADE_FLEET__CHECK_INTERVAL_S", "30")
+    assert Mesh(tmp_path, 1, tmp_path, print)._environment["EDGECASCADE_FLEET__CHECK_INTERVAL_S"] == "30"
 
 
 def test_node_config_pins_the_port_on_restart(tmp_path: Path) -> None:
@@ -163,6 +193,10 @@ class FakeMesh(Mesh):
     def __init__(self, state_dir: Path, clock: FakeClock, policy: dict[str, Any]) -> None:
         self.said: list[str] = []
         self.launches: list[tuple[str, str, int]] = []
+        # Every node has checked in once, with nothing assigned, unless a test says otherwise.
+        self.update_status: dict[str, mesh_pb2.UpdateStatus] = {
+            name: mesh_pb2.UpdateStatus(enrolled=True, check_ins=1) for name in ("edge-1", "device-1")
+        }
         self.next_pid = 100
         self.next_port = 7000
         super().__init__(
@@ -187,6 +221,9 @@ class FakeMesh(Mesh):
 
     def _serves(self, child: Child, timeout: float) -> bool:
         return True
+
+    def _update_status(self, child: Child) -> mesh_pb2.UpdateStatus | None:
+        return self.update_status.get(child.name)
 
     def states(self) -> dict[str, str]:
         record = json.loads((self.state_dir / "nodes.json").read_text())
@@ -344,3 +381,66 @@ def test_a_state_file_that_cannot_be_written_does_not_stop_supervision(tmp_path:
     assert any("could not record node states" in line for line in mesh.said)
     (mesh.state_dir / "nodes.json").rmdir()
     mesh.stop()
+
+
+# ------------------------------------------------------------ issue 9: the mesh comes up through the updaters
+
+
+def _status(desired: tuple[str, str, str] | None, *installed: tuple[str, str, str, str, str]) -> mesh_pb2.UpdateStatus:
+    status = mesh_pb2.UpdateStatus(enrolled=True, installs=True, check_ins=1)
+    if desired is not None:
+        status.desired.add(name=desired[0], version=desired[1], variant=desired[2])
+    for name, version, variant, state, error in installed:
+        status.installed.add(name=name, version=version, variant=variant, state=state, last_error=error)
+    return status
+
+
+def test_endpoints_are_written_once_every_node_committed_or_refused_what_it_was_assigned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mesh = FakeMesh(tmp_path / "state", FakeClock(), {})
+    want = ("charlm-device", "1", "int8")
+    mesh.update_status = {
+        "edge-1": _status(("charlm-edge", "1", "fp32"), ("charlm-edge", "1", "fp32", "refused", "signed for gpu-h100")),
+        "device-1": _status(want, ("charlm-device", "1", "int8", "downloading", "")),
+    }
+    polls: list[bool] = []
+
+    def sleep(seconds: float) -> None:
+        polls.append((mesh.state_dir / "endpoints.json").exists())
+        if len(polls) == 3:  # the device commits after a few rounds
+            mesh.update_status["device-1"] = _status(want, ("charlm-device", "1", "int8", "committed", ""))
+
+    monkeypatch.setattr("edgecascade.mesh_launcher.time.sleep", sleep)
+    mesh.start()
+    assert polls[-3:] == [False, False, False]  # not before the device had committed
+    assert (mesh.state_dir / "endpoints.json").exists()
+    said = " ".join(mesh.said)
+    assert "device-1 installed charlm-device version 1 (int8)" in said
+    assert "edge-1 refused charlm-edge version 1: signed for gpu-h100" in said
+    assert said.count("installed charlm-device") == 1  # each change is said once
+
+
+def test_a_node_that_does_not_install_in_time_is_named_and_the_mesh_still_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mesh = FakeMesh(tmp_path / "state", FakeClock(), {})
+    # The device has not checked in yet; an older version committed does not count as the desired one.
+    mesh.update_status["device-1"] = mesh_pb2.UpdateStatus(enrolled=False)
+    mesh.update_status["edge-1"] = _status(("charlm-edge", "2", "fp32"), ("charlm-edge", "1", "fp32", "committed", ""))
+    ticks = itertools.count(0, 100)
+    monkeypatch.setattr("edgecascade.mesh_launcher.time.monotonic", lambda: float(next(ticks)))
+    monkeypatch.setattr("edgecascade.mesh_launcher.time.sleep", lambda _: None)
+    assert mesh.await_installs(timeout_s=1000) is False
+    assert any("edge-1, device-1 have not installed their models within 1000 s" in line for line in mesh.said)
+
+
+def test_a_used_token_is_removed_once_the_node_says_it_enrolled(tmp_path: Path) -> None:
+    mesh = FakeMesh(tmp_path / "state", FakeClock(), {})
+    mesh.start()
+    for child in (mesh.edge, mesh.devices[0]):
+        child.token_file.write_text("used\n")
+    mesh.update_status["device-1"] = mesh_pb2.UpdateStatus(enrolled=False)
+    mesh.update_status["edge-1"] = _status(None)
+    mesh.await_installs(timeout_s=0)
+    assert not mesh.edge.token_file.exists() and mesh.devices[0].token_file.exists()

@@ -12,7 +12,8 @@ from typing import Any
 
 from rich.console import Console
 
-from edgecascade.client_commands import status
+from edgecascade.client_commands import _updates, status
+from protos.edgecascade.v1 import mesh_pb2
 
 
 def _closed_port() -> str:
@@ -77,3 +78,21 @@ def test_status_ignores_the_state_file_of_a_launcher_that_is_gone(tmp_path: Path
     rows = _rows(console)
     assert "restarting" not in rows[edge] and "UNAVAILABLE" in rows[edge]
     assert "down" not in rows[device] and "UNAVAILABLE" in rows[device]
+
+
+def test_the_updates_column_shows_each_model_against_its_desired_version() -> None:
+    info = mesh_pb2.GetTierInfoResponse()
+    assert _updates(info) == "-"  # a node that does not check in
+    info.updates.CopyFrom(mesh_pb2.UpdateStatus(enrolled=False, failed_check_ins=3))
+    assert "not enrolled" in _updates(info) and "3 failed" in _updates(info)
+    info.updates.CopyFrom(mesh_pb2.UpdateStatus(enrolled=True, check_ins=4, last_check_in_age_s=1.2))
+    info.updates.installed.add(name="lm", version="1", variant="fp32", state="downloading")
+    info.updates.installed.add(name="old", version="3", variant="int8", state="refused", last_error="failed its golden")
+    info.updates.desired.add(name="lm", version="2", variant="fp32")
+    info.updates.desired.add(name="new", version="1", variant="int8")
+    text = Console(record=True, width=300)
+    text.print(_updates(info))
+    shown = text.export_text()
+    assert "lm 1 fp32 downloading → 2 fp32" in shown
+    assert "old 3 int8 refused (failed its golden)" in shown
+    assert "new → 1 int8 (waiting)" in shown and "checked in 1 s ago" in shown

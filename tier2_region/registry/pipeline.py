@@ -8,13 +8,13 @@ files) runs before the first profiling process starts, and everything before
 
 from __future__ import annotations
 
-import platform
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.errors import InvalidArgumentError
 from services.inference import ModelSignature
+from services.updates.checkin import machine_hardware_class
 from tier2_region.registry.model_inspection import ModelFacts, check_signature, inspect_model
 from tier2_region.registry.profiler import ProfileSettings, profile_variants
 from tier2_region.registry.profiles import VariantProfile
@@ -41,7 +41,7 @@ DEFAULT_VALIDATION_ROWS = 4000
 
 def default_hardware_class() -> str:
     """The hardware class of this machine (``cpu-x86_64``): where the profile was measured."""
-    return f"cpu-{platform.machine().lower() or 'unknown'}"
+    return machine_hardware_class()
 
 
 @dataclass(frozen=True)

@@ -43,20 +43,6 @@ class EnrollResponse(_message.Message):
     check_interval_s: int
     def __init__(self, node_id: _Optional[str] = ..., check_interval_s: _Optional[int] = ...) -> None: ...
 
-class InstalledModel(_message.Message):
-    __slots__ = ("name", "version", "variant", "state", "last_error")
-    NAME_FIELD_NUMBER: _ClassVar[int]
-    VERSION_FIELD_NUMBER: _ClassVar[int]
-    VARIANT_FIELD_NUMBER: _ClassVar[int]
-    STATE_FIELD_NUMBER: _ClassVar[int]
-    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
-    name: str
-    version: str
-    variant: str
-    state: str
-    last_error: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., variant: _Optional[str] = ..., state: _Optional[str] = ..., last_error: _Optional[str] = ...) -> None: ...
-
 class CheckInReport(_message.Message):
     __slots__ = ("facts", "timestamp_unix_ms", "nonce", "installed")
     FACTS_FIELD_NUMBER: _ClassVar[int]
@@ -66,8 +52,8 @@ class CheckInReport(_message.Message):
     facts: NodeFacts
     timestamp_unix_ms: int
     nonce: bytes
-    installed: _containers.RepeatedCompositeFieldContainer[InstalledModel]
-    def __init__(self, facts: _Optional[_Union[NodeFacts, _Mapping]] = ..., timestamp_unix_ms: _Optional[int] = ..., nonce: _Optional[bytes] = ..., installed: _Optional[_Iterable[_Union[InstalledModel, _Mapping]]] = ...) -> None: ...
+    installed: _containers.RepeatedCompositeFieldContainer[_mesh_pb2.InstalledModel]
+    def __init__(self, facts: _Optional[_Union[NodeFacts, _Mapping]] = ..., timestamp_unix_ms: _Optional[int] = ..., nonce: _Optional[bytes] = ..., installed: _Optional[_Iterable[_Union[_mesh_pb2.InstalledModel, _Mapping]]] = ...) -> None: ...
 
 class CheckInRequest(_message.Message):
     __slots__ = ("report", "signature")

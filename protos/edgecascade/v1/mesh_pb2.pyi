@@ -90,7 +90,7 @@ class ArtifactCacheStatus(_message.Message):
     def __init__(self, max_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., blobs: _Optional[int] = ..., in_flight_bytes: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., evicted_bytes: _Optional[int] = ..., too_large: _Optional[int] = ...) -> None: ...
 
 class GetTierInfoResponse(_message.Message):
-    __slots__ = ("tier", "tier_name", "node_id", "version", "upstream", "models", "cache", "artifact_cache")
+    __slots__ = ("tier", "tier_name", "node_id", "version", "upstream", "models", "cache", "artifact_cache", "updates")
     TIER_FIELD_NUMBER: _ClassVar[int]
     TIER_NAME_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +99,7 @@ class GetTierInfoResponse(_message.Message):
     MODELS_FIELD_NUMBER: _ClassVar[int]
     CACHE_FIELD_NUMBER: _ClassVar[int]
     ARTIFACT_CACHE_FIELD_NUMBER: _ClassVar[int]
+    UPDATES_FIELD_NUMBER: _ClassVar[int]
     tier: Tier
     tier_name: str
     node_id: str
@@ -107,4 +108,47 @@ class GetTierInfoResponse(_message.Message):
     models: _containers.RepeatedCompositeFieldContainer[HeldModel]
     cache: CacheStatus
     artifact_cache: ArtifactCacheStatus
-    def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., tier_name: _Optional[str] = ..., node_id: _Optional[str] = ..., version: _Optional[str] = ..., upstream: _Optional[str] = ..., models: _Optional[_Iterable[_Union[HeldModel, _Mapping]]] = ..., cache: _Optional[_Union[CacheStatus, _Mapping]] = ..., artifact_cache: _Optional[_Union[ArtifactCacheStatus, _Mapping]] = ...) -> None: ...
+    updates: UpdateStatus
+    def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., tier_name: _Optional[str] = ..., node_id: _Optional[str] = ..., version: _Optional[str] = ..., upstream: _Optional[str] = ..., models: _Optional[_Iterable[_Union[HeldModel, _Mapping]]] = ..., cache: _Optional[_Union[CacheStatus, _Mapping]] = ..., artifact_cache: _Optional[_Union[ArtifactCacheStatus, _Mapping]] = ..., updates: _Optional[_Union[UpdateStatus, _Mapping]] = ...) -> None: ...
+
+class UpdateStatus(_message.Message):
+    __slots__ = ("enrolled", "installs", "check_ins", "failed_check_ins", "last_check_in_age_s", "installed", "desired")
+    ENROLLED_FIELD_NUMBER: _ClassVar[int]
+    INSTALLS_FIELD_NUMBER: _ClassVar[int]
+    CHECK_INS_FIELD_NUMBER: _ClassVar[int]
+    FAILED_CHECK_INS_FIELD_NUMBER: _ClassVar[int]
+    LAST_CHECK_IN_AGE_S_FIELD_NUMBER: _ClassVar[int]
+    INSTALLED_FIELD_NUMBER: _ClassVar[int]
+    DESIRED_FIELD_NUMBER: _ClassVar[int]
+    enrolled: bool
+    installs: bool
+    check_ins: int
+    failed_check_ins: int
+    last_check_in_age_s: float
+    installed: _containers.RepeatedCompositeFieldContainer[InstalledModel]
+    desired: _containers.RepeatedCompositeFieldContainer[DesiredVersion]
+    def __init__(self, enrolled: _Optional[bool] = ..., installs: _Optional[bool] = ..., check_ins: _Optional[int] = ..., failed_check_ins: _Optional[int] = ..., last_check_in_age_s: _Optional[float] = ..., installed: _Optional[_Iterable[_Union[InstalledModel, _Mapping]]] = ..., desired: _Optional[_Iterable[_Union[DesiredVersion, _Mapping]]] = ...) -> None: ...
+
+class InstalledModel(_message.Message):
+    __slots__ = ("name", "version", "variant", "state", "last_error")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    variant: str
+    state: str
+    last_error: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., variant: _Optional[str] = ..., state: _Optional[str] = ..., last_error: _Optional[str] = ...) -> None: ...
+
+class DesiredVersion(_message.Message):
+    __slots__ = ("name", "version", "variant")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    variant: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., variant: _Optional[str] = ...) -> None: ...
