@@ -135,6 +135,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _up(args: argparse.Namespace, console: Console) -> int:
     mesh = Mesh(args.state_dir, args.devices, args.models_dir, console.print)
+    mesh.claim()
     mesh.provision_demo()
 
     def on_ready(endpoints: dict[str, Any]) -> None:

@@ -172,7 +172,8 @@ def _updates(info: mesh_pb2.GetTierInfoResponse) -> str:
         return "-"
     u = info.updates
     if not u.enrolled:
-        return f"[yellow]not enrolled[/yellow] ({u.failed_check_ins} failed attempts)"
+        why = f": {escape(u.last_error)}" if u.last_error else ""
+        return f"[yellow]not enrolled[/yellow] ({u.failed_check_ins} failed attempts{why})"
     desired = {d.name: d for d in u.desired}
     parts = []
     for m in u.installed:

@@ -13,7 +13,7 @@ from pathlib import Path
 from edgecascade.demo_models import DEVICE_MODEL, EDGE_MODEL
 from edgecascade.demo_registry import DEMO_VERSION
 from edgecascade.fleet_commands import NoVariants
-from services.errors import EdgecascadeError
+from services.errors import EdgecascadeError, NotFoundError
 from tier2_region.config import FleetSection
 from tier2_region.fleet.catalog import RegistryCatalog
 from tier2_region.fleet.fleet import Fleet
@@ -24,11 +24,28 @@ from tier2_region.registry.registry import ModelRegistry
 DEMO_DEPLOYMENTS = ((DEVICE_MODEL, "device"), (EDGE_MODEL, "edge"))
 
 
-def issue_token(fleet_path: Path, ttl_s: float) -> str:
-    """A new one-time enrollment token, valid for ``ttl_s`` seconds."""
+def issue_token(fleet_path: Path, ttl_s: float, revoke: str | None = None) -> tuple[str, bool]:
+    """A new one-time enrollment token, valid for ``ttl_s`` seconds.
+
+    Args:
+        fleet_path: The region's inventory.
+        ttl_s: Lifetime of the token.
+        revoke: A node id to revoke first (a node that lost its keys enrolls again with new ones).
+
+    Returns:
+        The token, and whether ``revoke`` was enrolled and is revoked now.
+    """
     inventory = Inventory(fleet_path)
     try:
-        return Fleet(inventory, NoVariants(), FleetSection(path=str(fleet_path))).create_token(ttl_s).token
+        fleet = Fleet(inventory, NoVariants(), FleetSection(path=str(fleet_path)))
+        revoked = False
+        if revoke is not None:
+            try:
+                fleet.revoke(revoke)
+                revoked = True
+            except NotFoundError:
+                pass
+        return fleet.create_token(ttl_s).token, revoked
     finally:
         inventory.close()
 

@@ -47,8 +47,10 @@ and ``nodes.json``.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -294,8 +296,29 @@ class Mesh:
                     "state_dir": str(child.updates_dir),
                     "trusted_root": str(self.trusted_root_file),
                 }
+        self._lock: IO[str] | None = None
         inherited, self._ignored_variables = child_environment(os.environ)
         self._environment = {**DEMO_ENVIRONMENT, **inherited}
+
+    def claim(self) -> None:
+        """Takes the state directory for this launcher (until :meth:`stop` or the process ends).
+
+        Two launchers on one state directory would start two processes on each node's
+        journal and installed store, and remove each other's endpoints.
+
+        Raises:
+            ConfigError: Another ``edgecascade up`` runs on this state directory.
+        """
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        lock = (self.state_dir / "launcher.lock").open("a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise ConfigError(
+                f"another `edgecascade up` is running on {self.state_dir}; stop it first, or use another --state-dir"
+            ) from None
+        self._lock = lock
 
     @property
     def children(self) -> list[Child]:
@@ -322,6 +345,11 @@ class Mesh:
         """
         for placement in place_demo_models(self.region.repository, self.region.role, self.models_dir):
             self.say(f"placed {placement.name} ({placement.file}) on {self.region.name}")
+        for child in self.children:
+            if child.installs and child.repository.is_dir() and any(child.repository.iterdir()):
+                # An older `edgecascade up` copied plaintext models there; nothing reads them now.
+                shutil.rmtree(child.repository)
+                self.say(f"removed the plaintext models an older launcher placed in {child.repository}")
         self.publish_registry()
         deploy_demo_models(self.fleet_file, self.registry_dir, self.say)
 
@@ -396,7 +424,7 @@ class Mesh:
             "upstream": {"address": upstream},
         }
         settings.update(child.tier_settings)
-        if child.installs and not child.enrolled:
+        if child.installs and child.token_file.is_file():
             settings["updates"] = {**settings["updates"], "enrollment_token_file": str(child.token_file)}
         return settings
 
@@ -433,22 +461,31 @@ class Mesh:
             child.process = self._popen(child, config)
 
     def _provide_token(self, child: Child) -> None:
-        """Writes a fresh one-time token for a node that has not enrolled; removes a used one.
+        """Writes a fresh one-time token for a node that has not enrolled (the node reads it as it starts).
 
         A token from an earlier start may have been used by a process that died before it
-        recorded its enrollment, or have lapsed: a new one per start costs nothing.
+        recorded its enrollment, or have lapsed: a new one per start costs nothing. A node
+        without keys (its state was deleted) gets its old enrollment revoked first, so that
+        it may enroll with its new keys. If no token can be made, the node starts without
+        one: it serves what it has and reports that it cannot enroll.
         """
-        if not child.installs:
+        child.token_file.unlink(missing_ok=True)
+        if not child.installs or child.enrolled:
             return
-        if child.enrolled:
-            child.token_file.unlink(missing_ok=True)
-            return
+        fresh = not (child.updates_dir / "keys").is_dir()
         try:
-            token = issue_token(self.fleet_file, TOKEN_TTL_S)
+            token, revoked = issue_token(self.fleet_file, TOKEN_TTL_S, revoke=child.name if fresh else None)
             write_atomically(child.token_file, (token + "\n").encode(), mode=0o600)
         except (EdgecascadeError, OSError, sqlite3.Error) as exc:
-            # The node still starts and serves what it can; it reports that it cannot enroll.
+            child.token_file.unlink(missing_ok=True)
             self.say(f"[yellow]no enrollment token for {child.name}: {escape(str(exc))}[/yellow]")
+            return
+        if revoked:
+            self.say(f"revoked the old enrollment of {child.name} (its state was deleted): it enrolls with new keys")
+
+    def _forget_token(self, child: Child) -> None:
+        """Removes the token file once the node has read it (it has written its port file, so it has started)."""
+        child.token_file.unlink(missing_ok=True)
 
     def _update_status(self, child: Child) -> mesh_pb2.UpdateStatus | None:
         """What the node reports about its enrollment and updates, or None if it does not answer."""
@@ -476,11 +513,17 @@ class Mesh:
         deadline = time.monotonic() + timeout_s
         while pending:
             for child in list(pending):
+                if child.process is not None and child.process.poll() is not None:
+                    raise UnavailableError(
+                        f"{child.name} exited with code {child.process.returncode} while installing its models:\n"
+                        f"{self.log_tail(child)}"
+                    )
                 status = self._update_status(child)
-                if status is not None and status.enrolled:
-                    child.token_file.unlink(missing_ok=True)  # used: nothing secret is left lying around
                 if status is not None and status.check_ins and self._installed(child, status, shown):
                     pending.remove(child)
+                elif status is not None and status.last_error and ("error", status.last_error) not in shown:
+                    shown.add(("error", status.last_error))
+                    self.say(f"[yellow]{child.name}: {escape(status.last_error)}[/yellow]")
             if pending and time.monotonic() >= deadline:
                 names = ", ".join(child.name for child in pending)
                 self.say(
@@ -560,6 +603,7 @@ class Mesh:
             if address is not None:
                 child.address = address
                 child.port = int(address.rsplit(":", 1)[1])
+                self._forget_token(child)
                 self.say(f"{child.name} ({child.role}) listening on {child.address}")
                 return
             time.sleep(0.05)
@@ -620,6 +664,7 @@ class Mesh:
             elif child.state == RESTARTING:
                 if self._reported_address(child) == child.address and self._serves(child, HEALTH_CHECK_TIMEOUT_S):
                     child.state, child.detail = UP, ""
+                    self._forget_token(child)
                     self.say(f"[green]{child.name} is up again[/green] on {child.address} (restart {child.restarts})")
                     changed = True
                 elif self.clock() >= child.serve_deadline:
@@ -701,6 +746,10 @@ class Mesh:
             if child.log is not None:
                 child.log.close()
                 child.log = None
+            self._forget_token(child)
+        if self._lock is not None:
+            self._lock.close()  # releases the state directory
+            self._lock = None
 
 
 class StopRequested(BaseException):

@@ -18,6 +18,7 @@ import grpc
 from protos.edgecascade.v1 import artifacts_pb2 as pb
 from protos.edgecascade.v1 import artifacts_pb2_grpc as pb_grpc
 from services.errors import ArtifactNotFoundError, EdgecascadeError, IntegrityError, NotFoundError
+from services.rpc.channels import RECONNECT_BACKOFF_MS
 from services.rpc.status_table import error_from_rpc
 
 
@@ -39,6 +40,8 @@ class GrpcArtifactSource:
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes),
                 ("grpc.enable_retries", 0),
+                ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
+                ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[1]),
             ],
         )
         self._stub = pb_grpc.ArtifactServiceStub(self._channel)

@@ -18,6 +18,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from protos.edgecascade.v1 import fleet_pb2 as pb
 from protos.edgecascade.v1 import fleet_pb2_grpc as pb_grpc
 from protos.edgecascade.v1 import mesh_pb2
+from services.errors import IntegrityError
 from services.rpc.channels import open_channel
 from services.rpc.status_table import error_from_rpc
 from services.updates.checkin import AssignedVariant, DesiredState, InstalledModel, NodeFacts, Unassigned
@@ -38,6 +39,12 @@ def facts_to_proto(facts: NodeFacts) -> pb.NodeFacts:
         onnxruntime_version=facts.onnxruntime_version,
         free_disk_bytes=facts.free_disk_bytes,
     )
+
+
+# Bounds on what a check-in answer may say (it passes through the edge).
+MAX_ASSIGNMENTS = 256
+MIN_CHECK_INTERVAL_S = 1
+MAX_CHECK_INTERVAL_S = 86_400
 
 
 def installed_to_proto(installed: Sequence[InstalledModel]) -> list[mesh_pb2.InstalledModel]:
@@ -65,7 +72,21 @@ def signed_report(
 
 
 def desired_state_from_proto(response: pb.CheckInResponse) -> DesiredState:
-    """The region's answer as domain types."""
+    """The region's answer as domain types.
+
+    The answer comes through the edge, which the node does not trust: its size is bounded
+    here and the interval is clamped to what a node accepts, so a hostile relay can neither
+    flood the node's journal nor stop its check-ins (grants and blobs are verified anyway).
+
+    Raises:
+        IntegrityError: More assignments or reasons than any region sends.
+    """
+    if len(response.assignments) > MAX_ASSIGNMENTS or len(response.unassigned) > MAX_ASSIGNMENTS:
+        raise IntegrityError(
+            f"the check-in answer holds {len(response.assignments)} assignments and {len(response.unassigned)} "
+            f"unassigned models; at most {MAX_ASSIGNMENTS} of each are accepted"
+        )
+    interval = response.check_interval_s
     return DesiredState(
         assignments=tuple(
             AssignedVariant(
@@ -80,7 +101,7 @@ def desired_state_from_proto(response: pb.CheckInResponse) -> DesiredState:
             for a in response.assignments
         ),
         unassigned=tuple(Unassigned(u.name, u.version, u.reason) for u in response.unassigned),
-        check_interval_s=response.check_interval_s,
+        check_interval_s=min(max(interval, MIN_CHECK_INTERVAL_S), MAX_CHECK_INTERVAL_S) if interval else 0,
     )
 
 
@@ -128,7 +149,8 @@ class FleetClient:
             response = await self._stub.Enroll(request, timeout=timeout)
         except aio.AioRpcError as exc:
             raise error_from_rpc(exc, self._what) from None
-        return int(response.check_interval_s)
+        interval = int(response.check_interval_s)  # through the edge: clamped like a check-in answer's
+        return min(max(interval, MIN_CHECK_INTERVAL_S), MAX_CHECK_INTERVAL_S) if interval else 0
 
     async def check_in(
         self, facts: NodeFacts, installed: Sequence[InstalledModel], keys: NodeKeys, timeout: float

@@ -88,6 +88,7 @@ class NodeUpdatesService:
         self.check_ins = 0
         self.failures = 0
         self._last_check_in: float | None = None  # monotonic time of the last successful check-in
+        self._last_failure = ""  # why the last enrollment or check-in failed
         self._updater: Updater | None = None
         self._source: GrpcArtifactSource | None = None
         if not settings.state_dir:
@@ -173,6 +174,7 @@ class NodeUpdatesService:
                 last_check_in_age_s=age,
                 installed=installed_to_proto(self._target.installed()),
                 desired=[mesh_pb2.DesiredVersion(name=a.name, version=a.version, variant=a.variant) for a in desired],
+                last_error=self._last_failure,
             )
         )
 
@@ -237,6 +239,7 @@ class NodeUpdatesService:
             )
         except EdgecascadeError as exc:
             self.failures += 1
+            self._last_failure = exc.message
             # One warning per streak of failures: an upstream that is down must not flood the log.
             (log.debug if self._failing else log.warning)("check-in failed: %s", exc.message)
             self._failing = True
@@ -244,6 +247,7 @@ class NodeUpdatesService:
         if self._failing:
             log.info("check-in works again")
         self._failing = False
+        self._last_failure = ""
         self.check_ins += 1
         self._last_check_in = time.monotonic()
         self.desired = desired

@@ -546,7 +546,7 @@ class Updater:
         the gates apply as to any install.
         """
         target = await self._network(what, self.fetcher.resolve, a.name, a.version, a.variant)
-        self._gate(a, target, what)
+        self._gate(a, target, what, download=False)  # a full disk is no reason not to roll back
         if (target.length, target.sha256) != (stored.length, stored.sha256):
             raise _RefusedError(f"{what}: the registry now signs another blob for this version than the one kept here")
         await self._record(a, UpdateState.VERIFIED)
@@ -556,7 +556,7 @@ class Updater:
         plaintext = open_plaintext(blob.read_bytes(), a.grant, facts, self.node_id, self._keys.agreement, a.target_path)
         del plaintext  # only checked here; the cache decrypts again when it opens the version
 
-    def _gate(self, a: Assignment, target: ModelTarget, what: str) -> None:
+    def _gate(self, a: Assignment, target: ModelTarget, what: str, download: bool = True) -> None:
         facts = target.custom
         if a.target_path != target_path(a.name, a.version, a.variant) or target.target_path != a.target_path:
             raise _RefusedError(f"{what}: the assignment's target path {a.target_path!r} is not the variant's")
@@ -585,7 +585,7 @@ class Updater:
             raise _RefusedError(
                 f"{what}: the key grant is for key {a.grant.key_id!r}, the variant is encrypted with {key_id!r}"
             )
-        free = self._free_disk()
+        free = self._free_disk() if download else target.length  # a kept version is on disk already
         if free < target.length:
             raise _LaterError(f"{what} needs {megabytes(target.length)} of disk; {megabytes(free)} is free")
 

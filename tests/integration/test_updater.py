@@ -381,7 +381,8 @@ async def test_an_assignment_of_the_previous_version_rolls_back_to_the_kept_copy
     assert serving_versions(world.node, "lm") == ["2"]
     blob_requests = sum(n for p, n in world.source.requests.items() if p.startswith("targets/models/lm/1/"))
 
-    # A rollout rolled back: the region assigns version 1 again.
+    # A rollout rolled back: the region assigns version 1 again; a full disk does not stop it.
+    world.node.updater._free_disk = lambda: 0
     [row] = await apply(world.node, world.assign(world.v1))
 
     assert (row.version, row.state, row.last_error) == ("1", "committed", "")
@@ -391,5 +392,6 @@ async def test_an_assignment_of_the_previous_version_rolls_back_to_the_kept_copy
     store = world.node.store
     assert (store.committed("lm").version, store.previous("lm").version) == ("1", "2")  # type: ignore[union-attr]
     # And forward again, to the version now kept as the previous one.
+    world.node.updater._free_disk = lambda: 1 << 40
     [row] = await apply(world.node, world.assign(v2))
     assert (row.version, row.state, serving_versions(world.node, "lm")) == ("2", "committed", ["2"])

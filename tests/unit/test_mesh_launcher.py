@@ -13,6 +13,7 @@ import pytest
 from edgecascade import mesh_launcher
 from edgecascade.mesh_launcher import LAUNCHER_OWNED_SETTINGS, Child, Mesh, RestartPolicy, child_environment
 from protos.edgecascade.v1 import mesh_pb2
+from services.errors import ConfigError, UnavailableError
 
 
 class FakeClock:
@@ -71,6 +72,8 @@ def test_owned_settings_are_exactly_the_keys_of_the_per_node_config_files(tmp_pa
     mesh = Mesh(tmp_path / "state", 2, tmp_path / "models", lambda _: None)
     written: set[tuple[str, str]] = set()
     for child in mesh.children:
+        child.directory.mkdir(parents=True)
+        child.token_file.write_text("token\n")  # as the launcher writes it for a node that has not enrolled
         config = tomllib.loads(mesh.node_config(child, upstream="127.0.0.1:1", port=0))
         written |= {(section, key) for section, values in config.items() for key in values}
     # The launcher writes the token file's path; a token from the environment would clash with it.
@@ -84,6 +87,8 @@ def test_the_edge_and_devices_install_through_their_updaters_and_start_with_a_to
     region = mesh.node_settings(mesh.region, "", 0)
     assert "updates" not in region and region["fleet"] == {"path": str(mesh.fleet_file)}
     for child in (mesh.edge, *mesh.devices):
+        child.directory.mkdir(parents=True)
+        child.token_file.write_text("token\n")
         assert mesh.node_settings(child, "127.0.0.1:1", 0)["updates"] == {
             "state_dir": str(child.directory / "state"),
             "trusted_root": str(mesh.state_dir / "trusted-root.json"),
@@ -92,6 +97,8 @@ def test_the_edge_and_devices_install_through_their_updaters_and_start_with_a_to
     device = mesh.devices[0]
     (device.directory / "state").mkdir(parents=True)
     (device.directory / "state" / "enrollment.json").write_text("{}")
+    mesh._provide_token(device)  # enrolled: no token, and the old file goes
+    assert not device.token_file.exists()
     assert "enrollment_token_file" not in mesh.node_settings(device, "127.0.0.1:1", 0)["updates"]
 
 
@@ -435,12 +442,50 @@ def test_a_node_that_does_not_install_in_time_is_named_and_the_mesh_still_starts
     assert any("edge-1, device-1 have not installed their models within 1000 s" in line for line in mesh.said)
 
 
-def test_a_used_token_is_removed_once_the_node_says_it_enrolled(tmp_path: Path) -> None:
+def test_a_second_launcher_on_the_same_state_directory_is_refused(tmp_path: Path) -> None:
+    first = Mesh(tmp_path / "state", 1, tmp_path / "models", lambda _: None)
+    first.claim()
+    with pytest.raises(ConfigError, match="another `edgecascade up` is running on"):
+        Mesh(tmp_path / "state", 1, tmp_path / "models", lambda _: None).claim()
+    first.stop()
+    again = Mesh(tmp_path / "state", 1, tmp_path / "models", lambda _: None)
+    again.claim()  # free again
+    again.stop()
+
+
+def test_a_node_that_has_not_enrolled_starts_with_a_private_token_and_without_one_when_none_can_be_made(
+    tmp_path: Path,
+) -> None:
+    said: list[str] = []
+    mesh = Mesh(tmp_path / "state", 1, tmp_path / "models", said.append)
+    device = mesh.devices[0]
+    device.directory.mkdir(parents=True)
+    mesh._provide_token(device)
+    assert device.token_file.stat().st_mode & 0o777 == 0o600
+    assert len(device.token_file.read_text().strip()) >= 32
+    assert mesh.node_settings(device, "127.0.0.1:1", 0)["updates"]["enrollment_token_file"] == str(device.token_file)
+    mesh._forget_token(device)  # the node has started: it read the token
+    assert not device.token_file.exists()
+
+    mesh.region.directory.mkdir(parents=True, exist_ok=True)
+    mesh.fleet_file.unlink()
+    mesh.fleet_file.mkdir()  # the inventory cannot be opened
+    mesh._provide_token(device)
+    assert not device.token_file.exists()
+    assert "enrollment_token_file" not in mesh.node_settings(device, "127.0.0.1:1", 0)["updates"]
+    assert any("no enrollment token for device-1" in line for line in said)
+
+
+def test_a_node_that_exits_while_installing_fails_the_start(tmp_path: Path) -> None:
     mesh = FakeMesh(tmp_path / "state", FakeClock(), {})
-    mesh.start()
-    for child in (mesh.edge, mesh.devices[0]):
-        child.token_file.write_text("used\n")
-    mesh.update_status["device-1"] = mesh_pb2.UpdateStatus(enrolled=False)
-    mesh.update_status["edge-1"] = _status(None)
-    mesh.await_installs(timeout_s=0)
-    assert not mesh.edge.token_file.exists() and mesh.devices[0].token_file.exists()
+    mesh.update_status["device-1"] = mesh_pb2.UpdateStatus(enrolled=True, check_ins=0)
+    original = mesh._update_status
+
+    def crash(child: Child) -> mesh_pb2.UpdateStatus | None:
+        if child.name == "device-1":
+            _kill(child)
+        return original(child)
+
+    mesh._update_status = crash  # type: ignore[method-assign]
+    with pytest.raises(UnavailableError, match="device-1 exited with code -9 while installing"):
+        mesh.start()

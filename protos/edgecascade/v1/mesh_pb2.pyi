@@ -112,7 +112,7 @@ class GetTierInfoResponse(_message.Message):
     def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., tier_name: _Optional[str] = ..., node_id: _Optional[str] = ..., version: _Optional[str] = ..., upstream: _Optional[str] = ..., models: _Optional[_Iterable[_Union[HeldModel, _Mapping]]] = ..., cache: _Optional[_Union[CacheStatus, _Mapping]] = ..., artifact_cache: _Optional[_Union[ArtifactCacheStatus, _Mapping]] = ..., updates: _Optional[_Union[UpdateStatus, _Mapping]] = ...) -> None: ...
 
 class UpdateStatus(_message.Message):
-    __slots__ = ("enrolled", "installs", "check_ins", "failed_check_ins", "last_check_in_age_s", "installed", "desired")
+    __slots__ = ("enrolled", "installs", "check_ins", "failed_check_ins", "last_check_in_age_s", "installed", "desired", "last_error")
     ENROLLED_FIELD_NUMBER: _ClassVar[int]
     INSTALLS_FIELD_NUMBER: _ClassVar[int]
     CHECK_INS_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +120,7 @@ class UpdateStatus(_message.Message):
     LAST_CHECK_IN_AGE_S_FIELD_NUMBER: _ClassVar[int]
     INSTALLED_FIELD_NUMBER: _ClassVar[int]
     DESIRED_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
     enrolled: bool
     installs: bool
     check_ins: int
@@ -127,7 +128,8 @@ class UpdateStatus(_message.Message):
     last_check_in_age_s: float
     installed: _containers.RepeatedCompositeFieldContainer[InstalledModel]
     desired: _containers.RepeatedCompositeFieldContainer[DesiredVersion]
-    def __init__(self, enrolled: _Optional[bool] = ..., installs: _Optional[bool] = ..., check_ins: _Optional[int] = ..., failed_check_ins: _Optional[int] = ..., last_check_in_age_s: _Optional[float] = ..., installed: _Optional[_Iterable[_Union[InstalledModel, _Mapping]]] = ..., desired: _Optional[_Iterable[_Union[DesiredVersion, _Mapping]]] = ...) -> None: ...
+    last_error: str
+    def __init__(self, enrolled: _Optional[bool] = ..., installs: _Optional[bool] = ..., check_ins: _Optional[int] = ..., failed_check_ins: _Optional[int] = ..., last_check_in_age_s: _Optional[float] = ..., installed: _Optional[_Iterable[_Union[InstalledModel, _Mapping]]] = ..., desired: _Optional[_Iterable[_Union[DesiredVersion, _Mapping]]] = ..., last_error: _Optional[str] = ...) -> None: ...
 
 class InstalledModel(_message.Message):
     __slots__ = ("name", "version", "variant", "state", "last_error")
