@@ -160,20 +160,20 @@ class Chain:
         version: int = json.loads(self.trusted(role))["signed"]["version"]
         return version
 
-    async def publish(self, version: str, seed: int, edge_verifies: bool = True) -> Published:
+    async def publish(self, version: str, seed: int, edge_verifies: bool = True, **options: Any) -> Published:
         """Publishes a version of ``lm`` (answering as the model of ``seed`` does).
 
         The real edge has verified the new metadata before this returns, so a device's first try meets
         the attack under test, not an edge that has not caught up yet.
         """
-        published = publish_real(self.kit, "lm", version, seed=seed)
+        published = publish_real(self.kit, "lm", version, seed=seed, **options)
         if edge_verifies:
             await edge_caught_up(self.edge, self.kit)
         return published
 
-    async def deploy(self, version: str, seed: int) -> Published:
-        """Publishes a version of ``lm`` and deploys it to devices."""
-        published = await self.publish(version, seed)
+    async def deploy(self, version: str, seed: int, **options: Any) -> Published:
+        """Publishes a version of ``lm`` (``options`` as :func:`publish_real` takes them) and deploys it to devices."""
+        published = await self.publish(version, seed, **options)
         self.fleet.deploy("lm", version, tier="device")
         return published
 
@@ -631,4 +631,42 @@ async def test_a_key_grant_made_for_another_node_is_refused(tmp_path: Path) -> N
 
         assert (row.version, row.state) == ("1", "refused")
         assert "does not open for node device-1" in row.last_error
+        await chain.assert_serves_v1_and_kept_nothing_unverified()
+
+
+async def test_a_version_whose_golden_vectors_fail_on_the_device_is_refused(tmp_path: Path) -> None:
+    async with running_chain(tmp_path) as chain:
+        await chain.deploy("2", seed=2, golden_seed=99)  # signed golden vectors of another model
+
+        row = await chain.attempt("2")
+
+        assert (row.version, row.state) == ("1", "refused")
+        assert "failed its golden vectors" in row.last_error
+        await chain.assert_serves_v1_and_kept_nothing_unverified()
+
+
+@pytest.mark.parametrize(
+    ("options", "reason"),
+    [
+        pytest.param({"hardware_classes": ("gpu-h100",)}, "is for gpu-h100", id="hardware-class"),
+        pytest.param({"peak_bytes": 1 << 40}, "budget", id="memory-profile"),
+    ],
+)
+async def test_a_version_with_no_variant_for_the_device_is_not_assigned_and_never_downloaded(
+    tmp_path: Path, options: dict[str, Any], reason: str
+) -> None:
+    async with running_chain(tmp_path) as chain:
+        await chain.deploy("2", seed=2, **options)
+        service = chain.device.component(NodeUpdatesService)
+
+        def told_why() -> bool:
+            return service.desired is not None and any(u.version == "2" for u in service.desired.unassigned)
+
+        await until(told_why, "the region told the device why version 2 is not for it")
+
+        assert service.desired is not None
+        [why] = [u for u in service.desired.unassigned if u.version == "2"]
+        assert reason in why.reason
+        assert (chain.lm().version, chain.lm().state) == ("1", "committed")
+        assert not [t for t in chain.hostile.transfers if "/lm/2/" in t.path]  # not a byte of it was fetched
         await chain.assert_serves_v1_and_kept_nothing_unverified()
