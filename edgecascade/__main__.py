@@ -28,7 +28,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from edgecascade import client_commands, fleet_commands, model_commands
+from edgecascade import client_commands, fleet_commands, model_commands, rollout_commands
 from edgecascade.demo_models import DEFAULT_MODELS_DIR, DEVICE_MODEL, place_demo_models
 from edgecascade.mesh_launcher import Mesh, run_until_signal
 from services import __version__
@@ -130,6 +130,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_repo_demo)
     model_commands.add_parser(sub)
     fleet_commands.add_parsers(sub)
+    rollout_commands.add_parsers(sub)
     return parser
 
 

@@ -8,6 +8,12 @@ its answer; domain errors become statuses through the server's error
 interceptor. The servicer bounds what it parses (a report of at most
 :data:`MAX_REPORT_BYTES`); the core bounds every field. Refusals are counted by
 reason in :attr:`FleetControl.refusals`. Without ``[fleet] path`` it serves nothing.
+
+With a fleet, a ticker moves the active rollouts on every :data:`ROLLOUT_TICK_S`
+seconds (:meth:`~tier2_region.fleet.rollout_controller.RolloutController.tick`,
+off the event loop). Their stages are judged on the figures given to
+:meth:`FleetControl.use_figures` (the region's telemetry store); until then
+every stage waits for data.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from protos.edgecascade.v1 import mesh_pb2
 from services.errors import ConfigError, InvalidArgumentError
 from services.rpc.components import NodeContext
 from services.rpc.server import ServiceBinding
+from services.ticker import Ticker
 from tier2_region.config import RegionConfig
 from tier2_region.fleet.catalog import RegistryCatalog
 from tier2_region.fleet.domain import (
@@ -41,13 +48,17 @@ from tier2_region.fleet.domain import (
     NodeFacts,
     SignedCheckIn,
 )
+from tier2_region.fleet.figures import FiguresSource
 from tier2_region.fleet.fleet import Fleet
 from tier2_region.fleet.inventory import Inventory
+from tier2_region.fleet.rollout_controller import RolloutController
 from tier2_region.registry.registry import ModelRegistry
 
 FLEET_SERVICE = pb.DESCRIPTOR.services_by_name["FleetService"].full_name
 # A report of MAX_INSTALLED models with every string at its limit stays well below this.
 MAX_REPORT_BYTES = 1024 * 1024
+# A rollout's interval is minutes in production and seconds in a demo; a few seconds' lag on either is fine.
+ROLLOUT_TICK_S = 2.0
 
 _TIERS = {mesh_pb2.TIER_DEVICE: "device", mesh_pb2.TIER_EDGE: "edge", mesh_pb2.TIER_REGION: "region"}
 T = TypeVar("T")
@@ -168,6 +179,9 @@ class FleetControl:
         self._registry: ModelRegistry | None = None
         self._servicer: FleetServicer | None = None
         self._refusals: Counter[str] = Counter()
+        self.rollouts: RolloutController | None = None
+        self._ticker: Ticker | None = None
+        self._rollout_thread: ThreadPoolExecutor | None = None
         if not settings.path:
             return
         # Its own handle on the registry (read only here): the artifact origin's is used by its re-signer's thread.
@@ -179,6 +193,20 @@ class FleetControl:
             raise ConfigError(f"[fleet] path {settings.path} is not usable: {exc}") from None
         self.fleet = Fleet(inventory, RegistryCatalog(self._registry), settings)
         self._servicer = FleetServicer(self.fleet, self._refusals)
+        self.rollouts = RolloutController(self.fleet)
+        # One thread: ticks never overlap, and they do not queue behind check-ins for the servicer's threads.
+        self._rollout_thread = ThreadPoolExecutor(1, thread_name_prefix="rollouts")
+        self._ticker = Ticker("rollouts", ROLLOUT_TICK_S, self.tick_rollouts)
+
+    def use_figures(self, figures: FiguresSource) -> None:
+        """Judges rollout stages on ``figures`` (the region's telemetry store) from the next tick on."""
+        if self.rollouts is not None:
+            self.rollouts.figures = figures
+
+    async def tick_rollouts(self) -> None:
+        """Moves the active rollouts on once (the ticker's work)."""
+        if self.rollouts is not None and self._rollout_thread is not None:
+            await asyncio.get_running_loop().run_in_executor(self._rollout_thread, self.rollouts.tick)
 
     @property
     def refusals(self) -> dict[str, int]:
@@ -197,10 +225,17 @@ class FleetControl:
         return [ServiceBinding(FLEET_SERVICE, lambda s: pb_grpc.add_FleetServiceServicer_to_server(servicer, s))]
 
     async def start(self) -> None:
-        """Nothing runs in the background: check-ins come to it."""
+        """Starts the rollout ticker (check-ins come to it)."""
+        if self._ticker is not None:
+            self._ticker.start()
 
     async def stop(self) -> None:
-        """Closes the inventory and the registry's files."""
+        """Stops the rollout ticker, then closes the inventory and the registry's files."""
+        if self._ticker is not None:
+            await self._ticker.stop()
+        if self._rollout_thread is not None:
+            # A tick already in its thread finishes its transaction before the inventory closes.
+            await asyncio.to_thread(functools.partial(self._rollout_thread.shutdown, wait=True, cancel_futures=True))
         if self._servicer is not None:
             self._servicer.close()
         if self.fleet is not None:

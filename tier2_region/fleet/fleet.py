@@ -26,7 +26,12 @@ Desired state
     variant's content key wrapped to the node's X25519 key
     (:func:`~services.updates.key_grants.wrap_key`, bound to the node id,
     target path and key id); a model none of whose variants fits is
-    unassigned, with the reason.
+    unassigned, with the reason. While a rollout of a model is active, a node
+    in its cohort and eligible for it gets the rollout's version instead
+    (:mod:`~tier2_region.fleet.rollout`); once it has ended, every node gets
+    what the deployment names again (the new version after completion, the
+    old one after a rollback or abort). A deploy of a model with an active
+    rollout is refused: the rollout sets the deployment when it completes.
 
 Every refusal is counted by reason in :attr:`Fleet.refusals`.
 """
@@ -48,11 +53,12 @@ from services.errors import (
     InvalidArgumentError,
     ModelNotFoundError,
     PermissionDeniedError,
+    PreconditionError,
     UnauthenticatedError,
 )
 from services.updates.key_grants import wrap_key
 from tier2_region.config import FleetSection
-from tier2_region.fleet.assignment import choose_variant
+from tier2_region.fleet.assignment import VariantOffer, choose_variant
 from tier2_region.fleet.catalog import VariantCatalog
 from tier2_region.fleet.domain import (
     SIGNATURE_BYTES,
@@ -69,6 +75,8 @@ from tier2_region.fleet.domain import (
     check_tier,
 )
 from tier2_region.fleet.inventory import Deployment, Inventory, NodeRecord
+from tier2_region.fleet.rollout import Rollout, canary_variant
+from tier2_region.fleet.rollout_store import RolloutStore
 
 Clock = Callable[[], float]
 TOKEN_BYTES = 32
@@ -108,6 +116,7 @@ class Fleet:
         self.settings = settings
         self.clock = clock
         self.refusals: Counter[str] = Counter()
+        self.rollouts = RolloutStore(inventory)
 
     def _refuse(self, reason: str, error: EdgecascadeError) -> EdgecascadeError:
         self.refusals[reason] += 1
@@ -149,12 +158,21 @@ class Fleet:
         Raises:
             InvalidArgumentError: A name, version, tier or class is not valid.
             ModelNotFoundError: The registry has no variant of this model version.
+            PreconditionError: A rollout of the model is active.
         """
         check_model_name(name)
         check_version(version)
         if tier:
             check_tier(tier)
         check_text(hardware_class, "hardware class")
+        active = self.rollouts.active(name)
+        if active:
+            rollout = active[0]
+            raise PreconditionError(
+                f"a rollout of '{name}' to version {rollout.version} is {rollout.state} ({rollout.label}); it sets "
+                f"the deployment when it completes. End it first: edgecascade rollout abort {name} (back to "
+                f"version {rollout.baseline}) or edgecascade rollout promote {name}"
+            )
         if not self.catalog.offers(name, version):
             raise ModelNotFoundError(
                 f"the registry has no model '{name}' version {version}; publish it first (edgecascade model publish)"
@@ -164,7 +182,7 @@ class Fleet:
     def listing(self) -> list[FleetEntry]:
         """Every node with the deployments that apply to it."""
         deployments = self.inventory.deployments()
-        return [FleetEntry(node, _applicable(node.facts, deployments)) for node in self.inventory.nodes()]
+        return [FleetEntry(node, applicable(node.facts, deployments)) for node in self.inventory.nodes()]
 
     # Nodes
 
@@ -280,9 +298,10 @@ class Fleet:
         """What a node with these facts should run, with each variant's key wrapped to ``agreement_public_key``."""
         assignments: list[Assignment] = []
         unassigned: list[Unassigned] = []
-        for deployment in _applicable(facts, self.inventory.deployments()):
-            name, version = deployment.name, deployment.version
-            offers = self.catalog.offers(name, version)
+        rollouts = {r.name: r for r in self.rollouts.active()}
+        for deployment in applicable(facts, self.inventory.deployments()):
+            name = deployment.name
+            version, offers = self._target(facts, deployment, rollouts.get(name))
             if not offers:
                 unassigned.append(Unassigned(name, version, f"model '{name}' version {version} is not in the registry"))
                 continue
@@ -295,6 +314,16 @@ class Fleet:
             assignments.append(Assignment(name, version, choice.variant, choice.target_path, grant))
         return DesiredState(tuple(assignments), tuple(unassigned), self.settings.check_interval_s)
 
+    def _target(
+        self, facts: NodeFacts, deployment: Deployment, rollout: Rollout | None
+    ) -> tuple[str, list[VariantOffer]]:
+        """The version a node gets of a deployed model, with that version's variants."""
+        if rollout is not None and rollout.covers(facts.node_id):
+            offers = self.catalog.offers(rollout.name, rollout.version)
+            if canary_variant(rollout, facts, deployment, offers) is not None:
+                return rollout.version, offers
+        return deployment.version, self.catalog.offers(deployment.name, deployment.version)
+
 
 def _signed_by(identity_public_key: bytes, signed: SignedCheckIn) -> bool:
     if len(signed.signature) != SIGNATURE_BYTES:
@@ -306,7 +335,7 @@ def _signed_by(identity_public_key: bytes, signed: SignedCheckIn) -> bool:
     return True
 
 
-def _applicable(facts: NodeFacts, deployments: list[Deployment]) -> tuple[Deployment, ...]:
+def applicable(facts: NodeFacts, deployments: list[Deployment]) -> tuple[Deployment, ...]:
     """The deployment of each model that applies to a node: the most specific matching one, then the newest."""
     chosen: dict[str, Deployment] = {}
     for deployment in deployments:

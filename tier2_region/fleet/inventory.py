@@ -9,6 +9,8 @@ Tables::
                  filter ("" = any); one row per (name, tier, hardware class)
     nonces       (node, nonce) of recent check-ins, pruned once no report carrying them can be fresh
 
+The rollouts' tables live in the same file (:mod:`~tier2_region.fleet.rollout_store`).
+
 Writers are serialised twice: in this process by a lock around the one
 connection (the fleet service calls from worker threads), across processes
 (the region and the operator's CLI) by SQLite's write lock, taken up front by
@@ -178,6 +180,10 @@ class Inventory:
         with self._lock:
             return self._db.execute(query, args).fetchall()
 
+    def read(self, query: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """The rows of one read-only query, outside any transaction (for the tables other fleet modules own)."""
+        return self._read(query, args)
+
     # Tokens
 
     def add_token(self, token: str, now: float, expires_at: float) -> None:
@@ -249,6 +255,17 @@ class Inventory:
         """Every enrolled node (revoked ones too), by id."""
         return [_node(row) for row in self._read("SELECT * FROM nodes ORDER BY node_id")]
 
+    def presence(self) -> list[tuple[NodeFacts, bool, float | None]]:
+        """Every enrolled node's facts, revoked flag and last check-in, by id: a cheaper scan than :meth:`nodes`."""
+        rows = self._read(
+            "SELECT node_id, tier, hardware_class, memory_budget_bytes, onnxruntime_version, free_disk_bytes, "
+            "revoked, last_seen FROM nodes ORDER BY node_id"
+        )
+        return [
+            (NodeFacts(r[0], r[1], r[2], int(r[3]), r[4], int(r[5])), bool(r[6]), None if r[7] is None else float(r[7]))
+            for r in rows
+        ]
+
     def revoke(self, node_id: str) -> None:
         """Marks a node revoked: its check-ins are refused, and it may enroll again with other keys.
 
@@ -318,6 +335,17 @@ class Inventory:
                 (d.name, d.version, d.tier, d.hardware_class, d.created_at),
             )
         return None if row is None else Deployment(*row)
+
+    @staticmethod
+    def set_deployed_version(db: sqlite3.Connection, name: str, old: str, new: str) -> int:
+        """Makes every deployment of ``name`` that names version ``old`` name ``new`` (inside a transaction).
+
+        Returns:
+            How many deployments changed.
+        """
+        return db.execute(
+            "UPDATE deployments SET version = ? WHERE name = ? AND version = ?", (new, name, old)
+        ).rowcount
 
     def deployments(self) -> list[Deployment]:
         """Every deployment, by model name, then filters."""

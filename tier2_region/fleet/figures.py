@@ -1,0 +1,87 @@
+"""What the region knows about a model version's live behaviour: the contract between telemetry and rollouts.
+
+The telemetry store folds the nodes' OTLP metrics into windows and answers
+:class:`FiguresSource` queries; the rollout controller reads them to gate a
+stage and never sees OTLP. A figure nobody reported is ``None``, never 0:
+"no data" must not pass a gate.
+
+The metric names and attributes below are what nodes export and what the
+store reads. Every point carries the node's resource attributes
+(:data:`NODE_ID`, :data:`NODE_TIER`, :data:`HARDWARE_CLASS`) and the model's
+(:data:`MODEL_NAME`, :data:`MODEL_VERSION`, :data:`MODEL_VARIANT`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Protocol
+
+# Resource attributes of a node's telemetry (the node id and tier as services/rpc/telemetry.py names them).
+NODE_ID = "edgecascade.node_id"
+NODE_TIER = "edgecascade.tier"  # tier0 (device) or tier1 (edge)
+HARDWARE_CLASS = "edgecascade.hardware_class"
+# Point attributes.
+MODEL_NAME = "edgecascade.model.name"
+MODEL_VERSION = "edgecascade.model.version"
+MODEL_VARIANT = "edgecascade.model.variant"
+OUTCOME = "edgecascade.outcome"  # ok, error or forwarded
+FALLBACK_REASON = "edgecascade.fallback_reason"  # set when the outcome is forwarded
+
+# Metrics (OTLP names).
+REQUESTS = "edgecascade.requests"  # monotonic sum, by model, version, variant, outcome (and fallback_reason)
+LATENCY = "edgecascade.request.duration"  # histogram in milliseconds, by model, version, variant
+CONFIDENCE = "edgecascade.answer.confidence"  # histogram in [0, 1], by model, version, variant
+UPDATE_OUTCOMES = "edgecascade.updates"  # monotonic sum, by model, version and edgecascade.update.state
+
+
+@dataclass(frozen=True)
+class VersionFigures:
+    """One model version's behaviour over a window, over the nodes asked about.
+
+    Attributes:
+        nodes: Nodes that reported any point for the version in the window.
+        requests: Requests answered or forwarded (every outcome).
+        errors: Requests that ended in an error.
+        fallbacks: Requests forwarded upstream (any reason).
+        p50_ms, p99_ms, p999_ms: Latency quantiles from the merged histograms (None without data).
+        mean_confidence: Mean answer confidence (None without data).
+        failed_installs: Nodes whose update to this version ended refused.
+    """
+
+    name: str
+    version: str
+    nodes: int = 0
+    requests: int = 0
+    errors: int = 0
+    fallbacks: int = 0
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    p999_ms: float | None = None
+    mean_confidence: float | None = None
+    failed_installs: int = 0
+
+    @property
+    def error_rate(self) -> float | None:
+        """Errors per request, or None without requests."""
+        return self.errors / self.requests if self.requests else None
+
+    @property
+    def fallback_rate(self) -> float | None:
+        """Forwarded requests per request, or None without requests."""
+        return self.fallbacks / self.requests if self.requests else None
+
+
+class FiguresSource(Protocol):
+    """Answers what a version did, from the telemetry the region received."""
+
+    def figures(self, name: str, version: str, since: float, node_ids: Collection[str] | None = None) -> VersionFigures:
+        """The version's figures from points received at or after Unix time ``since``.
+
+        Args:
+            name: Model name.
+            version: Model version.
+            since: Start of the window (Unix seconds).
+            node_ids: Only these nodes (a rollout's cohort); None for every node.
+        """
+        ...
