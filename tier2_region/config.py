@@ -1,4 +1,4 @@
-"""The region's configuration: the shared sections plus ``[registry]`` and ``[fleet]``.
+"""The region's configuration: the shared sections plus ``[registry]``, ``[fleet]`` and ``[telemetry]``.
 
 ``[registry]``
     ``path`` of the model registry (its TUF repository is served by the
@@ -20,6 +20,19 @@
     from the region's clock (a nonce is remembered for twice that), and
     ``token_ttl_s``: how long an enrollment token made by ``edgecascade fleet
     token`` is valid unless told otherwise.
+``[telemetry]``
+    ``path`` of the telemetry store (SQLite: the nodes' OTLP metrics folded into
+    windows, and their anomalies; empty: no OTLP receiver; needs ``[fleet]
+    path``: only enrolled nodes are heard), ``window_s`` (width of a window),
+    ``retention_s`` (windows and anomalies older than this are dropped),
+    ``max_rows`` (window rows kept per table, oldest windows dropped first),
+    ``max_series`` (cumulative series whose last value is remembered),
+    ``max_points_per_request``, ``max_attributes`` (per resource, point or log
+    record), ``queue_points`` (data points waiting to be written; more are
+    refused with RESOURCE_EXHAUSTED), ``max_anomalies_per_node``, and
+    ``forward_endpoint`` (``host:port`` of an OTLP/gRPC collector that gets a copy
+    of what was accepted; empty: none) with ``forward_queue`` (requests waiting
+    to be forwarded; more are dropped and counted).
 """
 
 from __future__ import annotations
@@ -128,11 +141,60 @@ class FleetSection:
 
 
 @dataclass(frozen=True)
+class TelemetrySection:
+    """The region's OTLP receiver and the store it folds the nodes' telemetry into."""
+
+    path: str = ""
+    window_s: int = 60
+    retention_s: int = 7 * 86400
+    max_rows: int = 1_000_000
+    max_series: int = 1_000_000
+    max_points_per_request: int = 10_000
+    max_attributes: int = 128
+    queue_points: int = 200_000
+    max_anomalies_per_node: int = 100
+    forward_endpoint: str = ""
+    forward_queue: int = 256
+
+    def __post_init__(self) -> None:
+        positive = (
+            "window_s",
+            "max_rows",
+            "max_series",
+            "max_points_per_request",
+            "max_attributes",
+            "max_anomalies_per_node",
+            "forward_queue",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"[telemetry] {name} must be positive, got {getattr(self, name)}")
+        # Fewer than two windows would leave a gate nothing but a window still filling.
+        if self.retention_s < 2 * self.window_s:
+            raise ConfigError(
+                f"[telemetry] retention_s ({self.retention_s} s) must be at least two windows "
+                f"(2 × window_s = {2 * self.window_s} s)"
+            )
+        # A request the queue could never take would be refused forever, and retried forever.
+        if self.queue_points < self.max_points_per_request:
+            raise ConfigError(
+                f"[telemetry] queue_points ({self.queue_points}) must be at least max_points_per_request "
+                f"({self.max_points_per_request})"
+            )
+        if self.forward_endpoint and ":" not in self.forward_endpoint:
+            raise ConfigError(
+                "[telemetry] forward_endpoint must be host:port of an OTLP/gRPC collector, "
+                f"got {self.forward_endpoint!r}"
+            )
+
+
+@dataclass(frozen=True)
 class RegionConfig(TierConfig):
     """The whole configuration of a region process."""
 
     registry: RegistrySection = field(default_factory=RegistrySection)
     fleet: FleetSection = field(default_factory=FleetSection)
+    telemetry: TelemetrySection = field(default_factory=TelemetrySection)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -142,4 +204,9 @@ class RegionConfig(TierConfig):
             raise ConfigError(
                 "[fleet] path is set but [registry] path is empty; the fleet assigns the registry's variants, "
                 "set the registry path too"
+            )
+        if self.telemetry.path and not self.fleet.path:
+            raise ConfigError(
+                "[telemetry] path is set but [fleet] path is empty; the region hears only enrolled nodes, "
+                "set the fleet path too"
             )

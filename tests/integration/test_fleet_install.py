@@ -161,8 +161,16 @@ async def test_an_edge_installs_what_is_deployed_to_edges_and_serves_it_to_its_d
         nodes.append(device)
         answer = await _served_by(device.address, "tier1:edge-1")
         assert answer["edgecascade.fallback_reason"] == "model_not_held"
-        [row] = edge.component(NodeUpdatesService)._target.installed()
-        assert (row.name, row.version) == ("lm", "1")
+        updates = edge.component(NodeUpdatesService)
+
+        def committed() -> bool:  # it serves from its trial on; the commit follows right after
+            return [(m.name, m.version, m.state) for m in updates._target.installed()] == [("lm", "1", "committed")]
+
+        for _ in range(500):
+            if committed():
+                break
+            await asyncio.sleep(0.01)
+        assert committed()
         # Neither the edge's state nor its artifact cache holds the model in plaintext.
         assert plaintext_leaks(state, model_plaintexts(kit.files)) == []
         assert plaintext_leaks(tmp_path / "edge-cache", model_plaintexts(kit.files)) == []

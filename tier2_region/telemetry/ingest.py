@@ -1,0 +1,203 @@
+"""A telemetry request's way from its converted resources to the store, and the counts of what became of it.
+
+For each resource: the node it names must be enrolled (asked through the
+``known`` hook, off the event loop, and remembered for a while: a minute when
+known, a few seconds when not, so a node enrolled a moment ago is heard soon);
+its points or records go through :mod:`~tier2_region.telemetry.admission`; what
+is accepted goes to the :class:`~tier2_region.telemetry.write_queue.WriteQueue`
+as one batch, and the request waits until it is written. Every point or record
+is counted once in :attr:`Ingest.counts`: accepted, ignored, rejected (by
+reason) or dropped (the queue was full, or the write failed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable, Collection, Sequence
+
+from services.errors import CapacityError, InvalidArgumentError, UnavailableError
+from tier2_region.telemetry import admission
+from tier2_region.telemetry.admission import Limits, Receipt
+from tier2_region.telemetry.points import Batch, LogsBatch, MetricsBatch, ResourceLogs, ResourceMetrics
+from tier2_region.telemetry.write_queue import WriteQueue
+
+KNOWN_TTL_S = 60.0
+UNKNOWN_TTL_S = 5.0
+# Enough for the largest fleet the region holds; beyond it the memory is simply started afresh.
+MAX_REMEMBERED_NODES = 100_000
+
+
+class KnownNodes:
+    """Whether nodes are enrolled, asked through ``known`` on a worker thread and remembered for a while.
+
+    Args:
+        known: Whether a node id is enrolled (and not revoked); may block (it reads the inventory).
+        clock: Monotonic seconds.
+    """
+
+    def __init__(self, known: Callable[[str], bool], clock: Callable[[], float] = time.monotonic) -> None:
+        self._known = known
+        self._clock = clock
+        self._answers: dict[str, tuple[bool, float]] = {}
+
+    async def check(self, node_ids: Collection[str]) -> dict[str, bool]:
+        """Which of ``node_ids`` are enrolled.
+
+        Raises:
+            UnavailableError: The inventory could not be read.
+        """
+        now = self._clock()
+        answers: dict[str, bool] = {}
+        ask: list[str] = []
+        for node_id in node_ids:
+            remembered = self._answers.get(node_id)
+            if remembered is not None and remembered[1] > now:
+                answers[node_id] = remembered[0]
+            else:
+                ask.append(node_id)
+        if ask:
+            try:
+                fresh = await asyncio.to_thread(lambda: {n: bool(self._known(n)) for n in ask})
+            except Exception as exc:
+                raise UnavailableError("the region cannot read its fleet inventory now; retry later") from exc
+            if len(self._answers) + len(fresh) > MAX_REMEMBERED_NODES:
+                self._answers.clear()
+            for node_id, known in fresh.items():
+                self._answers[node_id] = (known, now + (KNOWN_TTL_S if known else UNKNOWN_TTL_S))
+            answers.update(fresh)
+        return answers
+
+
+class Ingest:
+    """Admits converted telemetry and hands it to the writer.
+
+    Args:
+        queue: The store's write queue.
+        known: Which nodes are enrolled.
+        limits: What a request may hold.
+        clock: Wall-clock seconds: a batch's time of arrival, which picks its window.
+    """
+
+    def __init__(
+        self,
+        queue: WriteQueue[Batch],
+        known: KnownNodes,
+        limits: Limits,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._queue = queue
+        self._known = known
+        self.limits = limits
+        self._clock = clock
+        self.counts: Counter[str] = Counter()
+
+    def check_size(self, signal: str, points: int, containers: int) -> None:
+        """Refuses a request with more data points (or records), or more resources, scopes and metrics, than
+        ``limits.max_points_per_request`` (counted before anything in it is read).
+
+        Raises:
+            InvalidArgumentError: It is larger.
+        """
+        try:
+            admission.check_request_size(points, containers, self.limits)
+        except InvalidArgumentError:
+            # Its points were never read: the request is counted, not guessed at.
+            self.counts[f"{signal}.requests"] += 1
+            self.counts[f"{signal}.requests_refused.too_large"] += 1
+            raise
+
+    def count_unreadable(self, signal: str) -> None:
+        """Counts a request that was not OTLP at all (refused before anything was read)."""
+        self.counts[f"{signal}.requests"] += 1
+        self.counts[f"{signal}.requests_refused.unreadable"] += 1
+
+    async def metrics(self, resources: Sequence[ResourceMetrics]) -> Receipt:
+        """Admits and stores a metrics request's resources.
+
+        Returns:
+            What became of its data points (for the OTLP answer).
+
+        Raises:
+            PermissionDeniedError, InvalidArgumentError: Nothing was accepted (:func:`admission.settle`).
+            QueueFullError: The writer is too far behind; nothing was stored.
+            UnavailableError: The inventory could not be read, or the store could not write.
+        """
+        self.counts["metrics.requests"] += 1
+        received_at = self._clock()
+        nodes = [admission.node_of(r) for r in resources]
+        known = await self._known.check({node for node, _ in nodes if node})
+        rejected: Counter[str] = Counter()
+        samples = []
+        ignored = 0
+        accepted_resources = []
+        for i, (resource, (node_id, problem)) in enumerate(zip(resources, nodes, strict=True)):
+            if problem or not known.get(node_id, False):
+                rejected[problem or "unknown_node"] += resource.total
+                continue
+            kept, refused, unread = admission.admit_points(node_id, resource)
+            samples.extend(kept)
+            rejected.update(refused)
+            ignored += unread
+            accepted_resources.append(i)
+        receipt = Receipt("data points", len(samples), ignored, dict(rejected), tuple(accepted_resources))
+        self._tally("metrics", receipt)
+        admission.settle(receipt)
+        if samples:
+            await self._store("metrics", MetricsBatch(received_at, tuple(samples)), len(samples))
+        return receipt
+
+    async def logs(self, resources: Sequence[ResourceLogs]) -> Receipt:
+        """Admits a logs request's resources and stores their anomalies.
+
+        Returns:
+            What became of its log records (for the OTLP answer).
+
+        Raises:
+            The same as :meth:`metrics`.
+        """
+        self.counts["logs.requests"] += 1
+        received_at = self._clock()
+        nodes = [admission.node_of(r) for r in resources]
+        known = await self._known.check({node for node, _ in nodes if node})
+        rejected: Counter[str] = Counter()
+        anomalies = []
+        ignored = 0
+        accepted_resources = []
+        for i, (resource, (node_id, problem)) in enumerate(zip(resources, nodes, strict=True)):
+            if problem or not known.get(node_id, False):
+                rejected[problem or "unknown_node"] += resource.total
+                continue
+            kept, refused, routine = admission.admit_logs(node_id, resource, received_at)
+            anomalies.extend(kept)
+            rejected.update(refused)
+            ignored += routine
+            accepted_resources.append(i)
+        receipt = Receipt("log records", len(anomalies), ignored, dict(rejected), tuple(accepted_resources))
+        self._tally("logs", receipt)
+        admission.settle(receipt)
+        if anomalies:
+            await self._store("logs", LogsBatch(received_at, tuple(anomalies)), len(anomalies))
+        return receipt
+
+    def _tally(self, signal: str, receipt: Receipt) -> None:
+        self.counts[f"{signal}.accepted"] += receipt.accepted
+        self.counts[f"{signal}.ignored"] += receipt.ignored
+        for reason, count in receipt.rejected.items():
+            self.counts[f"{signal}.rejected.{reason}"] += count
+
+    async def _store(self, signal: str, batch: Batch, points: int) -> None:
+        try:
+            await self._queue.submit(batch, points)
+        except CapacityError:
+            self._dropped(signal, "queue_full", points)
+            raise
+        except UnavailableError:
+            self._dropped(signal, "store_unavailable", points)
+            raise
+
+    def _dropped(self, signal: str, why: str, points: int) -> None:
+        # They were counted accepted at admission; a drop moves them.
+        self.counts[f"{signal}.accepted"] -= points
+        self.counts[f"{signal}.dropped.{why}"] += points
