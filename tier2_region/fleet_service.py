@@ -11,9 +11,10 @@ reason in :attr:`FleetControl.refusals`. Without ``[fleet] path`` it serves noth
 
 With a fleet, a ticker moves the active rollouts on every :data:`ROLLOUT_TICK_S`
 seconds (:meth:`~tier2_region.fleet.rollout_controller.RolloutController.tick`,
-off the event loop). Their stages are judged on the figures given to
-:meth:`FleetControl.use_figures` (the region's telemetry store); until then
-every stage waits for data.
+off the event loop). Their stages are judged on the region's telemetry store
+(``[telemetry] path``, which the OTLP receiver fills; this component reads it
+through its own connection) or on figures given to :meth:`FleetControl.use_figures`;
+without either every stage waits for data.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from tier2_region.fleet.fleet import Fleet
 from tier2_region.fleet.inventory import Inventory
 from tier2_region.fleet.rollout_controller import RolloutController
 from tier2_region.registry.registry import ModelRegistry
+from tier2_region.telemetry.store import TelemetryStore
 
 FLEET_SERVICE = pb.DESCRIPTOR.services_by_name["FleetService"].full_name
 # A report of MAX_INSTALLED models with every string at its limit stays well below this.
@@ -182,6 +184,7 @@ class FleetControl:
         self.rollouts: RolloutController | None = None
         self._ticker: Ticker | None = None
         self._rollout_thread: ThreadPoolExecutor | None = None
+        self._figures: TelemetryStore | None = None
         if not settings.path:
             return
         # Its own handle on the registry (read only here): the artifact origin's is used by its re-signer's thread.
@@ -194,6 +197,15 @@ class FleetControl:
         self.fleet = Fleet(inventory, RegistryCatalog(self._registry), settings)
         self._servicer = FleetServicer(self.fleet, self._refusals)
         self.rollouts = RolloutController(self.fleet)
+        if config.telemetry.path:
+            # Its own handle on the telemetry store (the receiver writes it; WAL lets both in): gates read it.
+            try:
+                self._figures = TelemetryStore(Path(config.telemetry.path), config.telemetry)
+            except (OSError, sqlite3.Error) as exc:
+                self.fleet.inventory.close()
+                self._registry.close()
+                raise ConfigError(f"[telemetry] path {config.telemetry.path} is not usable: {exc}") from None
+            self.rollouts.figures = self._figures
         # One thread: ticks never overlap, and they do not queue behind check-ins for the servicer's threads.
         self._rollout_thread = ThreadPoolExecutor(1, thread_name_prefix="rollouts")
         self._ticker = Ticker("rollouts", ROLLOUT_TICK_S, self.tick_rollouts)
@@ -238,6 +250,8 @@ class FleetControl:
             await asyncio.to_thread(functools.partial(self._rollout_thread.shutdown, wait=True, cancel_futures=True))
         if self._servicer is not None:
             self._servicer.close()
+        if self._figures is not None:
+            self._figures.close()
         if self.fleet is not None:
             self.fleet.inventory.close()
         if self._registry is not None:

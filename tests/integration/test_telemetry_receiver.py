@@ -220,6 +220,10 @@ async def test_the_stock_sdk_exporter_feeds_the_figures_rollouts_read(
         assert abs(estimate - true) <= 10, (q, true, estimate)  # within one bucket
     assert region.store.figures("lm", "1", since).requests == 100
     assert region.store.figures("lm", "2", since, ["device-2"]).requests == 0
+    # The rollout controller judges stages on the same figures, through its own connection to the store.
+    rollouts = region.node.component(FleetControl).rollouts
+    assert rollouts is not None
+    assert rollouts.figures.figures("lm", "2", since) == figures
     assert region.counts.get("metrics.rejected.unknown_node", 0) == 0
     summary = region.store.node_summaries(since)
     assert [(s.node_id, s.requests, s.errors) for s in summary] == [("device-1", 300, 12)]
