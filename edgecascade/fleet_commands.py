@@ -2,8 +2,9 @@
 
 Commands::
 
-    edgecascade fleet [--json]                  every node: tier, class, budget, installed and desired
-                                                versions, update state, last error, last seen
+    edgecascade fleet [--json] [--window-s S]   every node: tier, class, budget, installed and desired
+                                                versions, update state, last error, last seen, and
+                                                its traffic over the window; every version's traffic
     edgecascade fleet token [--ttl-s N]         a one-time enrollment token (shown once; only its hash is kept)
     edgecascade fleet revoke ID                 refuse a node's check-ins; it may enroll again (new keys too)
     edgecascade deploy NAME VERSION [--tier device|edge] [--hardware-class C]
@@ -12,7 +13,9 @@ Commands::
 The inventory is ``--fleet PATH``, else ``[fleet] path`` of ``--config``, else
 ``<state-dir>/region-1/fleet.sqlite`` (``--state-dir`` defaults to the one
 ``edgecascade up`` uses); ``deploy`` reads the registry at ``--registry``, else
-``[registry] path``, else ``<state-dir>/region-1/registry``.
+``[registry] path``, else ``<state-dir>/region-1/registry``. Traffic comes from
+the region's telemetry store (``[telemetry] path``, else
+``<state-dir>/region-1/telemetry.sqlite``), when there is one.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,18 +33,22 @@ from rich.table import Table
 
 from services.config import load_config
 from services.engine.memory import megabytes
-from services.errors import NotFoundError
+from services.errors import InvalidArgumentError, NotFoundError
 from tier2_region.config import RegionConfig
 from tier2_region.fleet.assignment import VariantOffer
 from tier2_region.fleet.catalog import RegistryCatalog
 from tier2_region.fleet.domain import TIERS
+from tier2_region.fleet.figures import VersionFigures
 from tier2_region.fleet.fleet import Fleet, FleetEntry
 from tier2_region.fleet.inventory import Inventory
 from tier2_region.registry.registry import ModelRegistry
+from tier2_region.telemetry.store import NodeSummary, TelemetryStore
 
 DEFAULT_STATE_DIR = Path(".edgecascade")
 REGION_DIR = "region-1"
 FLEET_FILE = "fleet.sqlite"
+TELEMETRY_FILE = "telemetry.sqlite"
+DEFAULT_WINDOW_S = 300.0
 REGISTRY_DIR = "registry"
 
 
@@ -79,6 +86,12 @@ def add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
     )
     _location_args(fleet)
     fleet.add_argument("--json", action="store_true", help="print the fleet as JSON")
+    fleet.add_argument(
+        "--window-s",
+        type=float,
+        default=DEFAULT_WINDOW_S,
+        help=f"traffic figures over the last S seconds (default {DEFAULT_WINDOW_S:.0f})",
+    )
     fleet.set_defaults(handler=list_fleet)
     verbs = fleet.add_subparsers(dest="fleet_command", required=False)
 
@@ -223,8 +236,82 @@ def deploy_model(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def fleet_json(entries: list[FleetEntry]) -> list[dict[str, Any]]:
-    """The fleet as ``fleet --json`` prints it."""
+def telemetry_path(args: argparse.Namespace, config: RegionConfig) -> Path:
+    """The telemetry store the verb reads traffic from."""
+    if args.state_dir is None and args.fleet is None and config.telemetry.path:
+        return Path(config.telemetry.path)
+    if args.fleet is not None:
+        return Path(args.fleet).with_name(TELEMETRY_FILE)
+    return (args.state_dir or DEFAULT_STATE_DIR) / REGION_DIR / TELEMETRY_FILE
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """What the telemetry store says about the fleet over a window."""
+
+    window_s: float
+    nodes: dict[str, NodeSummary]
+    versions: list[VersionFigures]
+
+
+def read_traffic(path: Path, window_s: float, config: RegionConfig) -> Traffic | None:
+    """Per-node and per-version traffic since ``window_s`` ago, or None without a telemetry store."""
+    if not path.is_file():
+        return None
+    if not window_s > 0:
+        raise InvalidArgumentError(f"--window-s must be a positive number of seconds, got {window_s}")
+    store = TelemetryStore(path, replace(config.telemetry, path=str(path)))
+    try:
+        since = time.time() - window_s
+        return Traffic(window_s, {s.node_id: s for s in store.node_summaries(since)}, store.versions(since))
+    finally:
+        store.close()
+
+
+def _rate(value: float | None) -> float | None:
+    return None if value is None else round(value, 6)
+
+
+def _traffic_json(summary: NodeSummary | None) -> dict[str, Any] | None:
+    if summary is None:
+        return None
+    anomaly = summary.last_anomaly
+    return {
+        "requests": summary.requests,
+        "error_rate": _rate(summary.error_rate),
+        "fallback_rate": _rate(summary.fallback_rate),
+        "p50_ms": summary.p50_ms,
+        "p99_ms": summary.p99_ms,
+        "p999_ms": summary.p999_ms,
+        "last_anomaly": None
+        if anomaly is None
+        else {
+            "at": _when(anomaly.received_at),
+            "severity": anomaly.severity_text,
+            "body": anomaly.body,
+            "trace_id": anomaly.trace_id,
+        },
+    }
+
+
+def _version_json(v: VersionFigures) -> dict[str, Any]:
+    return {
+        "name": v.name,
+        "version": v.version,
+        "nodes": v.nodes,
+        "requests": v.requests,
+        "error_rate": _rate(v.error_rate),
+        "fallback_rate": _rate(v.fallback_rate),
+        "p50_ms": v.p50_ms,
+        "p99_ms": v.p99_ms,
+        "p999_ms": v.p999_ms,
+        "mean_confidence": v.mean_confidence,
+        "failed_installs": v.failed_installs,
+    }
+
+
+def fleet_json(entries: list[FleetEntry], traffic: Traffic | None = None) -> dict[str, Any]:
+    """The fleet as ``fleet --json`` prints it: the nodes, and each version's traffic over the window."""
     out = []
     for entry in entries:
         node = entry.node
@@ -243,9 +330,22 @@ def fleet_json(entries: list[FleetEntry]) -> list[dict[str, Any]]:
                 "desired": [{"name": d.name, "version": d.version} for d in entry.desired],
                 "update_state": node.update_state,
                 "last_error": node.last_error,
+                "traffic": _traffic_json(traffic.nodes.get(node.node_id)) if traffic is not None else None,
             }
         )
-    return out
+    return {
+        "window_s": traffic.window_s if traffic is not None else None,
+        "nodes": out,
+        "versions": [_version_json(v) for v in traffic.versions] if traffic is not None else [],
+    }
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f} %"
 
 
 def list_fleet(args: argparse.Namespace, console: Console) -> int:
@@ -259,22 +359,27 @@ def list_fleet(args: argparse.Namespace, console: Console) -> int:
             entries = Fleet(inventory, NoVariants(), config.fleet).listing()
         finally:
             inventory.close()
+    traffic = read_traffic(telemetry_path(args, config), args.window_s, config)
     if args.json:
-        console.print(json.dumps(fleet_json(entries), indent=2), markup=False, highlight=False, soft_wrap=True)
+        text = json.dumps(fleet_json(entries, traffic), indent=2)
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
         return 0
     if not entries:
         console.print(f"no node is enrolled ({path}); make a token with `edgecascade fleet token`", markup=False)
         return 0
     table = Table(title="fleet", caption=str(path))
     table.add_column("node", no_wrap=True)
-    for column in ("tier", "class", "budget", "installed", "desired", "update", "last error"):
+    for column in ("tier", "class", "budget", "installed", "desired", "update", "last error", "requests"):
         table.add_column(column)
+    for column in ("errors", "fallbacks", "p99 ms"):
+        table.add_column(column, justify="right")
     table.add_column("last seen", no_wrap=True)
     now = time.time()
     for entry in entries:
         node = entry.node
         installed = "\n".join(f"{m.name} {m.version} {m.variant}".strip() for m in node.installed)
         desired = "\n".join(f"{d.name} {d.version}" for d in entry.desired)
+        seen = traffic.nodes.get(node.node_id) if traffic is not None else None
         table.add_row(
             node.node_id,
             node.facts.tier,
@@ -284,7 +389,28 @@ def list_fleet(args: argparse.Namespace, console: Console) -> int:
             desired or "-",
             "revoked" if node.revoked else (node.update_state or "-"),
             node.last_error,
+            str(seen.requests) if seen is not None else "-",
+            _percent(seen.error_rate) if seen is not None else "-",
+            _percent(seen.fallback_rate) if seen is not None else "-",
+            _ms(seen.p99_ms) if seen is not None else "-",
             "never" if node.last_seen is None else _ago(now - node.last_seen),
         )
     console.print(table)
+    if traffic is not None and traffic.versions:
+        versions = Table(title=f"traffic by version, last {traffic.window_s:.0f} s")
+        for column in ("model", "version", "nodes", "requests", "errors", "fallbacks", "p50 ms", "p99 ms", "p99.9 ms"):
+            versions.add_column(column, justify="left" if column in ("model", "version") else "right")
+        for v in traffic.versions:
+            versions.add_row(
+                v.name,
+                v.version,
+                str(v.nodes),
+                str(v.requests),
+                _percent(v.error_rate),
+                _percent(v.fallback_rate),
+                _ms(v.p50_ms),
+                _ms(v.p99_ms),
+                _ms(v.p999_ms),
+            )
+        console.print(versions)
     return 0

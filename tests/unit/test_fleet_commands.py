@@ -16,13 +16,17 @@ from edgecascade import __main__ as cli
 from edgecascade import fleet_commands
 from services.updates.identity import NodeKeys
 from tests.support.registry import RegistryKit, new_registry, publish_lm
-from tier2_region.config import FleetSection
+from tier2_region.config import FleetSection, TelemetrySection
 from tier2_region.fleet.catalog import RegistryCatalog
 from tier2_region.fleet.domain import CheckInReport, Enrollment, InstalledModel, NodeFacts, SignedCheckIn
+from tier2_region.fleet.figures import MODEL_NAME, MODEL_VARIANT, MODEL_VERSION, NODE_ID, OUTCOME, REQUESTS
 from tier2_region.fleet.fleet import Fleet
 from tier2_region.fleet.inventory import Inventory, token_digest
 from tier2_region.registry.registry import ModelRegistry
 from tier2_region.registry.signing_keys import load_keys
+from tier2_region.telemetry.admission import admit_points
+from tier2_region.telemetry.points import MetricPoint, MetricsBatch, ResourceMetrics, SumPoint, Temporality
+from tier2_region.telemetry.store import TelemetryStore
 
 MB = 1024 * 1024
 
@@ -98,7 +102,7 @@ def test_deploy_refuses_a_version_the_registry_does_not_have(capsys: pytest.Capt
     code, out = run(capsys, "deploy", "lm", "1", "--state-dir", str(state / "nowhere"))
     assert code == 2 and "no registry in" in out
     code, out = run(capsys, "fleet", "--json", "--state-dir", str(state))
-    assert code == 0 and json.loads(out) == []
+    assert code == 0 and json.loads(out) == {"window_s": None, "nodes": [], "versions": []}
 
 
 def test_a_newer_deploy_of_the_same_model_and_filters_replaces_the_older(
@@ -136,7 +140,7 @@ def test_fleet_lists_every_node_as_json_and_as_a_table(
     assert code == 0 and "1 enrolled node(s) get it" in out
     code, out = run(capsys, "fleet", "--json", "--state-dir", str(state))
     assert code == 0
-    (node,) = json.loads(out)
+    (node,) = json.loads(out)["nodes"]
     assert node["node_id"] == "device-1" and node["tier"] == "device"
     assert node["hardware_class"] == "cpu-x86_64" and node["memory_budget_bytes"] == 256 * MB
     assert node["installed"] == [
@@ -145,6 +149,7 @@ def test_fleet_lists_every_node_as_json_and_as_a_table(
     assert node["desired"] == [{"name": "lm", "version": "1"}]
     assert node["update_state"] == "refused" and node["last_error"] == "golden vectors differ"
     assert node["last_seen"] and node["revoked"] is False
+    assert node["traffic"] is None  # the region has no telemetry store
     code, out = run(capsys, "fleet", "--state-dir", str(state))
     assert code == 0
     for text in ("device-1", "256.0 MB", "refused", "golden vectors"):
@@ -157,6 +162,47 @@ def test_revoke_marks_the_node_and_an_unknown_id_is_refused(capsys: pytest.Captu
     code, out = run(capsys, "fleet", "revoke", "device-1", "--state-dir", str(state))
     assert code == 0 and "revoked device-1" in out
     _, out = run(capsys, "fleet", "--json", "--state-dir", str(state))
-    assert json.loads(out)[0]["revoked"] is True
+    assert json.loads(out)["nodes"][0]["revoked"] is True
     code, out = run(capsys, "fleet", "revoke", "ghost", "--state-dir", str(state))
     assert code == 2 and "no node 'ghost' is enrolled" in out
+
+
+def test_fleet_shows_each_node_s_and_each_version_s_traffic_from_the_telemetry_store(
+    capsys: pytest.CaptureFixture[str], state: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "250")
+    _, out = run(capsys, "fleet", "token", "--state-dir", str(state))
+    enroll_and_check_in(state, out.splitlines()[0])
+    store = TelemetryStore(state / "region-1" / "telemetry.sqlite", TelemetrySection(path="x"))
+    try:
+        model = {MODEL_NAME: "lm", MODEL_VERSION: "2", MODEL_VARIANT: "int8"}
+        start, now = int((time.time() - 30) * 1e9), int(time.time() * 1e9)
+        points: list[MetricPoint] = [
+            SumPoint(REQUESTS, tuple(sorted({**model, OUTCOME: o}.items())), start, now, n, Temporality.DELTA, True)
+            for o, n in (("ok", 90.0), ("error", 6.0), ("forwarded", 4.0))
+        ]
+        samples, rejected, _ = admit_points("device-1", ResourceMetrics(((NODE_ID, "device-1"),), tuple(points)))
+        assert not rejected
+        store.write([MetricsBatch(time.time(), tuple(samples))])
+    finally:
+        store.close()
+
+    code, out = run(capsys, "fleet", "--json", "--state-dir", str(state), "--window-s", "120")
+    assert code == 0, out
+    shown = json.loads(out)
+    assert shown["window_s"] == 120
+    assert shown["nodes"][0]["traffic"] == {
+        "requests": 100,
+        "error_rate": 0.06,
+        "fallback_rate": 0.04,
+        "p50_ms": None,
+        "p99_ms": None,
+        "p999_ms": None,
+        "last_anomaly": None,
+    }
+    [version] = shown["versions"]
+    assert (version["name"], version["version"], version["nodes"], version["requests"]) == ("lm", "2", 1, 100)
+    code, out = run(capsys, "fleet", "--state-dir", str(state))
+    assert code == 0 and "traffic by version" in out and "6.0 %" in out
+    code, out = run(capsys, "fleet", "--state-dir", str(state), "--window-s", "0")
+    assert code == 2 and "--window-s must be a positive number" in out
