@@ -37,6 +37,12 @@ Sections and their environment variables (``EDGECASCADE_<SECTION>__<KEY>``):
     root metadata: set, the node installs its assignments through its updater and
     serves only what it installed).
 
+``[telemetry]`` (devices and edges)
+    ``export``: send the node's metrics by OTLP/gRPC (default off), every
+    ``interval_s``, each export given up after ``timeout_s`` (retries included), to
+    ``endpoint`` (``host:port``; empty = the ``[upstream]`` address: the edge relays
+    its devices' metrics to the region). The edge adds the bounds of its relay.
+
 A tier adds its own sections in its own package (``[registry]`` in
 ``tier2_region.config``, ``[artifacts]`` in ``tier1_edge.config``); a section
 on a tier that does not have it stops start-up as unknown.
@@ -227,6 +233,36 @@ class UpdatesSection:
             raise ConfigError("[updates] hardware_class must be at most 64 characters")
         if self.trusted_root and not self.state_dir:
             raise ConfigError("[updates] trusted_root needs a state_dir to install into")
+
+
+@dataclass(frozen=True)
+class TelemetrySection:
+    """The node's own metrics, exported by OTLP to its upstream (devices and edges).
+
+    Attributes:
+        export: Whether to export at all; off, no exporter is built and nothing is sent.
+        interval_s: Seconds between exports (collection and export run in the exporter's own thread).
+        timeout_s: Deadline of one export, its retries included; a failed export is counted and dropped
+            (with the default cumulative temporality the next export carries what this one lost).
+        endpoint: ``host:port`` of the OTLP receiver; empty = the ``[upstream]`` address.
+    """
+
+    export: bool = False
+    interval_s: float = 10.0
+    timeout_s: float = 5.0
+    endpoint: str = ""
+
+    def __post_init__(self) -> None:
+        if not 0.1 <= self.interval_s <= 86_400:
+            raise ConfigError(f"[telemetry] interval_s must be from 0.1 to 86400, got {self.interval_s}")
+        if not 0.1 <= self.timeout_s <= 600:
+            raise ConfigError(f"[telemetry] timeout_s must be from 0.1 to 600, got {self.timeout_s}")
+        if self.endpoint and (":" not in self.endpoint or not self.endpoint.rsplit(":", 1)[1].isdigit()):
+            raise ConfigError(f"[telemetry] endpoint must be host:port, got {self.endpoint!r}")
+
+    def target(self, upstream: str) -> str:
+        """Where the node's metrics go: ``endpoint``, else its upstream (empty when there is neither)."""
+        return self.endpoint or upstream
 
 
 @dataclass(frozen=True)

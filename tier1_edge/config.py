@@ -1,4 +1,4 @@
-"""The edge's configuration: the shared sections plus ``[artifacts]``.
+"""The edge's configuration: the shared sections plus ``[artifacts]``, ``[updates]`` and ``[telemetry]``.
 
 ``[artifacts]``
     ``cache_dir`` of the pull-through artifact cache (empty: no artifact
@@ -10,6 +10,12 @@
     else at least 1 MiB). Least recently used blobs are evicted to stay within
     it; metadata is not counted and never evicted; a blob larger than the whole
     bound is refused (RESOURCE_EXHAUSTED), not streamed through.
+``[telemetry]``
+    The shared settings of the edge's own metrics (``services.tier_config``) plus
+    the bounds of the relay of its devices' metrics, which go where the edge's own
+    go (``endpoint``, else the upstream): ``relay_max_requests`` and
+    ``relay_max_bytes`` held while that is unreachable (the oldest are dropped,
+    and counted, beyond either).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from services.errors import ConfigError
-from services.tier_config import TierConfig, UpdatesSection, check_chunk_bytes
+from services.tier_config import TelemetrySection, TierConfig, UpdatesSection, check_chunk_bytes
 from tier1_edge.artifact_cache import DEFAULT_MAX_BYTES
 
 # A smaller non-zero bound is surely a mistake of unit (it would hold no model).
@@ -51,11 +57,32 @@ class ArtifactsSection:
 
 
 @dataclass(frozen=True)
+class EdgeTelemetrySection(TelemetrySection):
+    """The edge's own metrics (the shared settings) and the bounds of the relay of its devices'.
+
+    Attributes:
+        relay_max_requests: Devices' export requests held for the upstream.
+        relay_max_bytes: Their bytes held for the upstream.
+    """
+
+    relay_max_requests: int = 10_000
+    relay_max_bytes: int = 64 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.relay_max_requests < 1:
+            raise ConfigError(f"[telemetry] relay_max_requests must be at least 1, got {self.relay_max_requests}")
+        if self.relay_max_bytes < 1024:
+            raise ConfigError(f"[telemetry] relay_max_bytes must be at least 1024, got {self.relay_max_bytes}")
+
+
+@dataclass(frozen=True)
 class EdgeConfig(TierConfig):
     """The whole configuration of an edge process."""
 
     artifacts: ArtifactsSection = field(default_factory=ArtifactsSection)
     updates: UpdatesSection = field(default_factory=UpdatesSection)
+    telemetry: EdgeTelemetrySection = field(default_factory=EdgeTelemetrySection)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -14,10 +14,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.trace import TracerProvider
 
 from services.engine.model_cache import ModelCache
 from services.inference import NodeIdentity
+from services.rpc.fleet_metrics import FleetMetrics
 from services.rpc.server import ServiceBinding
 from services.tier_config import TierConfig
 
@@ -30,6 +32,8 @@ class NodeContext:
     identity: NodeIdentity
     tracer_provider: TracerProvider
     cache: ModelCache | None = None  # the node's engine (None in tests of components that need none)
+    meter_provider: MeterProvider | None = None  # where a component's own metrics go (None: it keeps none)
+    fleet_metrics: FleetMetrics | None = None  # what the region reads of the node (an updater reports to it)
 
 
 class Component(Protocol):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable
+from time import perf_counter
 from typing import Any
 
 from grpc import aio
@@ -21,10 +22,13 @@ from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from services import __version__
 from services.dataplane import Dataplane, InferCall, ModelQuery, Relayed
 from services.errors import EdgecascadeError, ModelNotFoundError
+from services.inference import CONFIDENCE
 from services.rpc import converters
+from services.rpc.fleet_metrics import CallRoute, FleetMetrics
 from services.rpc.inference_client import route_from_metadata
 from services.rpc.status_table import current_trace_id
 from services.rpc.telemetry import annotate_span
+from services.telemetry_names import ERROR, FORWARDED, OK
 
 SERVER_NAME = "edgecascade"
 EXTENSIONS = ["model_repository", "statistics", "edgecascade"]
@@ -40,13 +44,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     Args:
         dataplane: The node's data plane.
         is_ready: Whether the node has finished starting (ServerReady).
+        metrics: Where each inference's outcome, latency and confidence are recorded (None: nowhere).
     """
 
-    def __init__(self, dataplane: Dataplane, is_ready: Callable[[], bool]) -> None:
+    def __init__(self, dataplane: Dataplane, is_ready: Callable[[], bool], metrics: FleetMetrics | None = None) -> None:
         self._dp = dataplane
         self._is_ready = is_ready
+        self._metrics = metrics
 
-    def _call(self, request: pb.ModelInferRequest, context: Context, route: tuple[str, ...]) -> InferCall:
+    def _call(
+        self, request: pb.ModelInferRequest, context: Context, route: tuple[str, ...], seen: CallRoute
+    ) -> InferCall:
         annotate_span(self._dp.identity, request.model_name, request.model_version)
         parameters = converters.params_from_proto(request.parameters)
         return InferCall(
@@ -57,11 +65,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             wire=request,
             grpc_remaining=context.time_remaining(),
             route=route,
-            routed=self._routed,
+            routed=seen.routed,
         )
-
-    def _routed(self, name: str, version: str, reason: str) -> None:
-        annotate_span(self._dp.identity, name, version, reason)
 
     def _route(self, context: Context) -> tuple[str, ...]:
         """The route a call arrived with; a loop is refused before anything else is read."""
@@ -108,9 +113,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelConfigResponse(config=converters.config_to_proto(served))
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
-        answer = await self._dp.infer(self._call(request, context, self._route(context)))
+        started = perf_counter()
+        seen = CallRoute(self._dp.identity, request.model_name, request.model_version)
+        try:
+            answer = await self._dp.infer(self._call(request, context, self._route(context), seen))
+        except Exception:
+            if self._metrics is not None:
+                self._metrics.record(seen, ERROR, perf_counter() - started)
+            raise
         if isinstance(answer, Relayed):
+            if self._metrics is not None:
+                self._metrics.record(seen, FORWARDED, perf_counter() - started)
             return answer.message  # type: ignore[no-any-return]
+        if self._metrics is not None:
+            self._metrics.record(seen, OK, perf_counter() - started, answer.parameters.get(CONFIDENCE))
         return converters.response_to_proto(answer)
 
     async def ModelStreamInfer(
@@ -121,19 +137,29 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         # stream (Triton's behaviour); the stream stays open for the next one.
         route = self._route(context)
         async for request in request_iterator:
+            # Each request of the stream is one request to the metrics: outcome, time to its last answer.
+            started = perf_counter()
+            seen = CallRoute(self._dp.identity, request.model_name, request.model_version)
+            outcome, confidence = OK, None
             try:
-                async for answer in self._dp.stream(self._call(request, context, route)):
+                async for answer in self._dp.stream(self._call(request, context, route, seen)):
                     if isinstance(answer, Relayed):
+                        outcome = FORWARDED
                         yield answer.message
                     else:
+                        confidence = answer.parameters.get(CONFIDENCE, confidence)
                         yield pb.ModelStreamInferResponse(infer_response=converters.response_to_proto(answer))
             except EdgecascadeError as exc:
+                outcome = ERROR
                 yield pb.ModelStreamInferResponse(error_message=exc.message)
             except Exception:
+                outcome = ERROR
                 # A bug met by one request must not end the stream for the ones after it.
                 trace_id = current_trace_id()
                 log.exception("unexpected error in a ModelStreamInfer request (trace id %s)", trace_id)
                 yield pb.ModelStreamInferResponse(error_message=f"internal error; reported with trace id {trace_id}")
+            if self._metrics is not None:
+                self._metrics.record(seen, outcome, perf_counter() - started, confidence)
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context) -> pb.ModelStatisticsResponse:
         models = self._dp.cache.loaded()

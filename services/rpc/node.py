@@ -43,13 +43,21 @@ from services.engine.run_pool import RunPool
 from services.errors import ConfigError
 from services.inference import NodeIdentity
 from services.rpc.components import Component, ComponentFactory, NodeContext
+from services.rpc.fleet_metrics import FleetMetrics
 from services.rpc.inference_client import InferenceClient
 from services.rpc.inference_servicer import InferenceServicer
 from services.rpc.mesh_servicer import MeshServicer
+from services.rpc.metric_export import CountedMetricExporter, observe_exports, upstream_reader
 from services.rpc.server import GrpcServer, ServiceBinding
-from services.rpc.telemetry import NodeMetrics, build_meter_provider, build_tracer_provider, node_resource
+from services.rpc.telemetry import (
+    NodeMetrics,
+    build_meter_provider,
+    build_tracer_provider,
+    node_hardware_class,
+    node_resource,
+)
 from services.rpc.upstream import GrpcUpstream
-from services.tier_config import TierConfig, check_node_id
+from services.tier_config import TelemetrySection, TierConfig, check_node_id
 
 log = logging.getLogger("edgecascade.node")
 
@@ -102,11 +110,31 @@ class Node:
         self._cache: ModelCache | None = None
         self._components: list[Component] = []
         self._stack = contextlib.AsyncExitStack()
-        resource = node_resource(self.identity, spec.service_name, __version__)
+        resource = node_resource(self.identity, spec.service_name, __version__, node_hardware_class(config))
         self._tracer_provider = build_tracer_provider(resource)
-        self._meter_provider = build_meter_provider(resource, metric_readers)
+        readers = list(metric_readers)
+        self.metric_exporter: CountedMetricExporter | None = None  # None: [telemetry] export is off
+        telemetry = getattr(config, "telemetry", None)
+        if isinstance(telemetry, TelemetrySection) and telemetry.export:
+            target = telemetry.target(config.upstream.address)
+            if not target:
+                raise ConfigError("[telemetry] export is on but there is no [telemetry] endpoint or [upstream] address")
+            reader, self.metric_exporter = upstream_reader(telemetry, target)
+            readers.append(reader)
+        self._meter_provider = build_meter_provider(resource, readers)
+        if self.metric_exporter is not None:
+            observe_exports(self._meter_provider, self.metric_exporter)
         self._metrics = NodeMetrics(self._meter_provider)
+        self.fleet_metrics = FleetMetrics(self._meter_provider)
         self.address = ""
+
+    async def flush_metrics(self, timeout_s: float = 10.0) -> None:
+        """Collects and exports the node's metrics now, in a worker thread (the exporter blocks; the loop serves).
+
+        Raises:
+            Exception: A reader failed to collect (the SDK's own error; a failed export is only counted).
+        """
+        await asyncio.to_thread(self._meter_provider.force_flush, timeout_s * 1000)
 
     def component(self, kind: type[C]) -> C:
         """The running component of a type (for status and tests).
@@ -166,9 +194,11 @@ class Node:
         dataplane = Dataplane(
             self.identity, cache, upstream, RequestLimits(cfg.requests.max_timeout_us, cfg.requests.max_hops)
         )
-        inference = InferenceServicer(dataplane, lambda: self._ready)
+        inference = InferenceServicer(dataplane, lambda: self._ready, self.fleet_metrics)
         mesh = MeshServicer(dataplane, cfg.upstream.address, self._components)  # its parts may add to GetTierInfo
-        context = NodeContext(cfg, self.identity, self._tracer_provider, cache)
+        context = NodeContext(
+            cfg, self.identity, self._tracer_provider, cache, self._meter_provider, self.fleet_metrics
+        )
         for factory in self.spec.components:
             part = factory(context)
             # Released in reverse, after the server has stopped taking calls.

@@ -7,6 +7,11 @@ report their own ``service.name``. Spans and metrics are exported by OTLP/gRPC o
 set and ``OTEL_SDK_DISABLED`` is not true; otherwise spans are still created
 (trace context still propagates across tiers) but go nowhere. The exporter reads
 the rest of the standard ``OTEL_EXPORTER_OTLP_*`` variables itself.
+
+Besides, a device or edge with ``[telemetry] export`` sends its metrics to its
+upstream (:mod:`services.rpc.metric_export`); the metrics the region reads of it
+are :mod:`services.rpc.fleet_metrics`'. The resource names the node (id, tier,
+hardware class), so every hop up to the region knows whose points they are.
 """
 
 from __future__ import annotations
@@ -26,12 +31,15 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
 from services.engine.batcher import BatchObserver
 from services.engine.model_cache import LoadedModel, ModelCache
 from services.inference import NodeIdentity
+from services.telemetry_names import FALLBACK_REASON, HARDWARE_CLASS, MODEL_NAME, MODEL_VERSION, NODE_ID, NODE_TIER
+from services.tier_config import TierConfig, UpdatesSection
+from services.updates.checkin import machine_hardware_class
 
-ATTR_NODE_ID = "edgecascade.node_id"
-ATTR_TIER = "edgecascade.tier"
-ATTR_MODEL_NAME = "edgecascade.model.name"
-ATTR_MODEL_VERSION = "edgecascade.model.version"
-ATTR_FALLBACK_REASON = "edgecascade.fallback_reason"
+ATTR_NODE_ID = NODE_ID
+ATTR_TIER = NODE_TIER
+ATTR_MODEL_NAME = MODEL_NAME
+ATTR_MODEL_VERSION = MODEL_VERSION
+ATTR_FALLBACK_REASON = FALLBACK_REASON
 
 
 def export_enabled(env: Mapping[str, str] | None = None) -> bool:
@@ -42,16 +50,25 @@ def export_enabled(env: Mapping[str, str] | None = None) -> bool:
     return bool(env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
 
 
-def node_resource(identity: NodeIdentity, service_name: str, version: str) -> Resource:
-    """The OpenTelemetry resource describing one node."""
-    return Resource.create(
-        {
-            SERVICE_NAME: service_name,
-            SERVICE_INSTANCE_ID: identity.node_id,
-            SERVICE_VERSION: version,
-            ATTR_TIER: identity.tier,
-        }
-    )
+def node_hardware_class(config: TierConfig) -> str:
+    """The node's hardware class: its ``[updates] hardware_class``, else this machine's (as check-ins report it)."""
+    updates = getattr(config, "updates", None)
+    configured = updates.hardware_class if isinstance(updates, UpdatesSection) else ""
+    return configured or machine_hardware_class()
+
+
+def node_resource(identity: NodeIdentity, service_name: str, version: str, hardware_class: str = "") -> Resource:
+    """The OpenTelemetry resource describing one node: what every hop up to the region keeps with its telemetry."""
+    attributes = {
+        SERVICE_NAME: service_name,
+        SERVICE_INSTANCE_ID: identity.node_id,
+        SERVICE_VERSION: version,
+        NODE_ID: identity.node_id,
+        NODE_TIER: identity.tier,
+    }
+    if hardware_class:
+        attributes[HARDWARE_CLASS] = hardware_class
+    return Resource.create(attributes)
 
 
 def build_tracer_provider(resource: Resource, env: Mapping[str, str] | None = None) -> TracerProvider:

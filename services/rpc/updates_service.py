@@ -45,6 +45,7 @@ from services.updates.checkin import (
 from services.updates.identity import FileKeyProvider, NodeKeys
 from services.updates.installed_store import InstalledStore
 from services.updates.model_fetcher import ModelFetcher
+from services.updates.update_journal import Assignment, UpdateState
 from services.updates.updater import Updater
 
 log = logging.getLogger("edgecascade.updates")
@@ -137,6 +138,15 @@ class NodeUpdatesService:
             self._source.close()
             raise ConfigError(f"[updates] trusted_root {settings.trusted_root}: {exc.message}") from None
         facts = self.facts()
+        metrics = context.fleet_metrics
+        on_state = None
+        if metrics is not None:
+            # What serves is what the store installed: its variant labels the node's request metrics.
+            metrics.use_variants(lambda name, version: getattr(store.get(name, version), "variant", ""))
+
+            def on_state(state: UpdateState, a: Assignment) -> None:
+                metrics.updated(state.value, a.name, a.version, a.variant)
+
         return Updater(
             context.identity.node_id,
             self._keys,
@@ -147,6 +157,7 @@ class NodeUpdatesService:
             facts.hardware_class,
             facts.onnxruntime_version,
             lambda: shutil.disk_usage(self._state_dir).free,
+            on_state=on_state,
         )
 
     @property

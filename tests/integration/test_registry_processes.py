@@ -199,7 +199,7 @@ def test_up_publishes_the_demo_models_and_the_edge_serves_them(tmp_path: Path) -
         try:
             wait_for_file(state / "endpoints.json", up, 180)
             endpoints = json.loads((state / "endpoints.json").read_text())
-            root = (state / "edge-1" / "trusted-root.json").read_bytes()
+            root = (state / "trusted-root.json").read_bytes()  # what the edge and the devices trust
             source = GrpcArtifactSource(endpoints["edge"], timeout_s=300.0)
             fetcher = ModelFetcher(source, root, tmp_path / "device", "the edge's artifact service")
             target = fetcher.resolve("charlm-device", "1", "int8")

@@ -1,0 +1,224 @@
+"""The metrics the region's fleet reads of a node: requests by outcome, latency, confidence, update outcomes.
+
+Names and attributes are :mod:`services.telemetry_names`'. The servicer calls
+:meth:`FleetMetrics.record` once per request, with the :class:`CallRoute` the data
+plane filled in through its ``routed`` callback.
+
+Cheap on the hot path: request counts are plain integers in a dict, read by an
+observable counter only when a reader collects, so counting a request costs a
+dict lookup and an increment (well under a microsecond); the SDK histogram record
+of its latency is the bulk of the cost (10-25 µs a call, see
+``bench/fleet_metrics_overhead.py``). Bounded: a model and
+version this node answered with are recorded as they are (its repository bounds
+them); names and versions that only a caller vouches for — a call that went
+upward or failed before a model was chosen — are admitted up to ``max_models``
+names and ``max_versions`` versions per name, and recorded as
+:data:`~services.telemetry_names.OTHER` beyond, so no caller can grow the
+node's series without bound.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.sdk.metrics import MeterProvider
+
+from services.engine.model_repository import check_model_name, check_version
+from services.errors import InvalidArgumentError
+from services.inference import NodeIdentity, ParamValue
+from services.rpc.telemetry import annotate_span
+from services.telemetry_names import (
+    CONFIDENCE,
+    CONFIDENCE_BOUNDS,
+    ERROR,
+    FALLBACK_REASON,
+    LATENCY,
+    LATENCY_BOUNDS_MS,
+    MODEL_NAME,
+    MODEL_VARIANT,
+    MODEL_VERSION,
+    OTHER,
+    OUTCOME,
+    REQUESTS,
+    UNRESOLVED,
+    UPDATE_OUTCOMES,
+    UPDATE_STATE,
+)
+
+# Update states after which the version named serves (on trial, then committed): its variant is known from then.
+SERVING_STATES = frozenset({"trial", "committed"})
+
+VariantOf = Callable[[str, str], str]
+
+
+class CallRoute:
+    """Where one call went, as the data plane reports it; annotates the call's span on the way.
+
+    ``local`` turns true once a local model was chosen: its name and version are then
+    this node's own, and stay so if its full queue sends the call upward after all.
+    """
+
+    __slots__ = ("identity", "local", "name", "reason", "version")
+
+    def __init__(self, identity: NodeIdentity, name: str, version: str) -> None:
+        self.identity = identity
+        self.name = name
+        self.version = version
+        self.reason = ""
+        self.local = False
+
+    def routed(self, name: str, version: str, reason: str) -> None:
+        """The data plane's ``routed`` callback (see :class:`~services.dataplane.InferCall`)."""
+        annotate_span(self.identity, name, version, reason)
+        if not reason:
+            self.name, self.version, self.local = name, version, True
+        self.reason = reason
+
+
+@dataclass(eq=False)
+class _Series:
+    """One request series: its count and the attribute sets of its points."""
+
+    name: str
+    version: str
+    outcome: str
+    reason: str
+    count: int = 0
+    counted: dict[str, str] | None = None  # REQUESTS: the model's attributes, outcome and reason
+    timed: dict[str, str] | None = None  # LATENCY: the model's attributes and outcome
+    model: dict[str, str] | None = None  # CONFIDENCE: the model's attributes
+
+    def label(self, variant: str) -> None:
+        """(Re)builds the attribute sets; each is replaced whole, so a collecting thread sees an old or a new one."""
+        model = {MODEL_NAME: self.name, MODEL_VERSION: self.version, MODEL_VARIANT: variant}
+        timed = {**model, OUTCOME: self.outcome}
+        self.counted = {**timed, FALLBACK_REASON: self.reason} if self.reason else timed
+        self.timed = timed
+        self.model = model
+
+
+class FleetMetrics:
+    """Records what the region's fleet reads of this node (see the module docstring).
+
+    Args:
+        provider: The node's meter provider.
+        max_models: Model names admitted from callers (beyond those this node answered with).
+        max_versions: Versions admitted from callers, per model name.
+    """
+
+    def __init__(self, provider: MeterProvider, max_models: int = 32, max_versions: int = 8) -> None:
+        meter = provider.get_meter("edgecascade.fleet")
+        meter.create_observable_counter(
+            REQUESTS, [self._observe_requests], unit="{request}", description="Requests by model and outcome"
+        )
+        self._latency = meter.create_histogram(
+            LATENCY,
+            unit="ms",
+            description="Time from a request's arrival to its answer",
+            explicit_bucket_boundaries_advisory=LATENCY_BOUNDS_MS,
+        )
+        self._confidence = meter.create_histogram(
+            CONFIDENCE,
+            unit="1",
+            description="Confidence of the answers this node computed",
+            explicit_bucket_boundaries_advisory=CONFIDENCE_BOUNDS,
+        )
+        self._updates = meter.create_counter(
+            UPDATE_OUTCOMES, unit="{update}", description="Model updates reaching each state"
+        )
+        self._series: dict[tuple[str, str, str, str], _Series] = {}
+        self._max_models = max_models
+        self._max_versions = max_versions
+        self._admitted: dict[str, set[str]] = {}  # caller-named model → caller-named versions
+        self._callers_names = 0  # names admitted that this node never answered with
+        self._local_names: set[str] = set()
+        self._variant_of: VariantOf = lambda name, version: ""
+
+    def use_variants(self, variant_of: VariantOf) -> None:
+        """Reads the variant of a model version from ``variant_of`` (the node's installed store) from now on."""
+        self._variant_of = variant_of
+        for series in list(self._series.values()):
+            series.label(self._variant(series.name, series.version))
+
+    def record(self, route: CallRoute, outcome: str, seconds: float, confidence: ParamValue | None = None) -> None:
+        """Records one request: its outcome, its latency unless it failed, its answer's confidence if it has one.
+
+        Args:
+            route: Where the call went.
+            outcome: ``ok``, ``error`` or ``forwarded``.
+            seconds: From its arrival to its answer.
+            confidence: The answer's ``edgecascade.confidence`` parameter, if any (recorded when in [0, 1]).
+        """
+        if route.local:
+            key = (route.name, route.version, outcome, route.reason)
+        else:
+            name, version = self._bounded(route.name, route.version)
+            key = (name, version, outcome, route.reason)
+        series = self._series.get(key)
+        if series is None:
+            series = self._add(key, route.local)
+        series.count += 1
+        if outcome != ERROR:
+            self._latency.record(seconds * 1000.0, series.timed)
+        if confidence is not None:
+            value = _unit_interval(confidence)
+            if value is not None:
+                self._confidence.record(value, series.model)
+
+    def updated(self, state: str, name: str, version: str, variant: str) -> None:
+        """Counts one update reaching ``state`` (the updater's ``on_state``), on the event loop."""
+        self._updates.add(1, {MODEL_NAME: name, MODEL_VERSION: version, MODEL_VARIANT: variant, UPDATE_STATE: state})
+        if state in SERVING_STATES:
+            for series in list(self._series.values()):
+                if (series.name, series.version) == (name, version):
+                    series.label(variant)
+
+    def _add(self, key: tuple[str, str, str, str], local: bool) -> _Series:
+        series = self._series[key] = _Series(*key)
+        series.label(self._variant(series.name, series.version))
+        if local:
+            # A name this node answered with is its own: admitted for callers too, outside their bound.
+            self._local_names.add(series.name)
+        return series
+
+    def _variant(self, name: str, version: str) -> str:
+        return "" if version in (OTHER, UNRESOLVED) else self._variant_of(name, version)
+
+    def _bounded(self, name: str, version: str) -> tuple[str, str]:
+        """A caller's model name and version, or the stand-ins beyond the bounds."""
+        versions = self._admitted.get(name)
+        if versions is None:
+            own = name in self._local_names
+            if not own and (self._callers_names >= self._max_models or not _valid(check_model_name, name)):
+                return OTHER, OTHER if version else UNRESOLVED
+            self._callers_names += 0 if own else 1
+            versions = self._admitted[name] = set()
+        if not version:
+            return name, UNRESOLVED
+        if version not in versions:
+            if len(versions) >= self._max_versions or not _valid(check_version, version):
+                return name, OTHER
+            versions.add(version)
+        return name, version
+
+    def _observe_requests(self, options: CallbackOptions) -> Iterable[Observation]:
+        # list() copies in one step: the loop may add a series while the reader's thread collects.
+        return [Observation(s.count, s.counted) for s in list(self._series.values())]
+
+
+def _valid(check: Callable[[str], str], text: str) -> bool:
+    try:
+        check(text)
+    except InvalidArgumentError:
+        return False
+    return True
+
+
+def _unit_interval(value: ParamValue) -> float | None:
+    """A confidence parameter as a float in [0, 1] (the region refuses a point outside it), or None."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and 0 <= value <= 1:
+        return float(value)
+    return None

@@ -1,0 +1,50 @@
+"""The names of the metrics a node exports and the region reads: one vocabulary for both ends of OTLP.
+
+Devices and edges record these (``services.rpc.fleet_metrics``) and export them by
+OTLP to their upstream; the region's telemetry store reads the same names
+(``tier2_region.fleet.figures`` states them for its side, with the same values:
+a unit test holds the two equal). Every point carries the node's resource
+attributes (:data:`NODE_ID`, :data:`NODE_TIER`, :data:`HARDWARE_CLASS`) and the
+model's (:data:`MODEL_NAME`, :data:`MODEL_VERSION`, :data:`MODEL_VARIANT`).
+"""
+
+from __future__ import annotations
+
+# Resource attributes of a node's telemetry.
+NODE_ID = "edgecascade.node_id"
+NODE_TIER = "edgecascade.tier"  # tier0 (device), tier1 (edge) or tier2 (region)
+HARDWARE_CLASS = "edgecascade.hardware_class"
+
+# Point attributes.
+MODEL_NAME = "edgecascade.model.name"
+MODEL_VERSION = "edgecascade.model.version"
+MODEL_VARIANT = "edgecascade.model.variant"  # "" when the node does not know it (not installed by its updater)
+OUTCOME = "edgecascade.outcome"  # one of OUTCOMES
+FALLBACK_REASON = "edgecascade.fallback_reason"  # set when the call went upward (a FallbackReason value)
+UPDATE_STATE = "edgecascade.update.state"  # an UpdateState value: assigned … committed, or refused
+
+# Metrics (OTLP names).
+REQUESTS = "edgecascade.requests"  # monotonic sum, by model, version, variant, outcome (and fallback_reason)
+LATENCY = "edgecascade.request.duration"  # histogram in milliseconds, by model, version, variant (and outcome)
+CONFIDENCE = "edgecascade.answer.confidence"  # histogram in [0, 1], by model, version, variant
+UPDATE_OUTCOMES = "edgecascade.updates"  # monotonic sum, by model, version, variant and update state
+
+# Values of OUTCOME.
+OK = "ok"  # answered here
+ERROR = "error"  # the caller got an error (here, or from upstream after forwarding)
+FORWARDED = "forwarded"  # answered by the next tier up
+OUTCOMES = (OK, ERROR, FORWARDED)
+
+# Stand-ins a node records instead of what a caller sent, so a caller cannot grow the node's series
+# without bound. Neither can be a model name or a version (names start with a letter or digit,
+# versions are digits), so neither collides with a real one.
+OTHER = "(other)"  # a model name or version beyond the node's bound, or not a valid one
+UNRESOLVED = "(unresolved)"  # the call named no version and this node chose none (it went upward or failed first)
+
+# Bucket bounds: latencies from 0.1 ms to 10 s at about 1.5-2x steps (tight enough for a p99
+# ratio gate of 1.5), confidences in tenths with the top end split finer (where thresholds sit).
+LATENCY_BOUNDS_MS = (
+    0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 50.0, 75.0, 100.0,
+    150.0, 200.0, 300.0, 500.0, 750.0, 1000.0, 1500.0, 2000.0, 3000.0, 5000.0, 7500.0, 10000.0,
+)  # fmt: skip
+CONFIDENCE_BOUNDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.99)

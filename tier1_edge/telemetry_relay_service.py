@@ -1,0 +1,225 @@
+"""The edge's relay of its devices' OTLP metrics to the region (a node component).
+
+The edge serves ``opentelemetry.proto.collector.metrics.v1.MetricsService`` so a
+device's stock OTLP exporter can send to it as to any collector. Each request is
+checked to be an ``ExportMetricsServiceRequest``, held as the bytes that arrived in
+a bounded :class:`~tier1_edge.telemetry_buffer.TelemetryBuffer`, and answered at
+once; a sender forwards the held requests, oldest first, to where the edge's own
+metrics go (``[telemetry] endpoint``, else the ``[upstream]`` address). The bytes
+go up untouched, so the region sees each device's resource attributes (node id,
+tier, hardware class) exactly as the device sent them, and the edge never has to
+understand a newer OTLP than its own.
+
+While the region is unreachable the edge keeps accepting; the buffer drops its
+oldest requests beyond ``relay_max_requests`` or ``relay_max_bytes``, and every
+drop is counted. A request the region refuses for good (malformed, a node it does
+not know) is dropped and counted as rejected, not retried; anything the OTLP
+specification calls retryable is sent again after a backoff. The counts are the
+edge's own metrics (``edgecascade.telemetry.relay.*``), which reach the region
+with the rest of the edge's telemetry.
+
+Without a target (no endpoint and no upstream) the service is not served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
+from grpc import aio
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2 as otlp
+
+from services.errors import ConfigError, InvalidArgumentError
+from services.rpc.channels import open_channel
+from services.rpc.components import NodeContext
+from services.rpc.server import ServiceBinding
+from tier1_edge.config import EdgeTelemetrySection
+from tier1_edge.telemetry_buffer import TelemetryBuffer
+
+log = logging.getLogger("edgecascade.telemetry")
+
+METRICS_SERVICE = otlp.DESCRIPTOR.services_by_name["MetricsService"].full_name
+EXPORT_METHOD = f"/{METRICS_SERVICE}/Export"
+# What the OTLP specification lets a client retry (RESOURCE_EXHAUSTED too: the region sheds load with it).
+RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
+BACKOFF_S = (0.1, 5.0)  # first and longest wait between attempts while the upstream fails
+RESULT = "edgecascade.relay.result"
+_EMPTY_RESPONSE = b""  # an ExportMetricsServiceResponse with nothing refused
+
+
+class TelemetryRelayService:
+    """Accepts devices' OTLP metrics and forwards them upstream through a bounded buffer.
+
+    Args:
+        context: The edge's context (its configuration has an ``[telemetry]`` section with the relay's bounds).
+
+    Raises:
+        ConfigError: The tier's configuration has no relay settings.
+    """
+
+    def __init__(self, context: NodeContext) -> None:
+        settings = getattr(context.config, "telemetry", None)
+        if not isinstance(settings, EdgeTelemetrySection):
+            raise ConfigError(f"the {context.identity.tier} configuration has no [telemetry] relay settings")
+        self.target = settings.target(context.config.upstream.address)
+        self.buffer = TelemetryBuffer(settings.relay_max_requests, settings.relay_max_bytes)
+        self._timeout_s = settings.timeout_s
+        self._max_message_bytes = context.config.server.max_message_bytes
+        self._channel: aio.Channel | None = None
+        self._sender: asyncio.Task[None] | None = None
+        if self.target and context.meter_provider is not None:
+            self._observe(context.meter_provider.get_meter("edgecascade.telemetry"))
+
+    @property
+    def bindings(self) -> Sequence[ServiceBinding]:
+        """OTLP ``MetricsService``, when there is somewhere to forward to."""
+        return [ServiceBinding(METRICS_SERVICE, self._register)] if self.target else []
+
+    def _register(self, server: aio.Server) -> None:
+        # No (de)serializers: the handler gets and returns bytes, so what it forwards is what arrived.
+        export: grpc.RpcMethodHandler[bytes, bytes] = grpc.unary_unary_rpc_method_handler(self._export)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(METRICS_SERVICE, {"Export": export}),))
+
+    async def start(self) -> None:
+        """Starts forwarding what the buffer holds."""
+        if not self.target:
+            return
+        self._channel = open_channel(self.target, None, self._max_message_bytes)
+        self._sender = asyncio.create_task(self._forward(self._channel), name="telemetry relay")
+
+    async def stop(self) -> None:
+        """Stops forwarding; what is still held is lost (and logged)."""
+        if self._sender is not None:
+            self._sender.cancel()
+            await asyncio.gather(self._sender, return_exceptions=True)
+        if self._channel is not None:
+            await self._channel.close()
+        if len(self.buffer):
+            log.warning(
+                "%d telemetry requests held for %s were not forwarded before the stop", len(self.buffer), self.target
+            )
+
+    async def _export(self, request: bytes, context: aio.ServicerContext[Any, Any]) -> bytes:
+        try:
+            otlp.ExportMetricsServiceRequest.FromString(request)
+        except DecodeError:
+            raise InvalidArgumentError("the request is not an OTLP ExportMetricsServiceRequest") from None
+        if not self.buffer.put(request):
+            # Not retryable: it would never fit. The exporter's max_export_batch_size makes requests smaller.
+            raise InvalidArgumentError(
+                f"an export request of {len(request)} bytes exceeds the edge's relay buffer "
+                f"({self.buffer.max_bytes} bytes); export smaller batches"
+            )
+        return _EMPTY_RESPONSE
+
+    async def _forward(self, channel: aio.Channel) -> None:
+        send: aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(EXPORT_METHOD)
+        stats = self.buffer.stats
+        failures = 0
+        refusing = False
+        while True:
+            request = await self.buffer.take()
+            try:
+                # Wait for the connection within the deadline: an upstream that restarts is reached as soon as it is up.
+                answer = await send(request, timeout=self._timeout_s, wait_for_ready=True)
+            except Exception as exc:
+                code = exc.code() if isinstance(exc, aio.AioRpcError) else None
+                if code is None:
+                    # A bug must not end the relay: the devices' metrics would pile up unsent.
+                    log.exception("telemetry relay to %s failed unexpectedly", self.target)
+                if code is None or code in RETRYABLE:
+                    self.buffer.put_back(request)
+                    stats.retries += 1
+                    failures += 1
+                    if failures == 1 and code is not None:
+                        log.warning(
+                            "telemetry relay to %s failed (%s); holding devices' metrics and retrying",
+                            self.target,
+                            code.name,
+                        )
+                    await asyncio.sleep(_backoff(failures))
+                    continue
+                stats.rejected += 1
+                details = exc.details() if isinstance(exc, aio.AioRpcError) else ""
+                (log.debug if refusing else log.warning)(
+                    "%s refused a device's telemetry for good (%s: %s); dropped", self.target, code.name, details
+                )
+                refusing = True
+                continue
+            if failures:
+                log.info("telemetry relay to %s works again after %d failed attempts", self.target, failures)
+            failures = 0
+            refusing = False
+            stats.forwarded += 1
+            stats.forwarded_bytes += len(request)
+            stats.rejected_points += _rejected_points(answer)
+
+    def _observe(self, meter: Meter) -> None:
+        stats = self.buffer.stats
+
+        def requests(options: CallbackOptions) -> list[Observation]:
+            counts = {
+                "accepted": stats.accepted,
+                "forwarded": stats.forwarded,
+                "dropped": stats.dropped,
+                "refused": stats.refused,
+                "rejected": stats.rejected,
+                "retried": stats.retries,
+            }
+            return [Observation(n, {RESULT: result}) for result, n in counts.items()]
+
+        def volume(options: CallbackOptions) -> list[Observation]:
+            counts = {
+                "accepted": stats.accepted_bytes,
+                "forwarded": stats.forwarded_bytes,
+                "dropped": stats.dropped_bytes,
+            }
+            return [Observation(n, {RESULT: result}) for result, n in counts.items()]
+
+        meter.create_observable_counter(
+            "edgecascade.telemetry.relay.requests", [requests], unit="{request}", description="Devices' export requests"
+        )
+        meter.create_observable_counter(
+            "edgecascade.telemetry.relay.bytes", [volume], unit="By", description="Bytes of devices' export requests"
+        )
+        meter.create_observable_gauge(
+            "edgecascade.telemetry.relay.held",
+            [lambda options: [Observation(len(self.buffer))]],
+            unit="{request}",
+            description="Requests held for the upstream",
+        )
+        meter.create_observable_gauge(
+            "edgecascade.telemetry.relay.held_bytes",
+            [lambda options: [Observation(self.buffer.held_bytes)]],
+            unit="By",
+            description="Bytes held for the upstream",
+        )
+
+
+def _backoff(failures: int) -> float:
+    """Exponential with full jitter, so the edges of a region that comes back do not all retry at once."""
+    ceiling = min(BACKOFF_S[1], BACKOFF_S[0] * 2 ** min(failures - 1, 16))
+    return random.uniform(BACKOFF_S[0], max(BACKOFF_S[0], ceiling))
+
+
+def _rejected_points(answer: bytes) -> int:
+    try:
+        return int(otlp.ExportMetricsServiceResponse.FromString(answer).partial_success.rejected_data_points)
+    except DecodeError:
+        return 0
