@@ -23,7 +23,10 @@ the edge and every device have installed what they were assigned (or
 
 The nodes check in every ``DEMO_ENVIRONMENT`` interval (2 s) unless the
 environment sets ``EDGECASCADE_FLEET__CHECK_INTERVAL_S``, so ``edgecascade deploy``
-reaches the demo mesh within seconds.
+reaches the demo mesh within seconds. The edge and the devices export their
+metrics by OTLP every 5 s (the devices to the edge, which relays them); the
+region folds them into ``region-1/telemetry.sqlite``, which ``edgecascade
+fleet`` shows and ``edgecascade rollout`` gates on.
 
 The children inherit the launcher's environment, so every ``EDGECASCADE_*`` and
 ``OTEL_*`` setting reaches every node, except the per-node settings the launcher
@@ -84,6 +87,10 @@ HEALTH_CHECK_TIMEOUT_S = 2.0
 INSTALL_TIMEOUT_S = 180.0  # first start: enroll, check in, download, verify, trial, commit
 TOKEN_TTL_S = 3600.0  # a token the launcher makes is used within seconds; an unused one lapses soon
 
+# How often the demo's nodes export their metrics (the region's [telemetry] section has no such key,
+# so it cannot come from the environment every node shares).
+DEMO_EXPORT_INTERVAL_S = 5
+
 # Defaults the nodes get unless the launcher's own environment sets them.
 DEMO_ENVIRONMENT = {"EDGECASCADE_FLEET__CHECK_INTERVAL_S": "2"}
 
@@ -111,6 +118,9 @@ LAUNCHER_OWNED_SETTINGS: tuple[tuple[str, str], ...] = (
     ("updates", "trusted_root"),
     ("updates", "enrollment_token"),
     ("updates", "enrollment_token_file"),
+    ("telemetry", "path"),
+    ("telemetry", "export"),
+    ("telemetry", "interval_s"),
 )
 
 # Runs a tier module the way ``python -m`` does, after asking Linux to SIGTERM the
@@ -282,6 +292,7 @@ class Mesh:
         self.region.tier_settings = {
             "registry": {"path": str(self.registry_dir), "key_dir": str(self.key_dir)},
             "fleet": {"path": str(self.fleet_file)},
+            "telemetry": {"path": str(self.telemetry_file)},
         }
         self.edge.tier_settings = {
             "artifacts": {
@@ -296,6 +307,8 @@ class Mesh:
                     "state_dir": str(child.updates_dir),
                     "trusted_root": str(self.trusted_root_file),
                 }
+                # Devices export to the edge, which relays to the region's receiver: what rollouts judge.
+                child.tier_settings["telemetry"] = {"export": True, "interval_s": DEMO_EXPORT_INTERVAL_S}
         self._lock: IO[str] | None = None
         inherited, self._ignored_variables = child_environment(os.environ)
         self._environment = {**DEMO_ENVIRONMENT, **inherited}
@@ -367,6 +380,11 @@ class Mesh:
     def fleet_file(self) -> Path:
         """The region's fleet inventory (nodes, tokens, deployments)."""
         return self.region.directory / "fleet.sqlite"
+
+    @property
+    def telemetry_file(self) -> Path:
+        """The region's telemetry store (what the nodes export, folded into windows)."""
+        return self.region.directory / "telemetry.sqlite"
 
     @property
     def trusted_root_file(self) -> Path:

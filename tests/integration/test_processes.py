@@ -106,6 +106,7 @@ def test_edgecascade_up_runs_the_mesh_and_stops_it(tmp_path: Path) -> None:
         try:
             wait_for_file(state / "endpoints.json", up, 120)
             pids = _exercise_running_mesh(state)
+            _roll_out_version_2(state)
         finally:
             up.send_signal(signal.SIGTERM)
             code = up.wait(60)
@@ -169,6 +170,49 @@ def _exercise_running_mesh(state: Path) -> list[int]:
     pids = [json.loads((state / node / "port.json").read_text())["pid"] for node in nodes]
     assert all(_alive(pid) for pid in pids)
     return pids
+
+
+def _roll_out_version_2(state: Path) -> None:
+    """Publishes charlm-device 2 and rolls it out over both devices, gated on their live telemetry."""
+    published = _cli(
+        "model", "publish", "--name", DEVICE_MODEL, "--version", "2", "--rows", "300", "--latency-runs", "5",
+        "--batch-sizes", "1", "--registry", str(state / "region-1" / "registry"),
+        "--keys", str(state / "region-1" / "keys"),
+        f"fp32={DEFAULT_MODELS_DIR / 'charlm-device.onnx'}", f"int8={DEFAULT_MODELS_DIR / 'charlm-device.int8.onnx'}",
+        timeout=300,
+    )  # fmt: skip
+    assert published.returncode == 0, published.stdout + published.stderr
+    started = _cli(
+        "rollout", "start", DEVICE_MODEL, "2", "--steps", "50,100", "--interval-s", "5", "--min-requests", "5",
+        "--max-p99-ratio", "5", "--max-fallback-rate-increase", "0.5", "--state-dir", str(state),
+    )  # fmt: skip
+    assert started.returncode == 0, started.stdout + started.stderr
+    devices = json.loads((state / "endpoints.json").read_text())["devices"]
+
+    def completed() -> bool:
+        for device in devices:  # traffic for the gates to read
+            _infer(device, DEVICE_MODEL, "Return the valu")
+        shown = _cli("rollout", "status", DEVICE_MODEL, "--json", "--state-dir", str(state))
+        rollout = json.loads(shown.stdout)
+        assert rollout["state"] in ("running", "waiting", "completed"), rollout
+        return bool(rollout["state"] == "completed")
+
+    wait_until(completed, 180, "the rollout of version 2 completing")
+    # Both devices serve version 2, and the fleet view shows its traffic (exported every 5 s via the edge).
+
+    def fleet_shows_version_2() -> bool:
+        for device in devices:
+            _infer(device, DEVICE_MODEL, "Return the valu")
+        fleet = json.loads(_cli("fleet", "--json", "--state-dir", str(state)).stdout)
+        want = [(DEVICE_MODEL, "2")]
+        on_2 = [n for n in fleet["nodes"] if [(m["name"], m["version"]) for m in n["installed"]] == want]
+        traffic = [v for v in fleet["versions"] if (v["name"], v["version"]) == (DEVICE_MODEL, "2")]
+        return len(on_2) == 2 and bool(traffic) and traffic[0]["nodes"] == 2 and traffic[0]["requests"] > 0
+
+    wait_until(fleet_shows_version_2, 60, "fleet --json showing both devices on version 2 with traffic")
+    for device in devices:
+        answer = _infer(device, DEVICE_MODEL, "Return the valu")
+        assert answer[SERVED_BY].startswith("tier0:device-")
 
 
 def _free_port() -> int:
