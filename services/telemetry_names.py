@@ -29,6 +29,18 @@ LATENCY = "edgecascade.request.duration"  # histogram in milliseconds, by model,
 CONFIDENCE = "edgecascade.answer.confidence"  # histogram in [0, 1], by model, version, variant
 UPDATE_OUTCOMES = "edgecascade.updates"  # monotonic sum, by model, version, variant and update state
 
+# Log records (OTLP logs): an anomaly is marked so the region keeps it whatever its severity.
+ANOMALY = "edgecascade.anomaly"  # bool true on an anomaly record
+ANOMALY_KIND = "edgecascade.anomaly.kind"  # one of ANOMALY_KINDS
+ERROR_TYPE = "edgecascade.error.type"  # the error's class (a request that failed) or an update failure's kind
+LATENCY_MS = "edgecascade.latency_ms"  # the request's latency (slow outliers and routine records)
+P99_MS = "edgecascade.p99_ms"  # the model version's running p99 a slow outlier was judged against
+ANOMALY_ERROR = "error"  # a request that ended in an error
+ANOMALY_FALLBACK = "fallback"  # a request this node sent upward (with FALLBACK_REASON)
+ANOMALY_SLOW = "slow"  # a local answer slower than [telemetry] slow_factor × its version's running p99
+ANOMALY_UPDATE = "update_failed"  # an update refused or failed unexpectedly
+ANOMALY_KINDS = (ANOMALY_ERROR, ANOMALY_FALLBACK, ANOMALY_SLOW, ANOMALY_UPDATE)
+
 # Values of OUTCOME.
 OK = "ok"  # answered here
 ERROR = "error"  # the caller got an error (here, or from upstream after forwarding)

@@ -42,6 +42,12 @@ Sections and their environment variables (``EDGECASCADE_<SECTION>__<KEY>``):
     ``interval_s``, each export given up after ``timeout_s`` (retries included), to
     ``endpoint`` (``host:port``; empty = the ``[upstream]`` address: the edge relays
     its devices' metrics to the region). The edge adds the bounds of its relay.
+    With export on, ``logs`` (default true) sends anomalies as OTLP logs to the same
+    endpoint: errors, fallbacks, requests slower than ``slow_factor`` × their model
+    version's running p99 (0 = off) and failed updates, at most ``anomalies_per_s``
+    on average and ``anomaly_burst`` at once; ordinary requests are logged at
+    ``routine_sample_rate``, raised to ``elevated_sample_rate`` for ``elevated_s``
+    after each anomaly.
 
 A tier adds its own sections in its own package (``[registry]`` in
 ``tier2_region.config``, ``[artifacts]`` in ``tier1_edge.config``); a section
@@ -245,20 +251,62 @@ class TelemetrySection:
         timeout_s: Deadline of one export, its retries included; a failed export is counted and dropped
             (with the default cumulative temporality the next export carries what this one lost).
         endpoint: ``host:port`` of the OTLP receiver; empty = the ``[upstream]`` address.
+        logs: With ``export``, whether anomalies (and sampled routine records) go as OTLP logs to the same place.
+        anomalies_per_s: Anomaly records sent per second on average (a token bucket); beyond, dropped and counted.
+        anomaly_burst: Anomaly records sent at once after a quiet spell (the bucket's size).
+        slow_factor: A local answer slower than this × its model version's running p99 is an anomaly (0 = never).
+        routine_sample_rate: Share of ordinary answers logged as INFO records (0 to 1).
+        elevated_sample_rate: That share while the detail is raised after an anomaly (routine_sample_rate to 1;
+            each record sent costs the loop some 40 µs in the SDK, so 1.0 on a busy node costs it a share of its CPU).
+        elevated_s: How long the detail stays raised after the latest anomaly.
     """
 
     export: bool = False
     interval_s: float = 10.0
     timeout_s: float = 5.0
     endpoint: str = ""
+    logs: bool = True
+    anomalies_per_s: float = 1.0
+    anomaly_burst: int = 20
+    slow_factor: float = 3.0
+    routine_sample_rate: float = 0.0
+    elevated_sample_rate: float = 0.1
+    elevated_s: float = 60.0
 
     def __post_init__(self) -> None:
+        self._check_logs()
         if not 0.1 <= self.interval_s <= 86_400:
             raise ConfigError(f"[telemetry] interval_s must be from 0.1 to 86400, got {self.interval_s}")
         if not 0.1 <= self.timeout_s <= 600:
             raise ConfigError(f"[telemetry] timeout_s must be from 0.1 to 600, got {self.timeout_s}")
         if self.endpoint and (":" not in self.endpoint or not self.endpoint.rsplit(":", 1)[1].isdigit()):
             raise ConfigError(f"[telemetry] endpoint must be host:port, got {self.endpoint!r}")
+
+    def _check_logs(self) -> None:
+        if not 0 < self.anomalies_per_s <= 10_000:
+            raise ConfigError(
+                f"[telemetry] anomalies_per_s must be above 0 and at most 10000, got {self.anomalies_per_s}"
+            )
+        if not 1 <= self.anomaly_burst <= 100_000:
+            raise ConfigError(f"[telemetry] anomaly_burst must be from 1 to 100000, got {self.anomaly_burst}")
+        if self.slow_factor != 0 and not 1 <= self.slow_factor <= 1000:
+            raise ConfigError(f"[telemetry] slow_factor must be 0 (off) or from 1 to 1000, got {self.slow_factor}")
+        for key in ("routine_sample_rate", "elevated_sample_rate"):
+            rate = getattr(self, key)
+            if not 0 <= rate <= 1:
+                raise ConfigError(f"[telemetry] {key} must be from 0 to 1, got {rate}")
+        if self.elevated_sample_rate < self.routine_sample_rate:
+            raise ConfigError(
+                f"[telemetry] elevated_sample_rate ({self.elevated_sample_rate}) must be at least "
+                f"routine_sample_rate ({self.routine_sample_rate}): an anomaly raises the detail, never lowers it"
+            )
+        if not 0 < self.elevated_s <= 86_400:
+            raise ConfigError(f"[telemetry] elevated_s must be above 0 and at most 86400, got {self.elevated_s}")
+
+    @property
+    def sends_logs(self) -> bool:
+        """Whether the node sends OTLP logs: ``export`` and ``logs`` both on."""
+        return self.export and self.logs
 
     def target(self, upstream: str) -> str:
         """Where the node's metrics go: ``endpoint``, else its upstream (empty when there is neither)."""

@@ -12,10 +12,10 @@
     bound is refused (RESOURCE_EXHAUSTED), not streamed through.
 ``[telemetry]``
     The shared settings of the edge's own metrics (``services.tier_config``) plus
-    the bounds of the relay of its devices' metrics, which go where the edge's own
-    go (``endpoint``, else the upstream): ``relay_max_requests`` and
-    ``relay_max_bytes`` held while that is unreachable (the oldest are dropped,
-    and counted, beyond either).
+    the bounds of the relay of its devices' metrics and logs, which go where the
+    edge's own go (``endpoint``, else the upstream): ``relay_max_requests`` and
+    ``relay_max_bytes`` held while that is unreachable, for each signal (the oldest
+    are dropped, and counted, beyond either).
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ class EdgeTelemetrySection(TelemetrySection):
     """The edge's own metrics (the shared settings) and the bounds of the relay of its devices'.
 
     Attributes:
-        relay_max_requests: Devices' export requests held for the upstream.
-        relay_max_bytes: Their bytes held for the upstream.
+        relay_max_requests: Devices' export requests held for the upstream, per signal (metrics, logs).
+        relay_max_bytes: Their bytes held for the upstream, per signal.
     """
 
     relay_max_requests: int = 10_000

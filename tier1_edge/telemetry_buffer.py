@@ -28,7 +28,7 @@ class RelayStats:
         dropped, dropped_bytes: Requests dropped as the oldest of a full buffer.
         refused: Requests larger than the whole buffer (refused to the device, never held).
         rejected: Requests the upstream refused for good (malformed, unknown node): not retried.
-        rejected_points: Data points the upstream refused within requests it otherwise accepted.
+        rejected_points: Data points (or log records) the upstream refused within requests it otherwise accepted.
         retries: Attempts that failed for a reason worth retrying (upstream unreachable or busy).
     """
 

@@ -29,6 +29,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from services.engine.model_repository import check_model_name, check_version
 from services.errors import InvalidArgumentError
 from services.inference import NodeIdentity, ParamValue
+from services.rpc.anomaly_log import AnomalyLog
 from services.rpc.telemetry import annotate_span
 from services.telemetry_names import (
     CONFIDENCE,
@@ -136,6 +137,11 @@ class FleetMetrics:
         self._callers_names = 0  # names admitted that this node never answered with
         self._local_names: set[str] = set()
         self._variant_of: VariantOf = lambda name, version: ""
+        self.log: AnomalyLog | None = None  # the node's adaptive logging, when it sends logs
+
+    def use_log(self, log: AnomalyLog) -> None:
+        """Hands each request recorded from now on to ``log`` too (which judges it an anomaly or samples it)."""
+        self.log = log
 
     def use_variants(self, variant_of: VariantOf) -> None:
         """Reads the variant of a model version from ``variant_of`` (the node's installed store) from now on."""
@@ -143,14 +149,24 @@ class FleetMetrics:
         for series in list(self._series.values()):
             series.label(self._variant(series.name, series.version))
 
-    def record(self, route: CallRoute, outcome: str, seconds: float, confidence: ParamValue | None = None) -> None:
+    def record(
+        self,
+        route: CallRoute,
+        outcome: str,
+        seconds: float,
+        confidence: ParamValue | None = None,
+        error: BaseException | None = None,
+    ) -> None:
         """Records one request: its outcome, its latency unless it failed, its answer's confidence if it has one.
+
+        Called in the request's context (its trace), so an anomaly logged for it carries its trace id.
 
         Args:
             route: Where the call went.
             outcome: ``ok``, ``error`` or ``forwarded``.
             seconds: From its arrival to its answer.
             confidence: The answer's ``edgecascade.confidence`` parameter, if any (recorded when in [0, 1]).
+            error: What it failed with (only its class is logged).
         """
         if route.local:
             key = (route.name, route.version, outcome, route.reason)
@@ -167,6 +183,10 @@ class FleetMetrics:
             value = _unit_interval(confidence)
             if value is not None:
                 self._confidence.record(value, series.model)
+        log = self.log
+        if log is not None:
+            error_type = "" if error is None else type(error).__name__
+            log.request(series.name, series.version, series.model or {}, outcome, route.reason, seconds, error_type)
 
     def updated(self, state: str, name: str, version: str, variant: str) -> None:
         """Counts one update reaching ``state`` (the updater's ``on_state``), on the event loop."""

@@ -117,9 +117,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         seen = CallRoute(self._dp.identity, request.model_name, request.model_version)
         try:
             answer = await self._dp.infer(self._call(request, context, self._route(context), seen))
-        except Exception:
+        except Exception as exc:
             if self._metrics is not None:
-                self._metrics.record(seen, ERROR, perf_counter() - started)
+                self._metrics.record(seen, ERROR, perf_counter() - started, error=exc)
             raise
         if isinstance(answer, Relayed):
             if self._metrics is not None:
@@ -141,6 +141,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             started = perf_counter()
             seen = CallRoute(self._dp.identity, request.model_name, request.model_version)
             outcome, confidence = OK, None
+            error: Exception | None = None
             try:
                 async for answer in self._dp.stream(self._call(request, context, route, seen)):
                     if isinstance(answer, Relayed):
@@ -150,16 +151,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                         confidence = answer.parameters.get(CONFIDENCE, confidence)
                         yield pb.ModelStreamInferResponse(infer_response=converters.response_to_proto(answer))
             except EdgecascadeError as exc:
-                outcome = ERROR
+                outcome, error = ERROR, exc
                 yield pb.ModelStreamInferResponse(error_message=exc.message)
-            except Exception:
-                outcome = ERROR
+            except Exception as exc:
+                outcome, error = ERROR, exc
                 # A bug met by one request must not end the stream for the ones after it.
                 trace_id = current_trace_id()
                 log.exception("unexpected error in a ModelStreamInfer request (trace id %s)", trace_id)
                 yield pb.ModelStreamInferResponse(error_message=f"internal error; reported with trace id {trace_id}")
             if self._metrics is not None:
-                self._metrics.record(seen, outcome, perf_counter() - started, confidence)
+                self._metrics.record(seen, outcome, perf_counter() - started, confidence, error)
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context) -> pb.ModelStatisticsResponse:
         models = self._dp.cache.loaded()

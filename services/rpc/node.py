@@ -42,6 +42,7 @@ from services.engine.model_repository import ModelRepository
 from services.engine.run_pool import RunPool
 from services.errors import ConfigError
 from services.inference import NodeIdentity
+from services.rpc.anomaly_log import AnomalyLog
 from services.rpc.components import Component, ComponentFactory, NodeContext
 from services.rpc.fleet_metrics import FleetMetrics
 from services.rpc.inference_client import InferenceClient
@@ -115,6 +116,7 @@ class Node:
         readers = list(metric_readers)
         self.metric_exporter: CountedMetricExporter | None = None  # None: [telemetry] export is off
         telemetry = getattr(config, "telemetry", None)
+        target = ""
         if isinstance(telemetry, TelemetrySection) and telemetry.export:
             target = telemetry.target(config.upstream.address)
             if not target:
@@ -126,6 +128,10 @@ class Node:
             observe_exports(self._meter_provider, self.metric_exporter)
         self._metrics = NodeMetrics(self._meter_provider)
         self.fleet_metrics = FleetMetrics(self._meter_provider)
+        self.anomaly_log: AnomalyLog | None = None  # None: [telemetry] export or logs is off
+        if isinstance(telemetry, TelemetrySection) and telemetry.sends_logs:
+            self.anomaly_log = AnomalyLog(telemetry, target, resource, self._meter_provider)
+            self.fleet_metrics.use_log(self.anomaly_log)
         self.address = ""
 
     async def flush_metrics(self, timeout_s: float = 10.0) -> None:
@@ -166,6 +172,8 @@ class Node:
         # Telemetry goes last; flushing is blocking I/O, so the loop stays free (an in-process collector may need it).
         stack.push_async_callback(asyncio.to_thread, self._meter_provider.shutdown)
         stack.push_async_callback(asyncio.to_thread, self._tracer_provider.shutdown)
+        if self.anomaly_log is not None:
+            stack.push_async_callback(self.anomaly_log.shutdown)
         try:
             repository = ModelRepository(cfg.repository.path)
         except OSError as exc:

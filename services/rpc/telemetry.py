@@ -9,8 +9,9 @@ set and ``OTEL_SDK_DISABLED`` is not true; otherwise spans are still created
 the rest of the standard ``OTEL_EXPORTER_OTLP_*`` variables itself.
 
 Besides, a device or edge with ``[telemetry] export`` sends its metrics to its
-upstream (:mod:`services.rpc.metric_export`); the metrics the region reads of it
-are :mod:`services.rpc.fleet_metrics`'. The resource names the node (id, tier,
+upstream (:mod:`services.rpc.metric_export`), and its anomalies as logs
+(:mod:`services.rpc.anomaly_log`); the metrics the region reads of it are
+:mod:`services.rpc.fleet_metrics`'. The resource names the node (id, tier,
 hardware class), so every hop up to the region knows whose points they are.
 """
 

@@ -139,13 +139,18 @@ class NodeUpdatesService:
             raise ConfigError(f"[updates] trusted_root {settings.trusted_root}: {exc.message}") from None
         facts = self.facts()
         metrics = context.fleet_metrics
-        on_state = None
+        on_state = on_failure = None
         if metrics is not None:
             # What serves is what the store installed: its variant labels the node's request metrics.
             metrics.use_variants(lambda name, version: getattr(store.get(name, version), "variant", ""))
 
             def on_state(state: UpdateState, a: Assignment) -> None:
                 metrics.updated(state.value, a.name, a.version, a.variant)
+
+            def on_failure(a: Assignment, kind: str, reason: str) -> None:
+                # Read at the failure: the node's log is in place before any update runs, but not before this is built.
+                if metrics.log is not None:
+                    metrics.log.update_failed(a.name, a.version, a.variant, kind, reason)
 
         return Updater(
             context.identity.node_id,
@@ -158,6 +163,7 @@ class NodeUpdatesService:
             facts.onnxruntime_version,
             lambda: shutil.disk_usage(self._state_dir).free,
             on_state=on_state,
+            on_failure=on_failure,
         )
 
     @property

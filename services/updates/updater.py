@@ -280,6 +280,8 @@ class Updater:
         backoff: The retry schedule for failures that are not the version's.
         clock: Monotonic seconds (tests pass a fake one).
         on_state: Called after each state is durably recorded (tests inject crashes here).
+        on_failure: Called with the assignment, ``refused`` or ``internal_error``, and the reason, when an
+            update is refused or fails unexpectedly (the node reports it as an anomaly); not for a postponement.
         footprint_tolerance, footprint_slack_bytes: How far the measured footprint may exceed the signed peak.
 
     Raises:
@@ -302,6 +304,7 @@ class Updater:
         backoff: Backoff | None = None,
         clock: Callable[[], float] = time.monotonic,
         on_state: Callable[[UpdateState, Assignment], None] | None = None,
+        on_failure: Callable[[Assignment, str, str], None] | None = None,
         footprint_tolerance: float = FOOTPRINT_TOLERANCE,
         footprint_slack_bytes: int = FOOTPRINT_SLACK_BYTES,
     ) -> None:
@@ -325,6 +328,7 @@ class Updater:
         self._backoff = backoff or Backoff()
         self._clock = clock
         self._on_state = on_state
+        self._on_failure = on_failure
         self._flights: SingleFlight[str, None] = SingleFlight()
         # name → (assignment key, consecutive failures, monotonic time of the next try)
         self._retry: dict[str, tuple[tuple[str, str], int, float]] = {}
@@ -501,7 +505,10 @@ class Updater:
             await self._postpone(a, later.reason)
         except Exception as exc:  # a bug or an unexpected failure: keep serving, retry later
             log.exception("%s: the update failed unexpectedly", what)
-            await self._postpone(a, f"internal error ({type(exc).__name__}); see the node's log")
+            reason = f"internal error ({type(exc).__name__}); see the node's log"
+            if self._on_failure is not None:
+                self._on_failure(a, "internal_error", reason)
+            await self._postpone(a, reason)
 
     async def _fetch(self, a: Assignment, what: str) -> StoredVersion:
         installed = self.store.get(a.name, a.version)
@@ -648,6 +655,8 @@ class Updater:
             self.store.end_trial(a.name)
         await asyncio.to_thread(self.store.discard, a.name, a.version)
         await self._record(a, UpdateState.REFUSED, reason)
+        if self._on_failure is not None:
+            self._on_failure(a, "refused", reason)
 
     async def _postpone(self, a: Assignment, reason: str) -> None:
         previous = self._retry.get(a.name)

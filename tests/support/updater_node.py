@@ -160,6 +160,7 @@ def build_node(
     onnxruntime_version: str = "",
     free_disk: int = 1 << 40,
     on_state: Any = None,
+    on_failure: Any = None,
     **cache_options: Any,
 ) -> UpdaterNode:
     """Builds a node's update machinery over ``state`` (keys are created on first use)."""
@@ -187,6 +188,7 @@ def build_node(
         lambda: free_disk,
         backoff=Backoff(initial_s=0.0, max_s=0.0),
         on_state=on_state,
+        on_failure=on_failure,
     )
     return UpdaterNode(node_id, state, keys, store, fetcher, cache, updater, pool)
 
