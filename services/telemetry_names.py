@@ -45,7 +45,10 @@ ANOMALY_KINDS = (ANOMALY_ERROR, ANOMALY_FALLBACK, ANOMALY_SLOW, ANOMALY_UPDATE)
 OK = "ok"  # answered here
 ERROR = "error"  # the caller got an error (here, or from upstream after forwarding)
 FORWARDED = "forwarded"  # answered by the next tier up
-OUTCOMES = (OK, ERROR, FORWARDED)
+# The caller's own mistake (bad input, a model nobody holds, a cancelled call): counted, but not the
+# version's fault, so the region leaves it out of a version's requests and errors.
+REJECTED = "rejected"
+OUTCOMES = (OK, ERROR, FORWARDED, REJECTED)
 
 # Stand-ins a node records instead of what a caller sent, so a caller cannot grow the node's series
 # without bound. Neither can be a model name or a version (names start with a letter or digit,

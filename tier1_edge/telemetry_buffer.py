@@ -91,6 +91,15 @@ class TelemetryBuffer:
         if self._items:
             self._ready.set()
 
+    def drop_all(self) -> tuple[int, int]:
+        """Drops everything held (the relay stops), counted as dropped; returns the requests and bytes dropped."""
+        n, size = len(self._items), self._bytes
+        self._items.clear()
+        self._bytes = 0
+        self.stats.dropped += n
+        self.stats.dropped_bytes += size
+        return n, size
+
     async def take(self) -> bytes:
         """Waits for a request and takes the oldest out."""
         while not self._items:

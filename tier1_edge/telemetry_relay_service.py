@@ -48,6 +48,9 @@ from tier1_edge.telemetry_buffer import TelemetryBuffer
 
 log = logging.getLogger("edgecascade.telemetry")
 
+# How long a stopping edge keeps forwarding what it holds (the region may be reachable).
+STOP_FLUSH_S = 1.0
+
 METRICS_SERVICE = otlp.DESCRIPTOR.services_by_name["MetricsService"].full_name
 LOGS_SERVICE = otlp_logs.DESCRIPTOR.services_by_name["LogsService"].full_name
 # What the OTLP specification lets a client retry (RESOURCE_EXHAUSTED too: the region sheds load with it).
@@ -140,18 +143,25 @@ class TelemetryRelayService:
         ]
 
     async def stop(self) -> None:
-        """Stops forwarding; what is still held is lost (and logged)."""
+        """Forwards what is held for up to :data:`STOP_FLUSH_S`, then stops; what is left is dropped and counted."""
+        deadline = asyncio.get_running_loop().time() + STOP_FLUSH_S
+        while self._senders and any(len(s.buffer) for s in self._signals):
+            if asyncio.get_running_loop().time() >= deadline:
+                break
+            await asyncio.sleep(0.02)
         for sender in self._senders:
             sender.cancel()
         await asyncio.gather(*self._senders, return_exceptions=True)
         if self._channel is not None:
             await self._channel.close()
         for signal in self._signals:
-            if len(signal.buffer):
+            lost, size = signal.buffer.drop_all()  # the request a cancelled send held was put back first
+            if lost:
                 log.warning(
-                    "%d telemetry %s requests held for %s were not forwarded before the stop",
-                    len(signal.buffer),
+                    "%d telemetry %s requests (%d bytes) held for %s were not forwarded before the stop; dropped",
+                    lost,
                     signal.name,
+                    size,
                     self.target,
                 )
 
@@ -179,6 +189,9 @@ class TelemetryRelayService:
             try:
                 # Wait for the connection within the deadline: an upstream that restarts is reached as soon as it is up.
                 answer = await send(request, timeout=self._timeout_s, wait_for_ready=True)
+            except asyncio.CancelledError:
+                buffer.put_back(request)  # the stop counts it with the rest, instead of losing it unseen
+                raise
             except Exception as exc:
                 code = exc.code() if isinstance(exc, aio.AioRpcError) else None
                 if code is None:

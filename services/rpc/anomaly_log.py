@@ -66,6 +66,7 @@ from services.telemetry_names import (
     OK,
     OUTCOME,
     P99_MS,
+    REJECTED,
 )
 from services.tier_config import TelemetrySection
 
@@ -222,7 +223,7 @@ class AnomalyLog:
                 f"request for {name} sent upward ({reason or 'no reason given'})",
                 {**model, OUTCOME: outcome, FALLBACK_REASON: reason, LATENCY_MS: round(seconds * 1000.0, 3)},
             )
-        elif outcome == ERROR:
+        elif outcome in (ERROR, REJECTED):  # a caller's mistake is worth a look too, though no gate counts it
             attributes = {**model, OUTCOME: outcome, ERROR_TYPE: error or "unknown"}
             if reason:
                 attributes[FALLBACK_REASON] = reason

@@ -43,6 +43,7 @@ from services.telemetry_names import (
     MODEL_VERSION,
     OTHER,
     OUTCOME,
+    REJECTED,
     REQUESTS,
     UNRESOLVED,
     UPDATE_OUTCOMES,
@@ -163,7 +164,7 @@ class FleetMetrics:
 
         Args:
             route: Where the call went.
-            outcome: ``ok``, ``error`` or ``forwarded``.
+            outcome: ``ok``, ``error``, ``forwarded`` or ``rejected`` (the caller's mistake).
             seconds: From its arrival to its answer.
             confidence: The answer's ``edgecascade.confidence`` parameter, if any (recorded when in [0, 1]).
             error: What it failed with (only its class is logged).
@@ -177,7 +178,7 @@ class FleetMetrics:
         if series is None:
             series = self._add(key, route.local)
         series.count += 1
-        if outcome != ERROR:
+        if outcome not in (ERROR, REJECTED):  # a failed call's time says nothing about the version's speed
             self._latency.record(seconds * 1000.0, series.timed)
         if confidence is not None:
             value = _unit_interval(confidence)

@@ -21,14 +21,21 @@ from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from services import __version__
 from services.dataplane import Dataplane, InferCall, ModelQuery, Relayed
-from services.errors import EdgecascadeError, ModelNotFoundError
+from services.errors import (
+    EdgecascadeError,
+    ForwardingLoopError,
+    InvalidArgumentError,
+    ModelNotFoundError,
+    NotFoundError,
+    RequestCancelledError,
+)
 from services.inference import CONFIDENCE
 from services.rpc import converters
 from services.rpc.fleet_metrics import CallRoute, FleetMetrics
 from services.rpc.inference_client import route_from_metadata
 from services.rpc.status_table import current_trace_id
 from services.rpc.telemetry import annotate_span
-from services.telemetry_names import ERROR, FORWARDED, OK
+from services.telemetry_names import ERROR, FORWARDED, OK, REJECTED
 
 SERVER_NAME = "edgecascade"
 EXTENSIONS = ["model_repository", "statistics", "edgecascade"]
@@ -36,6 +43,15 @@ EXTENSIONS = ["model_repository", "statistics", "edgecascade"]
 Context = aio.ServicerContext[Any, Any]
 
 log = logging.getLogger("edgecascade.rpc")
+
+
+# Failures that are the caller's doing, not the serving version's: they must not fail a rollout's error gate.
+_CALLER_ERRORS = (InvalidArgumentError, NotFoundError, RequestCancelledError, ForwardingLoopError)
+
+
+def outcome_of(exc: BaseException) -> str:
+    """The metrics outcome of a request that failed: ``rejected`` for the caller's mistakes, else ``error``."""
+    return REJECTED if isinstance(exc, _CALLER_ERRORS) else ERROR
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -119,7 +135,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             answer = await self._dp.infer(self._call(request, context, self._route(context), seen))
         except Exception as exc:
             if self._metrics is not None:
-                self._metrics.record(seen, ERROR, perf_counter() - started, error=exc)
+                self._metrics.record(seen, outcome_of(exc), perf_counter() - started, error=exc)
             raise
         if isinstance(answer, Relayed):
             if self._metrics is not None:
@@ -151,7 +167,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                         confidence = answer.parameters.get(CONFIDENCE, confidence)
                         yield pb.ModelStreamInferResponse(infer_response=converters.response_to_proto(answer))
             except EdgecascadeError as exc:
-                outcome, error = ERROR, exc
+                outcome, error = outcome_of(exc), exc
                 yield pb.ModelStreamInferResponse(error_message=exc.message)
             except Exception as exc:
                 outcome, error = ERROR, exc

@@ -38,6 +38,7 @@ from services.telemetry_names import (
     NODE_TIER,
     OK,
     OUTCOME,
+    REJECTED,
     REQUESTS,
     UNRESOLVED,
     UPDATE_OUTCOMES,
@@ -188,13 +189,15 @@ async def test_requests_reach_the_region_stand_in_through_the_edge_with_the_devi
         return latest(of(got, REQUESTS, node, **attrs))
 
     assert requests("device-1", **{MODEL_NAME: "lin", MODEL_VERSION: "1", OUTCOME: OK}) == 3
-    assert requests("device-1", **{MODEL_NAME: "lin", MODEL_VERSION: "1", OUTCOME: ERROR}) == 1
+    # Bad input is the caller's mistake: counted, but as rejected, never as an error of the version.
+    assert requests("device-1", **{MODEL_NAME: "lin", MODEL_VERSION: "1", OUTCOME: REJECTED}) == 1
+    assert not of(got, REQUESTS, "device-1", **{MODEL_NAME: "lin", MODEL_VERSION: "1", OUTCOME: ERROR})
     forwarded = of(got, REQUESTS, "device-1", **{MODEL_NAME: "edge-only", OUTCOME: FORWARDED})
     assert latest(forwarded) == 2
     assert forwarded[0].attributes[FALLBACK_REASON] == "model_not_held"
     assert forwarded[0].attributes[MODEL_VERSION] == UNRESOLVED  # the device chose no version of it
     assert forwarded[0].monotonic is True
-    failed_above = of(got, REQUESTS, "device-1", **{MODEL_NAME: "nowhere", OUTCOME: ERROR})
+    failed_above = of(got, REQUESTS, "device-1", **{MODEL_NAME: "nowhere", OUTCOME: REJECTED})  # nobody holds it
     assert latest(failed_above) == 1 and failed_above[0].attributes[FALLBACK_REASON] == "model_not_held"
     assert all(p.attributes[MODEL_VARIANT] == "" for p in of(got, REQUESTS, "device-1"))  # nothing installed here
     assert FALLBACK_REASON not in of(got, REQUESTS, "device-1", **{MODEL_NAME: "lin", OUTCOME: OK})[0].attributes
@@ -389,3 +392,18 @@ def _points(raw: bytes) -> list[Point]:
     from tests.support.otlp_metrics_receiver import points
 
     return points(otlp.ExportMetricsServiceRequest.FromString(raw))
+
+
+async def test_what_the_relay_still_holds_when_the_edge_stops_is_dropped_and_counted(
+    mesh_factory: Callable[..., Any],
+) -> None:
+    mesh: Mesh = await mesh_factory({"export": True})
+    await mesh.receiver.stop()  # the region is away: nothing can be forwarded
+    await mesh.stub.ModelInfer(infer_request("lin", X))
+    await mesh.device.flush_metrics()
+    stats = mesh.relay.buffer.stats
+    await eventually(lambda: stats.retries >= 1)  # a send was in flight and came back, or is in flight now
+    held = stats.accepted - stats.forwarded
+    assert held == 1
+    await mesh.relay.stop()
+    assert (stats.dropped, len(mesh.relay.buffer)) == (held, 0)

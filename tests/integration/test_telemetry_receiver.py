@@ -188,7 +188,7 @@ async def _flush(provider: MeterProvider) -> None:
 async def test_the_stock_sdk_exporter_feeds_the_figures_rollouts_read(
     region: Region, temporality: AggregationTemporality
 ) -> None:
-    since = time.time()
+    since = region.store.window_of(time.time())  # the window the data will land in
     provider = _meter_provider(region.node.address, "device-1", temporality)
     try:
         meter = _instruments(provider)
@@ -296,7 +296,7 @@ async def _refused(channel: grpc.aio.Channel, request: metrics_pb.ExportMetricsS
 
 
 async def test_unnamed_unknown_and_absurd_points_get_otlp_statuses_and_are_counted(region: Region) -> None:
-    since = time.time()
+    since = region.store.window_of(time.time())  # the window the data will land in
     async with grpc.aio.insecure_channel(region.node.address) as channel:
         # No node id: nothing accepted, not retryable.
         error = await _refused(channel, _metrics_request(_requests_metric(1.0), node=None))
@@ -348,7 +348,7 @@ async def test_unnamed_unknown_and_absurd_points_get_otlp_statuses_and_are_count
 
 
 async def test_huge_and_unreadable_requests_are_refused_and_the_receiver_keeps_working(region: Region) -> None:
-    since = time.time()
+    since = region.store.window_of(time.time())  # the window the data will land in
     async with grpc.aio.insecure_channel(region.node.address) as channel:
         # 100,000 attributes on a point, and on a resource.
         huge = _requests_metric(1.0)

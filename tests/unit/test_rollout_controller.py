@@ -117,6 +117,9 @@ class Telemetry:
     refusals: list[tuple[str, str, float]] = field(default_factory=list)
     silent: set[str] = field(default_factory=set)  # versions whose figures never arrive
 
+    def failed_installs(self, name: str, version: str, since: float, node_ids: Collection[str] | None = None) -> int:
+        return self.figures(name, version, since, node_ids).failed_installs
+
     def figures(self, name: str, version: str, since: float, node_ids: Collection[str] | None = None) -> VersionFigures:
         ids = None if node_ids is None else set(node_ids)
 
@@ -622,6 +625,11 @@ def test_one_rollout_that_cannot_be_read_does_not_stop_the_ticker(
         def figures(
             self, name: str, version: str, since: float, node_ids: Collection[str] | None = None
         ) -> VersionFigures:
+            raise OSError("telemetry store unreadable")
+
+        def failed_installs(
+            self, name: str, version: str, since: float, node_ids: Collection[str] | None = None
+        ) -> int:
             raise OSError("telemetry store unreadable")
 
     sim.controller.figures = Broken()

@@ -26,6 +26,9 @@ class EveryInstallFails:
     def figures(self, name: str, version: str, since: float, node_ids: Collection[str] | None = None) -> VersionFigures:
         return VersionFigures(name, version, failed_installs=len(node_ids or ()))
 
+    def failed_installs(self, name: str, version: str, since: float, node_ids: Collection[str] | None = None) -> int:
+        return len(node_ids or ())
+
 
 def control(tmp_path: Path) -> FleetControl:
     kit = new_registry(tmp_path)

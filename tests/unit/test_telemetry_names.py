@@ -20,7 +20,7 @@ def test_every_name_the_region_reads_is_exported_with_the_same_value() -> None:
 
 def test_the_update_state_and_the_outcomes_match_what_the_region_files_them_under() -> None:
     assert telemetry_names.UPDATE_STATE == admission.UPDATE_STATE
-    assert telemetry_names.OUTCOMES == ("ok", "error", "forwarded")
+    assert telemetry_names.OUTCOMES == ("ok", "error", "forwarded", "rejected")
 
 
 def test_the_stand_ins_cannot_be_a_model_name_or_a_version() -> None:

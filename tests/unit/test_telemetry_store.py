@@ -127,9 +127,10 @@ def test_cumulative_sums_are_stored_as_their_changes_between_reports(store: Tele
     assert store.figures("lm", "1", T0).requests == 22
     # Windows after the first hold only what was added after it.
     assert store.figures("lm", "1", T0 + 60).requests == 12
-    # A window that overlaps `since` counts whole.
-    assert store.figures("lm", "1", T0 + 90).requests == 12
-    assert store.figures("lm", "1", T0 + 121).requests == 7
+    # A window that began before `since` is left out whole: a stage is judged only on what came after it began.
+    assert store.figures("lm", "1", T0 + 90).requests == 7
+    assert store.figures("lm", "1", T0 + 120).requests == 7
+    assert store.figures("lm", "1", T0 + 121).requests == 0
     assert store.stats["first"] == 1
     assert store.stats["counted"] == 2
 
@@ -167,7 +168,7 @@ def test_the_first_report_of_a_series_older_than_the_retention_is_only_a_baselin
     old = T0 - 2 * RETENTION
     send(store, "d1", T0 + 1, requests(1000, at=T0 + 1, start=old))
     first = store.figures("lm", "1", T0)
-    assert (first.requests, first.nodes) == (0, 1)  # it reported, but its history is not news
+    assert (first.requests, first.nodes) == (0, 0)  # its history is not news, and no requests is no report
     send(store, "d1", T0 + 2, requests(1010, at=T0 + 2, start=old))
     assert store.figures("lm", "1", T0).requests == 10
     assert store.stats["baseline"] == 1
@@ -288,7 +289,8 @@ def test_errors_fallbacks_and_failed_installs(store: TelemetryStore) -> None:
     assert (figures.requests, figures.errors, figures.fallbacks) == (100, 5, 5)
     assert (figures.error_rate, figures.fallback_rate) == (0.05, 0.05)
     assert figures.failed_installs == 2
-    assert figures.nodes == 3
+    assert store.failed_installs("lm", "1", T0) == 2 and store.failed_installs("lm", "1", T0, ["d2", "d3"]) == 1
+    assert figures.nodes == 1  # the nodes that only reported their installs answered no request on it
     assert store.figures("lm", "2", T0).failed_installs == 0
 
 
@@ -431,3 +433,17 @@ def test_the_store_survives_reopening(tmp_path: Path) -> None:
         assert again.figures("lm", "1", T0).requests == 12
     finally:
         again.close()
+
+
+def test_the_callers_own_mistakes_are_neither_requests_nor_errors_of_the_version(store: TelemetryStore) -> None:
+    send(store, "d1", T0 + 1, requests(10, "ok", at=T0 + 1), requests(5, "rejected", at=T0 + 1))
+    figures = store.figures("lm", "1", T0)
+    assert (figures.requests, figures.errors, figures.error_rate) == (10, 0, 0.0)
+
+
+def test_a_stage_is_never_judged_on_the_window_it_began_in(store: TelemetryStore) -> None:
+    # What the previous stage's cohort sent at T0 + 10 must not count for a stage that began at T0 + 30.
+    send(store, "d1", T0 + 10, requests(500, at=T0 + 10))
+    assert store.figures("lm", "1", T0 + 30) == VersionFigures("lm", "1")
+    send(store, "d2", T0 + 70, requests(7, at=T0 + 70))
+    assert (store.figures("lm", "1", T0 + 30).requests, store.figures("lm", "1", T0 + 30).nodes) == (7, 1)

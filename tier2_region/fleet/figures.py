@@ -85,3 +85,7 @@ class FiguresSource(Protocol):
             node_ids: Only these nodes (a rollout's cohort); None for every node.
         """
         ...
+
+    def failed_installs(self, name: str, version: str, since: float, node_ids: Collection[str] | None = None) -> int:
+        """How many nodes refused to install the version since ``since`` (cheap: the rollout checks it every tick)."""
+        ...

@@ -56,6 +56,10 @@ class NoFigures:
         """Empty figures (no data, which passes no gate)."""
         return VersionFigures(name, version)
 
+    def failed_installs(self, name: str, version: str, since: float, node_ids: Collection[str] | None = None) -> int:
+        """None heard of."""
+        return 0
+
 
 @dataclass(frozen=True)
 class CohortCounts:

@@ -182,7 +182,8 @@ def _bound(rollout: Rollout, population: Population, figures: FiguresSource) -> 
 def _failed(figures: FiguresSource, rollout: Rollout, cohort: Sequence[Member]) -> int:
     # Since the rollout began, not the stage: the budget is the rollout's, and a node that refused a
     # version does not try it again to be counted in the next stage's window.
-    return _figures(figures, rollout.name, rollout.version, rollout.started_at, cohort).failed_installs
+    # Every tick, not only when a stage is judged: one cheap count, not the figures.
+    return figures.failed_installs(rollout.name, rollout.version, rollout.started_at, [m.node_id for m in cohort])
 
 
 def _judge(

@@ -429,8 +429,23 @@ class TelemetryStore:
             return self._reader.execute(query, tuple(args)).fetchall()
 
     def _since(self, since: float) -> float:
-        """The ``window_start`` bound for windows that overlap ``since`` or come after it."""
-        return since - self._window
+        """The ``window_start`` bound for windows that start at or after ``since``.
+
+        A window that began before ``since`` is left out whole, even its part after it: a
+        rollout stage must be judged only on what arrived once it began, never on the last one's.
+        """
+        return math.ceil(since / self._window) * self._window
+
+    def failed_installs(self, name: str, version: str, since: float, node_ids: Collection[str] | None = None) -> int:
+        """Nodes whose update to the version was refused in the windows from ``since`` on (one indexed count)."""
+        if node_ids is not None and not node_ids:
+            return 0
+        where = "model = ? AND version = ? AND window_start >= ? AND metric = ? AND label = 'refused' AND value > 0"
+        args: list[Any] = [name, version, self._since(since), UPDATE_OUTCOMES]
+        if node_ids is not None:
+            where += _NODES_IN
+            args.append(json.dumps(sorted(node_ids)))
+        return int(self._rows(f"SELECT COUNT(DISTINCT node_id) FROM counters WHERE {where}", args)[0][0])
 
     def figures(self, name: str, version: str, since: float, node_ids: Collection[str] | None = None) -> VersionFigures:
         """The version's figures from the windows that overlap ``since`` or come after it.
@@ -443,7 +458,7 @@ class TelemetryStore:
         """
         if node_ids is not None and not node_ids:
             return VersionFigures(name, version)
-        where = "model = ? AND version = ? AND window_start > ?"
+        where = "model = ? AND version = ? AND window_start >= ?"
         args: list[Any] = [name, version, self._since(since)]
         if node_ids is not None:
             where += _NODES_IN
@@ -459,10 +474,10 @@ class TelemetryStore:
             "AND value > 0",
             [*args, UPDATE_OUTCOMES],
         )[0][0]
+        # A node counts once it answered requests on the version: a refused install or a zero is no report.
         nodes = self._rows(
-            f"SELECT COUNT(*) FROM (SELECT node_id FROM counters WHERE {where} "
-            f"UNION SELECT node_id FROM histograms WHERE {where})",
-            [*args, *args],
+            f"SELECT COUNT(DISTINCT node_id) FROM counters WHERE {where} AND metric = ? AND value > 0",
+            [*args, REQUESTS],
         )[0][0]
         histograms = self._merged(
             self._rows(
@@ -478,7 +493,8 @@ class TelemetryStore:
             name=name,
             version=version,
             nodes=int(nodes),
-            requests=round(sum(by_label.values())),
+            # What the version answered or sent up; the callers' own mistakes ("rejected") are not its doing.
+            requests=round(sum(by_label.get(label, 0.0) for label in ("ok", "error", "forwarded"))),
             errors=round(by_label.get("error", 0.0)),
             fallbacks=round(by_label.get("forwarded", 0.0)),
             p50_ms=p50,
@@ -505,8 +521,8 @@ class TelemetryStore:
         """The figures of every model version that reported since ``since``, by name and version."""
         low = self._since(since)
         pairs = self._rows(
-            "SELECT model, version FROM counters WHERE window_start > ? "
-            "UNION SELECT model, version FROM histograms WHERE window_start > ? ORDER BY 1, 2",
+            "SELECT model, version FROM counters WHERE window_start >= ? "
+            "UNION SELECT model, version FROM histograms WHERE window_start >= ? ORDER BY 1, 2",
             [low, low],
         )
         return [self.figures(name, version, since) for name, version in pairs]
@@ -519,7 +535,7 @@ class TelemetryStore:
             node_ids: These nodes (each listed, with or without data); None for every node that
                 reported metrics or anomalies since ``since``.
         """
-        where = "window_start > ?"
+        where = "window_start >= ?"
         args: list[Any] = [self._since(since)]
         if node_ids is not None:
             where += _NODES_IN
