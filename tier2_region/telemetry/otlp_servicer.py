@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.duration_pb2 import Duration  # type: ignore[import-untyped]
@@ -301,12 +301,7 @@ class MetricsServicer(metrics_grpc.MetricsServiceServicer):
             await _retry_later(context, exc)
             raise
         if self._forward is not None and receipt.accepted_resources:
-            copy = request
-            if len(receipt.accepted_resources) < len(request.resource_metrics):
-                copy = metrics_pb.ExportMetricsServiceRequest(
-                    resource_metrics=[request.resource_metrics[i] for i in receipt.accepted_resources]
-                )
-            self._forward(copy)
+            self._forward(_accepted_part(request, "resource_metrics", receipt.accepted_resources))
         response = metrics_pb.ExportMetricsServiceResponse()
         if receipt.rejected_total:
             response.partial_success.rejected_data_points = receipt.rejected_total
@@ -343,17 +338,23 @@ class LogsServicer(logs_grpc.LogsServiceServicer):
             await _retry_later(context, exc)
             raise
         if self._forward is not None and receipt.accepted_resources:
-            copy = request
-            if len(receipt.accepted_resources) < len(request.resource_logs):
-                copy = logs_pb.ExportLogsServiceRequest(
-                    resource_logs=[request.resource_logs[i] for i in receipt.accepted_resources]
-                )
-            self._forward(copy)
+            self._forward(_accepted_part(request, "resource_logs", receipt.accepted_resources))
         response = logs_pb.ExportLogsServiceResponse()
         if receipt.rejected_total:
             response.partial_success.rejected_log_records = receipt.rejected_total
             response.partial_success.error_message = receipt.message()
         return response
+
+
+_Request = TypeVar("_Request", metrics_pb.ExportMetricsServiceRequest, logs_pb.ExportLogsServiceRequest)
+
+
+def _accepted_part(request: _Request, field: str, accepted: Sequence[int]) -> _Request:
+    """The request with only its accepted resources (the request itself when all were): what is forwarded."""
+    resources = getattr(request, field)
+    if len(accepted) == len(resources):
+        return request
+    return type(request)(**{field: [resources[i] for i in accepted]})
 
 
 async def _parse(cls: Any, raw: bytes, ingest: Ingest, signal: str) -> Any:
