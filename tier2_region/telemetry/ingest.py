@@ -15,13 +15,17 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import TypeVar
 
 from services.errors import CapacityError, InvalidArgumentError, UnavailableError
 from tier2_region.telemetry import admission
 from tier2_region.telemetry.admission import Limits, Receipt
 from tier2_region.telemetry.points import Batch, LogsBatch, MetricsBatch, ResourceLogs, ResourceMetrics
 from tier2_region.telemetry.write_queue import WriteQueue
+
+_Resource = TypeVar("_Resource", ResourceMetrics, ResourceLogs)
+_Kept = TypeVar("_Kept")
 
 KNOWN_TTL_S = 60.0
 UNKNOWN_TTL_S = 5.0
@@ -126,22 +130,7 @@ class Ingest:
         """
         self.counts["metrics.requests"] += 1
         received_at = self._clock()
-        nodes = [admission.node_of(r) for r in resources]
-        known = await self._known.check({node for node, _ in nodes if node})
-        rejected: Counter[str] = Counter()
-        samples = []
-        ignored = 0
-        accepted_resources = []
-        for i, (resource, (node_id, problem)) in enumerate(zip(resources, nodes, strict=True)):
-            if problem or not known.get(node_id, False):
-                rejected[problem or "unknown_node"] += resource.total
-                continue
-            kept, refused, unread = admission.admit_points(node_id, resource)
-            samples.extend(kept)
-            rejected.update(refused)
-            ignored += unread
-            accepted_resources.append(i)
-        receipt = Receipt("data points", len(samples), ignored, dict(rejected), tuple(accepted_resources))
+        samples, receipt = await self._admit("data points", resources, admission.admit_points)
         self._tally("metrics", receipt)
         admission.settle(receipt)
         if samples:
@@ -159,27 +148,38 @@ class Ingest:
         """
         self.counts["logs.requests"] += 1
         received_at = self._clock()
+        anomalies, receipt = await self._admit(
+            "log records", resources, lambda node_id, resource: admission.admit_logs(node_id, resource, received_at)
+        )
+        self._tally("logs", receipt)
+        admission.settle(receipt)
+        if anomalies:
+            await self._store("logs", LogsBatch(received_at, tuple(anomalies)), len(anomalies))
+        return receipt
+
+    async def _admit(
+        self,
+        what: str,
+        resources: Sequence[_Resource],
+        admit: Callable[[str, _Resource], tuple[Sequence[_Kept], Mapping[str, int], int]],
+    ) -> tuple[list[_Kept], Receipt]:
+        """Admits each resource of a request from an enrolled node; the rest are rejected whole, by reason."""
         nodes = [admission.node_of(r) for r in resources]
         known = await self._known.check({node for node, _ in nodes if node})
         rejected: Counter[str] = Counter()
-        anomalies = []
+        kept: list[_Kept] = []
         ignored = 0
         accepted_resources = []
         for i, (resource, (node_id, problem)) in enumerate(zip(resources, nodes, strict=True)):
             if problem or not known.get(node_id, False):
                 rejected[problem or "unknown_node"] += resource.total
                 continue
-            kept, refused, routine = admission.admit_logs(node_id, resource, received_at)
-            anomalies.extend(kept)
+            admitted, refused, unread = admit(node_id, resource)
+            kept.extend(admitted)
             rejected.update(refused)
-            ignored += routine
+            ignored += unread
             accepted_resources.append(i)
-        receipt = Receipt("log records", len(anomalies), ignored, dict(rejected), tuple(accepted_resources))
-        self._tally("logs", receipt)
-        admission.settle(receipt)
-        if anomalies:
-            await self._store("logs", LogsBatch(received_at, tuple(anomalies)), len(anomalies))
-        return receipt
+        return kept, Receipt(what, len(kept), ignored, dict(rejected), tuple(accepted_resources))
 
     def _tally(self, signal: str, receipt: Receipt) -> None:
         self.counts[f"{signal}.accepted"] += receipt.accepted
