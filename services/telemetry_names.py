@@ -28,6 +28,14 @@ REQUESTS = "edgecascade.requests"  # monotonic sum, by model, version, variant, 
 LATENCY = "edgecascade.request.duration"  # histogram in milliseconds, by model, version, variant (and outcome)
 CONFIDENCE = "edgecascade.answer.confidence"  # histogram in [0, 1], by model, version, variant
 UPDATE_OUTCOMES = "edgecascade.updates"  # monotonic sum, by model, version, variant and update state
+# A rollout's shadow stage: the shadow version runs beside the serving one on sampled requests. Every
+# shadow point carries MODEL_VERSION = the *shadow's* version (the rollout's), so the region reads one
+# version's comparison without knowing which version served.
+SHADOW_RUNS = "edgecascade.shadow.runs"  # monotonic sum, by model, version, variant, outcome (ok, error or shed)
+SHADOW_AGREEMENT = "edgecascade.shadow.agreement"  # histogram in [0, 1] per run: share of rows with equal top-1
+SHADOW_DIFFERENCE = "edgecascade.shadow.difference"  # histogram per run: mean absolute difference of outputs
+SHADOW_LATENCY = "edgecascade.shadow.duration"  # histogram in ms: the shadow's run on a sampled request
+SHADOW_SERVING_LATENCY = "edgecascade.shadow.serving_duration"  # histogram in ms: the serving run, same requests
 
 # Log records (OTLP logs): an anomaly is marked so the region keeps it whatever its severity.
 ANOMALY = "edgecascade.anomaly"  # bool true on an anomaly record
@@ -49,6 +57,7 @@ FORWARDED = "forwarded"  # answered by the next tier up
 # version's fault, so the region leaves it out of a version's requests and errors.
 REJECTED = "rejected"
 OUTCOMES = (OK, ERROR, FORWARDED, REJECTED)
+SHED = "shed"  # a shadow run skipped because the node was busy (shadow work yields first); SHADOW_RUNS only
 
 # Stand-ins a node records instead of what a caller sent, so a caller cannot grow the node's series
 # without bound. Neither can be a model name or a version (names start with a letter or digit,
@@ -63,3 +72,5 @@ LATENCY_BOUNDS_MS = (
     150.0, 200.0, 300.0, 500.0, 750.0, 1000.0, 1500.0, 2000.0, 3000.0, 5000.0, 7500.0, 10000.0,
 )  # fmt: skip
 CONFIDENCE_BOUNDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.99)
+AGREEMENT_BOUNDS = (0.5, 0.9, 0.99)  # a single-row run agrees wholly (1) or not at all (0); the mean is what counts
+DIFFERENCE_BOUNDS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0)

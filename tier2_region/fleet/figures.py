@@ -33,6 +33,12 @@ REQUESTS = "edgecascade.requests"  # monotonic sum, by model, version, variant, 
 LATENCY = "edgecascade.request.duration"  # histogram in milliseconds, by model, version, variant
 CONFIDENCE = "edgecascade.answer.confidence"  # histogram in [0, 1], by model, version, variant
 UPDATE_OUTCOMES = "edgecascade.updates"  # monotonic sum, by model, version and edgecascade.update.state
+# A rollout's shadow stage (MODEL_VERSION is the shadow's version on every point).
+SHADOW_RUNS = "edgecascade.shadow.runs"  # monotonic sum, by outcome: ok, error or shed
+SHADOW_AGREEMENT = "edgecascade.shadow.agreement"  # histogram in [0, 1] per compared run (its mean is the agreement)
+SHADOW_DIFFERENCE = "edgecascade.shadow.difference"  # histogram: mean absolute difference of the outputs per run
+SHADOW_LATENCY = "edgecascade.shadow.duration"  # histogram in ms: the shadow's runs
+SHADOW_SERVING_LATENCY = "edgecascade.shadow.serving_duration"  # histogram in ms: the serving runs, same requests
 
 
 @dataclass(frozen=True)

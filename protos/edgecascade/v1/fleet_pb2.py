@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos.edgecascade.v1 import mesh_pb2 as protos_dot_edgecascade_dot_v1_dot_mesh__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!protos/edgecascade/v1/fleet.proto\x12\x0e\x65\x64gecascade.v1\x1a protos/edgecascade/v1/mesh.proto\"\xab\x01\n\tNodeFacts\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\"\n\x04tier\x18\x02 \x01(\x0e\x32\x14.edgecascade.v1.Tier\x12\x16\n\x0ehardware_class\x18\x03 \x01(\t\x12\x1b\n\x13memory_budget_bytes\x18\x04 \x01(\x04\x12\x1b\n\x13onnxruntime_version\x18\x05 \x01(\t\x12\x17\n\x0f\x66ree_disk_bytes\x18\x06 \x01(\x04\"\x83\x01\n\rEnrollRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12(\n\x05\x66\x61\x63ts\x18\x02 \x01(\x0b\x32\x19.edgecascade.v1.NodeFacts\x12\x1b\n\x13identity_public_key\x18\x03 \x01(\x0c\x12\x1c\n\x14\x61greement_public_key\x18\x04 \x01(\x0c\";\n\x0e\x45nrollResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x18\n\x10\x63heck_interval_s\x18\x02 \x01(\r\"\x96\x01\n\rCheckInReport\x12(\n\x05\x66\x61\x63ts\x18\x01 \x01(\x0b\x32\x19.edgecascade.v1.NodeFacts\x12\x19\n\x11timestamp_unix_ms\x18\x02 \x01(\x03\x12\r\n\x05nonce\x18\x03 \x01(\x0c\x12\x31\n\tinstalled\x18\x04 \x03(\x0b\x32\x1e.edgecascade.v1.InstalledModel\"3\n\x0e\x43heckInRequest\x12\x0e\n\x06report\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"j\n\x08KeyGrant\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x1c\n\x14\x65phemeral_public_key\x18\x02 \x01(\x0c\x12\x0c\n\x04salt\x18\x03 \x01(\x0c\x12\r\n\x05nonce\x18\x04 \x01(\x0c\x12\x13\n\x0bwrapped_key\x18\x05 \x01(\x0c\"z\n\nAssignment\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x07variant\x18\x03 \x01(\t\x12\x13\n\x0btarget_path\x18\x04 \x01(\t\x12\'\n\x05grant\x18\x05 \x01(\x0b\x32\x18.edgecascade.v1.KeyGrant\";\n\nUnassigned\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x8c\x01\n\x0f\x43heckInResponse\x12/\n\x0b\x61ssignments\x18\x01 \x03(\x0b\x32\x1a.edgecascade.v1.Assignment\x12.\n\nunassigned\x18\x02 \x03(\x0b\x32\x1a.edgecascade.v1.Unassigned\x12\x18\n\x10\x63heck_interval_s\x18\x03 \x01(\r2\xa7\x01\n\x0c\x46leetService\x12I\n\x06\x45nroll\x12\x1d.edgecascade.v1.EnrollRequest\x1a\x1e.edgecascade.v1.EnrollResponse\"\x00\x12L\n\x07\x43heckIn\x12\x1e.edgecascade.v1.CheckInRequest\x1a\x1f.edgecascade.v1.CheckInResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!protos/edgecascade/v1/fleet.proto\x12\x0e\x65\x64gecascade.v1\x1a protos/edgecascade/v1/mesh.proto\"\xab\x01\n\tNodeFacts\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\"\n\x04tier\x18\x02 \x01(\x0e\x32\x14.edgecascade.v1.Tier\x12\x16\n\x0ehardware_class\x18\x03 \x01(\t\x12\x1b\n\x13memory_budget_bytes\x18\x04 \x01(\x04\x12\x1b\n\x13onnxruntime_version\x18\x05 \x01(\t\x12\x17\n\x0f\x66ree_disk_bytes\x18\x06 \x01(\x04\"\x83\x01\n\rEnrollRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12(\n\x05\x66\x61\x63ts\x18\x02 \x01(\x0b\x32\x19.edgecascade.v1.NodeFacts\x12\x1b\n\x13identity_public_key\x18\x03 \x01(\x0c\x12\x1c\n\x14\x61greement_public_key\x18\x04 \x01(\x0c\";\n\x0e\x45nrollResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x18\n\x10\x63heck_interval_s\x18\x02 \x01(\r\"\x96\x01\n\rCheckInReport\x12(\n\x05\x66\x61\x63ts\x18\x01 \x01(\x0b\x32\x19.edgecascade.v1.NodeFacts\x12\x19\n\x11timestamp_unix_ms\x18\x02 \x01(\x03\x12\r\n\x05nonce\x18\x03 \x01(\x0c\x12\x31\n\tinstalled\x18\x04 \x03(\x0b\x32\x1e.edgecascade.v1.InstalledModel\"3\n\x0e\x43heckInRequest\x12\x0e\n\x06report\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"j\n\x08KeyGrant\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x1c\n\x14\x65phemeral_public_key\x18\x02 \x01(\x0c\x12\x0c\n\x04salt\x18\x03 \x01(\x0c\x12\r\n\x05nonce\x18\x04 \x01(\x0c\x12\x13\n\x0bwrapped_key\x18\x05 \x01(\x0c\"\xa0\x01\n\nAssignment\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x07variant\x18\x03 \x01(\t\x12\x13\n\x0btarget_path\x18\x04 \x01(\t\x12\'\n\x05grant\x18\x05 \x01(\x0b\x32\x18.edgecascade.v1.KeyGrant\x12\x0e\n\x06shadow\x18\x06 \x01(\x08\x12\x14\n\x0cshadow_share\x18\x07 \x01(\x01\";\n\nUnassigned\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x8c\x01\n\x0f\x43heckInResponse\x12/\n\x0b\x61ssignments\x18\x01 \x03(\x0b\x32\x1a.edgecascade.v1.Assignment\x12.\n\nunassigned\x18\x02 \x03(\x0b\x32\x1a.edgecascade.v1.Unassigned\x12\x18\n\x10\x63heck_interval_s\x18\x03 \x01(\r2\xa7\x01\n\x0c\x46leetService\x12I\n\x06\x45nroll\x12\x1d.edgecascade.v1.EnrollRequest\x1a\x1e.edgecascade.v1.EnrollResponse\"\x00\x12L\n\x07\x43heckIn\x12\x1e.edgecascade.v1.CheckInRequest\x1a\x1f.edgecascade.v1.CheckInResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,12 +44,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHECKINREQUEST']._serialized_end=660
   _globals['_KEYGRANT']._serialized_start=662
   _globals['_KEYGRANT']._serialized_end=768
-  _globals['_ASSIGNMENT']._serialized_start=770
-  _globals['_ASSIGNMENT']._serialized_end=892
-  _globals['_UNASSIGNED']._serialized_start=894
-  _globals['_UNASSIGNED']._serialized_end=953
-  _globals['_CHECKINRESPONSE']._serialized_start=956
-  _globals['_CHECKINRESPONSE']._serialized_end=1096
-  _globals['_FLEETSERVICE']._serialized_start=1099
-  _globals['_FLEETSERVICE']._serialized_end=1266
+  _globals['_ASSIGNMENT']._serialized_start=771
+  _globals['_ASSIGNMENT']._serialized_end=931
+  _globals['_UNASSIGNED']._serialized_start=933
+  _globals['_UNASSIGNED']._serialized_end=992
+  _globals['_CHECKINRESPONSE']._serialized_start=995
+  _globals['_CHECKINRESPONSE']._serialized_end=1135
+  _globals['_FLEETSERVICE']._serialized_start=1138
+  _globals['_FLEETSERVICE']._serialized_end=1305
 # @@protoc_insertion_point(module_scope)

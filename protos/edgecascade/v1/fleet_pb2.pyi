@@ -78,18 +78,22 @@ class KeyGrant(_message.Message):
     def __init__(self, key_id: _Optional[str] = ..., ephemeral_public_key: _Optional[bytes] = ..., salt: _Optional[bytes] = ..., nonce: _Optional[bytes] = ..., wrapped_key: _Optional[bytes] = ...) -> None: ...
 
 class Assignment(_message.Message):
-    __slots__ = ("name", "version", "variant", "target_path", "grant")
+    __slots__ = ("name", "version", "variant", "target_path", "grant", "shadow", "shadow_share")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     TARGET_PATH_FIELD_NUMBER: _ClassVar[int]
     GRANT_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_SHARE_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     variant: str
     target_path: str
     grant: KeyGrant
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., variant: _Optional[str] = ..., target_path: _Optional[str] = ..., grant: _Optional[_Union[KeyGrant, _Mapping]] = ...) -> None: ...
+    shadow: bool
+    shadow_share: float
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., variant: _Optional[str] = ..., target_path: _Optional[str] = ..., grant: _Optional[_Union[KeyGrant, _Mapping]] = ..., shadow: _Optional[bool] = ..., shadow_share: _Optional[float] = ...) -> None: ...
 
 class Unassigned(_message.Message):
     __slots__ = ("name", "version", "reason")

@@ -132,18 +132,20 @@ class UpdateStatus(_message.Message):
     def __init__(self, enrolled: _Optional[bool] = ..., installs: _Optional[bool] = ..., check_ins: _Optional[int] = ..., failed_check_ins: _Optional[int] = ..., last_check_in_age_s: _Optional[float] = ..., installed: _Optional[_Iterable[_Union[InstalledModel, _Mapping]]] = ..., desired: _Optional[_Iterable[_Union[DesiredVersion, _Mapping]]] = ..., last_error: _Optional[str] = ...) -> None: ...
 
 class InstalledModel(_message.Message):
-    __slots__ = ("name", "version", "variant", "state", "last_error")
+    __slots__ = ("name", "version", "variant", "state", "last_error", "shadow")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     variant: str
     state: str
     last_error: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., variant: _Optional[str] = ..., state: _Optional[str] = ..., last_error: _Optional[str] = ...) -> None: ...
+    shadow: bool
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., variant: _Optional[str] = ..., state: _Optional[str] = ..., last_error: _Optional[str] = ..., shadow: _Optional[bool] = ...) -> None: ...
 
 class DesiredVersion(_message.Message):
     __slots__ = ("name", "version", "variant")
