@@ -130,12 +130,16 @@ def raw_throughput(path: Path, threads: int, seconds: float) -> dict[int, float]
 def process(args: list[str], env: dict[str, str], port_file: Path) -> Iterator[str]:
     """Runs a server process until the block ends; yields its address."""
     port_file.unlink(missing_ok=True)
-    child = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+    # The server's log goes to a file beside its port file: a pipe nobody reads fills up, and a server
+    # blocked writing its log stops answering (the "statistics after overload" hang of earlier runs).
+    log_path = port_file.with_suffix(".log")
+    with log_path.open("wb") as log_file:
+        child = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=log_file, cwd=ROOT)
     try:
         deadline = time.monotonic() + 60
         while not port_file.is_file():
             if child.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{args} did not start: {child.stderr.read().decode() if child.stderr else ''}")
+                raise RuntimeError(f"{args} did not start: {log_path.read_text(errors='replace')[-4000:]}")
             time.sleep(0.05)
         yield str(json.loads(port_file.read_text())["address"])
     finally:
@@ -144,8 +148,9 @@ def process(args: list[str], env: dict[str, str], port_file: Path) -> Iterator[s
             child.wait(30)
         except subprocess.TimeoutExpired:
             child.kill()
-        if child.stderr:
-            child.stderr.close()
+        errors = [line for line in log_path.read_text(errors="replace").splitlines() if "Traceback" in line]
+        if errors:
+            console.print(f"[yellow]{args[-1]}: {len(errors)} traceback(s) in its log {log_path}[/yellow]")
 
 
 def load(python: str, address: str, model: str, inputs: list[str], **options: Any) -> dict[str, Any]:

@@ -131,10 +131,31 @@ async def _abort(context: aio.ServicerContext[Any, Any], exc: BaseException, met
         # is nobody to send a status to, and trying would fail inside gRPC.
         return
     if isinstance(exc, errors.EdgecascadeError):
-        await context.abort(status_for(exc), exc.message, trailing_metadata=((ERROR_CLASS_KEY, type(exc).__name__),))
+        await _send_status(
+            context, status_for(exc), exc.message, trailing_metadata=((ERROR_CLASS_KEY, type(exc).__name__),)
+        )
+        return
     trace_id = current_trace_id()
     log.error("unexpected error in %s (trace id %s)", method, trace_id, exc_info=exc)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error; reported with trace id {trace_id}")
+    await _send_status(context, grpc.StatusCode.INTERNAL, f"internal error; reported with trace id {trace_id}")
+
+
+async def _send_status(
+    context: aio.ServicerContext[Any, Any], code: grpc.StatusCode, message: str, **kwargs: Any
+) -> None:
+    """Ends the call with a status; a caller that left while it was being sent is nobody's error.
+
+    ``context.done()`` is checked first, but the caller can leave between that check and the send
+    (a 50 ms deadline under overload does); gRPC then fails the send with its own internal
+    exception, which would otherwise be logged as a servicer failure with a traceback per call.
+    """
+    try:
+        await context.abort(code, message, **kwargs)
+    except aio.AbortError:
+        raise
+    except Exception:
+        if not context.done():
+            raise
 
 
 class ErrorInterceptor(aio.ServerInterceptor):

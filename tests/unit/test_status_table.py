@@ -92,3 +92,29 @@ async def test_a_real_failed_call_of_either_api_maps_through_the_same_table() ->
         back = error_from_rpc(failure, f"upstream 127.0.0.1:{port}")
         assert type(back) is errors.UpstreamUnavailableError
         assert back.message == f"upstream 127.0.0.1:{port} is unavailable"
+
+
+class _LeavingContext:
+    """A servicer context whose caller leaves while the status is being sent (gRPC then fails the send)."""
+
+    def __init__(self, left: bool) -> None:
+        self.left = left
+        self.checks = 0
+
+    def done(self) -> bool:
+        # Still there at the first check; gone by the time the send failed (when ``left``).
+        self.checks += 1
+        return self.left and self.checks > 1
+
+    async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: object = ()) -> None:
+        raise RuntimeError("execute_batch failed")  # what grpc's ExecuteBatchError looks like from here
+
+
+async def test_a_caller_that_leaves_while_its_error_is_sent_is_not_a_servicer_failure() -> None:
+    from services.rpc.status_table import _abort
+
+    # Under overload a caller's 50 ms deadline passes between the done() check and the send: before the fix,
+    # gRPC's send failure escaped and was logged with a traceback per call (and a bench node blocked on its log).
+    await _abort(_LeavingContext(left=True), errors.DeadlineExceededError("late"), "/m")  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError):  # a send that fails while the caller is still there is a real failure
+        await _abort(_LeavingContext(left=False), errors.DeadlineExceededError("late"), "/m")  # type: ignore[arg-type]
