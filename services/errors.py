@@ -67,6 +67,10 @@ class UpstreamUnavailableError(UnavailableError):
     """The next tier up could not be reached."""
 
 
+class CircuitOpenError(UpstreamUnavailableError):
+    """The circuit breaker of the upstream is open: the call was not sent (it would only wait for a failure)."""
+
+
 class DeadlineExceededError(EdgecascadeError):
     """The request's deadline passed before an answer was ready."""
 

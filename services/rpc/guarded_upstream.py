@@ -1,0 +1,245 @@
+"""Every call to the next tier goes through a circuit breaker, a retry budget and (for inference) a result cache.
+
+:class:`GuardedUpstream` wraps the gRPC adapter (:class:`~services.rpc.upstream.GrpcUpstream`)
+behind the same :class:`~services.dataplane.Upstream` port:
+
+* **Breaker** (:mod:`services.circuit_breaker`): while it is open a call fails at
+  once with :class:`~services.errors.UpstreamUnavailableError` naming the
+  upstream and when it is probed next — no request waits for an upstream timeout.
+  Failures that count: unreachable (UNAVAILABLE), timed out, overloaded, internal
+  errors. A caller's own mistake (not found, bad input) counts as an answer.
+* **Retries** (``tenacity``): only UNAVAILABLE, only idempotent calls (inference,
+  readiness, metadata and configuration are; a stream is retried only before its
+  first message), exponential backoff with jitter, never past the request's
+  deadline, and each retry must be allowed by the upstream's
+  :class:`~services.retry_budget.RetryBudget` (no retry storm).
+* **Result cache** (:mod:`services.result_cache`): ModelInfer answers, keyed by the
+  model, the version asked for, and a digest of the request without its id and the
+  parameters that do not change the answer (:data:`TRANSPORT_PARAMETERS`). A hit
+  is answered with the caller's request id and ``edgecascade.cached = true``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+from tenacity.stop import stop_base
+
+from protos.inference import grpc_service_pb2 as pb
+from services.circuit_breaker import CircuitBreaker
+from services.dataplane import InferCall, ModelQuery, Relayed, Upstream
+from services.errors import (
+    CapacityError,
+    CircuitOpenError,
+    DeadlineExceededError,
+    EdgecascadeError,
+    InternalError,
+    RequestCancelledError,
+    UnavailableError,
+)
+from services.inference import FallbackReason
+from services.result_cache import ResultCache
+from services.retry_budget import RetryBudget, RetrySettings
+
+R = TypeVar("R")
+
+CACHED = "edgecascade.cached"  # response parameter: true on an answer served from this node's result cache
+# Request parameters that change when or how an answer is delivered, never what it is.
+TRANSPORT_PARAMETERS = frozenset({"priority", "timeout", "triton_enable_empty_final_response"})
+# An attempt with less time than this left is not worth sending.
+MIN_ATTEMPT_S = 0.005
+
+
+def upstream_failure(exc: BaseException) -> bool:
+    """Whether an error says the upstream is unwell (and so counts against its breaker)."""
+    return isinstance(exc, UnavailableError | DeadlineExceededError | CapacityError | InternalError)
+
+
+def cache_key(request: pb.ModelInferRequest) -> bytes:
+    """The result-cache key of a ModelInfer request: model, version asked for, digest of everything that matters."""
+    copy = pb.ModelInferRequest()
+    copy.CopyFrom(request)
+    copy.id = ""
+    for name in TRANSPORT_PARAMETERS:
+        if name in copy.parameters:
+            del copy.parameters[name]
+    digest = hashlib.sha256(copy.SerializeToString(deterministic=True)).digest()
+    return b"\0".join((request.model_name.encode(), request.model_version.encode(), digest))
+
+
+class GuardedUpstream:
+    """The :class:`~services.dataplane.Upstream` port with a breaker, retries and a result cache around ``inner``.
+
+    Args:
+        inner: The upstream adapter that makes the calls.
+        breaker: This upstream's breaker.
+        budget: This upstream's retry budget.
+        retry: Attempts and backoff.
+        cache: The result cache (``ResultCacheSettings(max_bytes=0)`` turns it off).
+    """
+
+    def __init__(
+        self,
+        inner: Upstream,
+        breaker: CircuitBreaker,
+        budget: RetryBudget,
+        retry: RetrySettings,
+        cache: ResultCache,
+    ) -> None:
+        self.inner = inner
+        self.breaker = breaker
+        self.budget = budget
+        self.retry = retry
+        self.cache = cache
+
+    def available(self) -> bool:
+        """Whether there is a next tier (an open breaker does not change that: the call fails fast instead)."""
+        return self.inner.available()
+
+    async def infer(self, call: InferCall, reason: FallbackReason, timeout: float, route: Sequence[str]) -> Relayed:
+        """ModelInfer upward, answered from the result cache when the same question was answered recently."""
+        key = cache_key(call.wire) if self.cache.enabled and isinstance(call.wire, pb.ModelInferRequest) else None
+        if key is not None:
+            stored = self.cache.get(key)
+            if stored is not None:
+                response = pb.ModelInferResponse.FromString(stored)
+                response.id = call.wire.id
+                response.parameters[CACHED].bool_param = True
+                return Relayed(response, reason)
+        relayed = await self._guarded(lambda left: self.inner.infer(call, reason, left, route), timeout)
+        message = relayed.message
+        if key is not None and isinstance(message, pb.ModelInferResponse):
+            self.cache.put(key, message.SerializeToString(), message.model_name, message.model_version)
+        return relayed
+
+    async def stream(
+        self, call: InferCall, reason: FallbackReason, timeout: float, route: Sequence[str]
+    ) -> AsyncIterator[Relayed]:
+        """ModelStreamInfer upward: guarded by the breaker; retried only if it fails before its first message."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        attempt = 0
+        while True:
+            attempt += 1
+            self._admit()
+            started = False
+            try:
+                async for relayed in self.inner.stream(call, reason, max(deadline - loop.time(), 0.0), route):
+                    if not started:
+                        started = True
+                        self._answered()
+                    yield relayed
+                if not started:
+                    self._answered()
+                return
+            except (asyncio.CancelledError, GeneratorExit, RequestCancelledError):
+                if not started:
+                    self.breaker.released()
+                raise
+            except EdgecascadeError as exc:
+                if started:
+                    raise  # part of the answer went out: the caller sees the failure
+                self._failed(exc)
+                if not self._may_retry(exc, attempt, deadline - loop.time()):
+                    raise
+                await asyncio.sleep(self._backoff(attempt))
+
+    async def query(self, query: ModelQuery, wire: Any, timeout: float, route: Sequence[str]) -> Any:
+        """ModelReady, ModelMetadata or ModelConfig upward (idempotent: retried like inference)."""
+        return await self._guarded(lambda left: self.inner.query(query, wire, left, route), timeout)
+
+    async def close(self) -> None:
+        """Closes the inner adapter."""
+        close: Callable[[], Awaitable[None]] | None = getattr(self.inner, "close", None)
+        if close is not None:
+            await close()
+
+    # -- internals ---------------------------------------------------------------------------------------------
+
+    async def _guarded(self, attempt: Callable[[float], Awaitable[R]], timeout: float) -> R:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+
+        def retryable(exc: BaseException) -> bool:
+            return (
+                isinstance(exc, UnavailableError)
+                and not isinstance(exc, CircuitOpenError)
+                and self.budget.allow_retry()
+            )
+
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(retryable),
+            stop=stop_after_attempt(self.retry.attempts) | _PastDeadline(loop, deadline),
+            wait=wait_exponential_jitter(
+                multiplier=self.retry.initial_backoff_s,
+                max=self.retry.max_backoff_s,
+                jitter=self.retry.initial_backoff_s,
+            ),
+            reraise=True,
+        )
+        async for trial in retrying:
+            with trial:
+                return await self._once(attempt, max(deadline - loop.time(), 0.0))
+        raise AssertionError("unreachable: tenacity re-raises the last failure")  # pragma: no cover
+
+    async def _once(self, attempt: Callable[[float], Awaitable[R]], left: float) -> R:
+        self._admit()
+        try:
+            result = await attempt(left)
+        except (asyncio.CancelledError, RequestCancelledError):
+            self.breaker.released()
+            raise
+        except EdgecascadeError as exc:
+            self._failed(exc)
+            raise
+        self._answered()
+        return result
+
+    def _admit(self) -> None:
+        if not self.breaker.allow():
+            raise CircuitOpenError(self.breaker.refusal())
+
+    def _answered(self) -> None:
+        self.breaker.succeeded()
+        self.budget.succeeded()
+
+    def _failed(self, exc: EdgecascadeError) -> None:
+        if upstream_failure(exc):
+            self.breaker.failed(exc.message)
+        else:
+            self.breaker.succeeded()  # the upstream answered; the question was wrong
+        if isinstance(exc, UnavailableError):
+            self.budget.failed()
+
+    def _may_retry(self, exc: EdgecascadeError, attempt: int, left: float) -> bool:
+        return (
+            isinstance(exc, UnavailableError)
+            and not isinstance(exc, CircuitOpenError)
+            and attempt < self.retry.attempts
+            and left > self._backoff(attempt) + MIN_ATTEMPT_S
+            and self.budget.allow_retry()
+        )
+
+    def _backoff(self, attempt: int) -> float:
+        return min(self.retry.initial_backoff_s * 2.0 ** (attempt - 1), self.retry.max_backoff_s)
+
+
+class _PastDeadline(stop_base):
+    """Stops retrying when the wait before the next attempt would leave it no time before the deadline."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        self.loop = loop
+        self.deadline = deadline
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return self.loop.time() + retry_state.upcoming_sleep + MIN_ATTEMPT_S >= self.deadline
