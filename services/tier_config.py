@@ -10,7 +10,16 @@ Sections and their environment variables (``EDGECASCADE_<SECTION>__<KEY>``):
 ``[repository]``
     ``path`` of the model repository and ``preload`` (load every model at start).
 ``[upstream]``
-    ``address`` (``host:port``) of the next tier up; empty at the top.
+    ``address`` (``host:port``) of the next tier up; empty at the top. How every
+    call to it is guarded (:mod:`services.rpc.guarded_upstream`): the circuit
+    breaker (``breaker_failures`` in a row, or a ``breaker_failure_rate`` over
+    ``breaker_window_s`` with at least ``breaker_min_calls``, open it for
+    ``breaker_open_s``, doubling up to ``breaker_max_open_s`` while probes fail),
+    retries of UNAVAILABLE (``retry_attempts``, backoff from
+    ``retry_initial_backoff_s`` to ``retry_max_backoff_s``, within a budget of
+    ``retry_budget_tokens`` refilled by ``retry_token_ratio`` per answered call),
+    and the result cache of its answers (``cache_max_bytes``, 0 = off;
+    ``cache_max_entry_bytes``; ``cache_ttl_s``).
 ``[runtime]``
     ``intra_op_threads`` per onnxruntime run and ``max_concurrent_runs``
     (0 = cores ÷ intra_op_threads); their product may not exceed the cores.
@@ -62,9 +71,12 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.circuit_breaker import BreakerSettings
 from services.engine.batcher import BatchingConfig
 from services.engine.memory import default_budget
 from services.errors import ConfigError
+from services.result_cache import ResultCacheSettings
+from services.retry_budget import RetrySettings
 
 MIN_CHUNK_BYTES = 1024
 MAX_CHUNK_BYTES = 16 * 1024 * 1024
@@ -118,13 +130,59 @@ class RepositorySection:
 
 @dataclass(frozen=True)
 class UpstreamSection:
-    """The next tier up."""
+    """The next tier up, and how calls to it are guarded (see the module docstring)."""
 
     address: str = ""
+    breaker_failures: int = 5
+    breaker_failure_rate: float = 0.5
+    breaker_min_calls: int = 20
+    breaker_window_s: float = 10.0
+    breaker_open_s: float = 2.0
+    breaker_max_open_s: float = 30.0
+    retry_attempts: int = 3
+    retry_initial_backoff_s: float = 0.02
+    retry_max_backoff_s: float = 0.5
+    retry_budget_tokens: float = 20.0
+    retry_token_ratio: float = 0.1
+    cache_max_bytes: int = 8 * 1024 * 1024
+    cache_max_entry_bytes: int = 256 * 1024
+    cache_ttl_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.address and (":" not in self.address or not self.address.rsplit(":", 1)[1].isdigit()):
             raise ConfigError(f"[upstream] address must be host:port, got {self.address!r}")
+        for build in (self.breaker, self.retry, self.result_cache):
+            try:
+                build()
+            except ConfigError as exc:
+                raise ConfigError(f"[upstream] {exc.message}") from None
+
+    def breaker(self) -> BreakerSettings:
+        """The circuit breaker's settings."""
+        return BreakerSettings(
+            consecutive_failures=self.breaker_failures,
+            failure_rate=self.breaker_failure_rate,
+            min_calls=self.breaker_min_calls,
+            window_s=self.breaker_window_s,
+            open_s=self.breaker_open_s,
+            max_open_s=self.breaker_max_open_s,
+        )
+
+    def retry(self) -> RetrySettings:
+        """The retries' settings and budget."""
+        return RetrySettings(
+            attempts=self.retry_attempts,
+            initial_backoff_s=self.retry_initial_backoff_s,
+            max_backoff_s=self.retry_max_backoff_s,
+            max_tokens=self.retry_budget_tokens,
+            token_ratio=self.retry_token_ratio,
+        )
+
+    def result_cache(self) -> ResultCacheSettings:
+        """The result cache's size and freshness."""
+        return ResultCacheSettings(
+            max_bytes=self.cache_max_bytes, max_entry_bytes=self.cache_max_entry_bytes, ttl_s=self.cache_ttl_s
+        )
 
 
 @dataclass(frozen=True)
