@@ -28,6 +28,24 @@ CONFIDENCE = "edgecascade.confidence"
 MIN_TOKEN_PROBABILITY = "edgecascade.min_token_probability"
 # Triton's flag on the last response of a decoupled (streamed) request.
 FINAL_RESPONSE = "triton_final_response"
+# The confidence cascade (issue 11). Request parameters:
+CASCADE = "edgecascade.cascade"  # off | confidence | speculative (CASCADE_MODES)
+THRESHOLD = "edgecascade.threshold"  # the request's own confidence threshold in [0, 1]
+CASCADE_OFF = "off"
+CASCADE_CONFIDENCE = "confidence"
+CASCADE_SPECULATIVE = "speculative"
+CASCADE_MODES = (CASCADE_OFF, CASCADE_CONFIDENCE, CASCADE_SPECULATIVE)
+# Response parameters (CONFIDENCE above is on every local answer of a classifier-style output):
+TOKEN_ORIGIN = "edgecascade.token_origin"  # on each streamed token: local | upstream (TOKEN_ORIGINS)
+TOKEN_LOCAL = "local"  # sampled from this node's model (or a draft it kept, in speculative mode)
+TOKEN_UPSTREAM = "upstream"  # sampled from the upstream model's distribution (or its correction)
+TOKEN_ORIGINS = (TOKEN_LOCAL, TOKEN_UPSTREAM)
+TOKENS_LOCAL = "edgecascade.tokens_local"  # final response: tokens from this node's model
+TOKENS_ESCALATED = "edgecascade.tokens_escalated"  # final response: tokens from the upstream's distribution
+UPSTREAM_CALLS = "edgecascade.upstream_calls"  # final response: calls made to the upstream for this generation
+# Set on an answer computed here in place of the upstream's because the upstream could not be reached
+# (its value says why, e.g. "upstream_unavailable" or "circuit_open"); absent on a normal answer.
+DEGRADED = "edgecascade.degraded"
 
 
 class FallbackReason(StrEnum):
@@ -37,6 +55,7 @@ class FallbackReason(StrEnum):
     MODEL_UNAVAILABLE = "model_unavailable"
     MEMORY = "memory"
     QUEUE_FULL = "queue_full"
+    LOW_CONFIDENCE = "low_confidence"  # the local answer's confidence was under the threshold (the cascade)
 
 
 @dataclass(frozen=True)
