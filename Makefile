@@ -10,7 +10,7 @@ TRITON_VENV := .venv-triton
 # so the stock client lives in a virtualenv of its own and tests call it in a subprocess.
 TRITONCLIENT := tritonclient[grpc]==2.73.0
 
-.PHONY: up test lint protos demo-models clean bench
+.PHONY: up test lint protos demo-models clean bench bench-peers
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,22 @@ $(TRITON_VENV)/.installed:
 	$(PYTHON) -m venv $(TRITON_VENV)
 	$(TRITON_VENV)/bin/python -m pip install --quiet "$(TRITONCLIENT)"
 	touch $@
+
+# The bench's peers, each in a virtualenv of its own (their pins clash with ours and with each
+# other), all serving the same ONNX file with onnxruntime; bench/peers/requirements-*.txt pin them.
+# A peer whose install fails (no network) leaves no stamp, and the bench skips it with the reason.
+PEERS := kserve mlserver pytriton
+PEER_VENVS := $(PEERS:%=.venv-%)
+
+.venv-%/.installed: bench/peers/requirements-%.txt
+	rm -rf .venv-$*
+	$(PYTHON) -m venv .venv-$*
+	.venv-$*/bin/python -m pip install --quiet -r $<
+	touch $@
+
+# Each peer is best effort: `-` lets make go on when one cannot be installed here.
+bench-peers:
+	-$(MAKE) -k --no-print-directory $(PEER_VENVS:%=%/.installed)
 
 up: $(VENV)/.installed
 	$(VENV)/bin/edgecascade up
@@ -40,7 +56,7 @@ demo-models: $(VENV)/.installed
 	$(VENV)/bin/python -m examples.charlm.train --size all --out examples/models
 
 clean:
-	rm -rf $(VENV) $(TRITON_VENV) .edgecascade .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(TRITON_VENV) $(PEER_VENVS) .edgecascade .pytest_cache .mypy_cache .ruff_cache
 
-bench: $(VENV)/.installed $(TRITON_VENV)/.installed
+bench: $(VENV)/.installed $(TRITON_VENV)/.installed bench-peers
 	TRITONCLIENT_PYTHON=$(abspath $(TRITON_VENV))/bin/python $(VENV)/bin/python -m bench.run

@@ -9,7 +9,15 @@ the load generator in its own process:
   (compute-bound);
 * Tier 0 with batching off (``EDGECASCADE_BATCHING__MAX_BATCH_SIZE=1``) and
   on, at 1, 16 and 64 requests in flight; constant and Poisson arrivals at the
-  same mean rate; streaming tokens/s with 1 and 16 concurrent streams.
+  same mean rate; streaming tokens/s with 1 and 16 concurrent streams;
+* its peers (``bench/peers``: KServe, Seldon MLServer, NVIDIA PyTriton, each in
+  its own virtualenv, serving the same ONNX files with onnxruntime), checked for
+  onnxruntime's numbers through the load generator's client, then loaded the
+  same way at 1, 16 and 64 in flight; "Tier 0 ÷ best peer" at each.
+  ``--peers none|all|kserve,mlserver,pytriton`` selects them, a peer whose
+  virtualenv is missing is skipped with the reason, and ``--only-peers`` runs
+  just this comparison (Tier 0's closed-loop runs and the peers', to
+  ``bench/results/peers-latest.json``).
 
 It prints the ratios the targets are stated in and writes
 ``bench/results/latest.json``. Nothing here is asserted: numbers are reported.
@@ -39,6 +47,7 @@ import onnxruntime as ort
 from rich.console import Console
 from rich.table import Table
 
+from bench.peers import DISTRIBUTIONS, IN_FLIGHT, PeerConfig, best, missing_venv, ranked, ratio, select
 from services.engine.model_repository import ModelRepository
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -202,6 +211,162 @@ def tier0(repo: Path, work: Path, batching: bool) -> tuple[list[str], dict[str, 
     return [sys.executable, "-m", "tier0_device"], env, port_file
 
 
+def peer_selection(spec: str) -> list[PeerConfig]:
+    """``--peers``: the configurations it names."""
+    try:
+        return select(spec)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+
+
+CHECK_ROWS = 16  # requests the correctness check sends, one at a time and then all at once
+
+
+def check_cases(spec: Workload, path: Path) -> tuple[Path, str, str]:
+    """Writes the check's inputs and onnxruntime's answers, each row computed alone; returns (file, input spec, output)."""
+    sess = session(spec.path)
+    arg, out = sess.get_inputs()[0], sess.get_outputs()[0]
+    rows = feed(sess, CHECK_ROWS, np.random.default_rng(7))[arg.name]
+    expected = np.stack([sess.run([out.name], {arg.name: rows[i : i + 1]})[0] for i in range(CHECK_ROWS)])
+    np.savez(path, inputs=rows[:, None, :], expected=expected)
+    datatype = "INT64" if arg.type == "tensor(int64)" else "FP32"
+    return path, f"{arg.name}:{datatype}", out.name
+
+
+def check_peer(python: str, address: str, model: str, cases: Path, input_spec: str, output: str) -> dict[str, Any]:
+    """Asks a running server for onnxruntime's numbers through tritonclient (``bench/peers/check.py``)."""
+    args = [python, "-m", "bench.peers.check", "--address", address, "--model", model, "--cases", str(cases)]
+    args += ["--input", input_spec, "--output", output]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False, cwd=ROOT)
+    if done.returncode != 0:
+        return {"ok": False, "problem": f"the check failed to run: {done.stderr.strip()[-2000:]}"}
+    verdict: dict[str, Any] = json.loads(done.stdout)
+    return verdict
+
+
+def peer_versions(config: PeerConfig) -> dict[str, str]:
+    """What the peer's virtualenv has installed, as pip reports it."""
+    names = DISTRIBUTIONS.get(config.family, ())
+    code = f"import json, importlib.metadata as m\nprint(json.dumps({{d: m.version(d) for d in {list(names)!r}}}))"
+    python = config.venv(ROOT) / "bin" / "python"
+    done = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    if done.returncode != 0:
+        return {"error": done.stderr.strip()[-500:]}
+    versions: dict[str, str] = json.loads(done.stdout)
+    return versions
+
+
+def run_peers(
+    peers: list[PeerConfig], models: dict[str, Workload], work: Path, triton_python: str, seconds: float,
+    results: dict[str, Any],
+) -> None:  # fmt: skip
+    """Each peer configuration on each model: started, checked for onnxruntime's numbers, then loaded like Tier 0.
+
+    Results go to ``results[model]["peers"][config.key]``: ``checked`` (the
+    verdict), ``closed_<N>`` (load reports), or ``skipped`` / ``failed`` with the
+    reason. A peer whose answers are wrong is not loaded, and is reported so.
+    """
+    record: dict[str, Any] = results.setdefault("peers", {"configs": {}, "versions": {}})
+    cases = {name: check_cases(spec, work / f"check-{name}.npz") for name, spec in models.items()}
+    for config in peers:
+        record["configs"][config.key] = {"label": config.label, "family": config.family, "args": list(config.args)}
+        reason = missing_venv(config, ROOT)
+        if reason is not None:
+            console.print(f"[yellow]peer {config.label}: skipped, {reason}[/yellow]")
+            for name in models:
+                results[name].setdefault("peers", {})[config.key] = {"skipped": reason}
+            continue
+        if config.family not in record["versions"]:
+            record["versions"][config.family] = peer_versions(config)
+        for name, spec in models.items():
+            entry: dict[str, Any] = results[name].setdefault("peers", {}).setdefault(config.key, {})
+            for attempt in (1, 2):
+                try:
+                    measure_peer(config, name, spec, work, cases[name], triton_python, seconds, entry)
+                    break
+                except RuntimeError as error:  # it did not start: PyTriton's instances can race at start-up
+                    entry.setdefault("start_failures", []).append(str(error)[-2000:])
+                    console.print(
+                        f"[yellow]peer {config.label}: {name} did not start (attempt {attempt}): {str(error)[-400:]}[/yellow]"
+                    )
+                    if attempt == 2:
+                        entry["failed"] = str(error)[-2000:]
+                except (subprocess.SubprocessError, json.JSONDecodeError) as error:
+                    entry["failed"] = str(error)[-2000:]
+                    console.print(f"[red]peer {config.label}: {name} failed: {str(error)[-600:]}[/red]")
+                    break
+
+
+def measure_peer(
+    config: PeerConfig, name: str, spec: Workload, work: Path, case: tuple[Path, str, str], triton_python: str,
+    seconds: float, entry: dict[str, Any],
+) -> None:  # fmt: skip
+    """One peer configuration serving one model: checked, then loaded at each count in flight, into ``entry``."""
+    port_file = work / f"peer-{config.key}-{name}.json"
+    python = str(config.venv(ROOT) / "bin" / "python")
+    cmd = [python, "-m", config.module, *config.args, "--model-path", str(spec.path), "--port-file", str(port_file)]
+    cmd += ["--name", name]
+    cases, input_spec, output = case
+    with process(cmd, dict(os.environ), port_file) as address:
+        console.print(f"peer {config.label}: {name}, checking its numbers")
+        entry["checked"] = check_peer(triton_python, address, name, cases, input_spec, output)
+        if not entry["checked"]["ok"]:
+            console.print(f"[red]peer {config.label}: {name} answered wrong: {entry['checked']['problem']}[/red]")
+            return
+        for clients in IN_FLIGHT:
+            console.print(f"peer {config.label}: {name}, {clients} in flight")
+            run = load(triton_python, address, name, spec.inputs, mode="closed", clients=clients, seconds=seconds)
+            entry[f"closed_{clients}"] = run
+            if run.get("errors"):
+                console.print(
+                    f"[yellow]peer {config.label}: {name} at {clients}: {run['errors']} errors {run.get('error_kinds')}[/yellow]"
+                )
+
+
+def peers_only(triton_python: str, device_model: Path, peers: list[PeerConfig], seconds: float) -> int:
+    """``--only-peers``: the comparison alone, Tier 0 (batching off and on) and the peers, closed loop at 1, 16, 64.
+
+    Tier 0 is measured here too, minutes before its peers, rather than taken from
+    an older run: on a shared machine the load around both changes by the hour.
+    """
+    results: dict[str, Any] = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "onnxruntime": ort.__version__,
+        },
+    }
+    with tempfile.TemporaryDirectory(prefix="edgecascade-bench-peers-") as tmp:
+        work = Path(tmp)
+        repo = ModelRepository(work / "repo")
+        repo.add("charlm", device_model)
+        repo.add("mlp", build_mlp(work / "mlp.onnx"))
+        lm = session(device_model)
+        context, vocab = lm.get_inputs()[0].shape[1], lm.get_outputs()[0].shape[1]
+        models = {
+            "charlm": Workload(device_model, [f"input_ids:INT64:1x{context}:{vocab}"], f"1x{vocab}"),
+            "mlp": Workload(work / "mlp.onnx", ["x:FP32:1x512"], "1x512"),
+        }
+        for batching in (False, True):
+            label = "on" if batching else "off"
+            cmd, env, port_file = tier0(work / "repo", work, batching)
+            with process(cmd, env, port_file) as address:
+                for name, spec in models.items():
+                    for clients in IN_FLIGHT:
+                        console.print(f"tier0 batching {label}: {name}, {clients} in flight")
+                        results.setdefault(name, {})[f"tier0_{label}_{clients}"] = load(
+                            triton_python, address, name, spec.inputs, mode="closed", clients=clients, seconds=seconds
+                        )
+        run_peers(peers, models, work, triton_python, seconds, results)
+    report_peers(results)
+    out = ROOT / "bench" / "results"
+    out.mkdir(exist_ok=True)
+    (out / "peers-latest.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    console.print(f"raw results: {out / 'peers-latest.json'}")
+    return 0
+
+
 def main() -> int:  # noqa: PLR0915 - one linear script is the clearest record of what is measured
     """Runs every measurement and prints the tables."""
     parser = argparse.ArgumentParser(description="Tier 0 against its physical limits, measured side by side.")
@@ -210,12 +375,24 @@ def main() -> int:  # noqa: PLR0915 - one linear script is the clearest record o
     )
     parser.add_argument("--seconds", type=float, default=4.0, help="measurement window per load run")
     parser.add_argument("--device-model", type=Path, default=DEVICE_MODEL, help="the overhead-bound char-LM")
+    parser.add_argument(
+        "--peers",
+        type=peer_selection,
+        default="all",
+        help="peers to measure: none, all, or e.g. kserve,mlserver,pytriton",
+    )
+    parser.add_argument(
+        "--only-peers", action="store_true", help="only the comparison: Tier 0 and the peers, closed loop at 1, 16, 64"
+    )
     args = parser.parse_args()
+    peers: list[PeerConfig] = args.peers
     seconds = args.seconds
     device_model: Path = args.device_model
     if not device_model.is_file():
         console.print(f"[red]{device_model} is missing[/red]")
         return 1
+    if args.only_peers:
+        return peers_only(args.triton_python, device_model, peers, seconds)
     results: dict[str, Any] = {
         "machine": {
             "cpus": os.cpu_count(),
@@ -311,7 +488,9 @@ def main() -> int:  # noqa: PLR0915 - one linear script is the clearest record o
                     results["charlm"][f"tier0_{label}_stream_{streams}"] = load(
                         args.triton_python, address, "charlm", [], mode="stream", clients=streams, tokens=64
                     )
+        run_peers(peers, models, work, args.triton_python, seconds, results)
     report(results)
+    report_peers(results)
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
     (out / "latest.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
@@ -409,6 +588,105 @@ def report(r: dict[str, Any]) -> None:
     for name in ("charlm", "mlp"):
         raw.add_row(name, *(f"{r[name]['raw'][b]:.0f}" for b in BATCHES))
     console.print(raw)
+
+
+def report_peers(r: dict[str, Any]) -> None:
+    """The peers side by side with Tier 0, and Tier 0 ÷ the best peer at each load."""
+    configs: dict[str, Any] = r.get("peers", {}).get("configs", {})
+    if not configs:
+        return
+    peer_table(r, configs)
+    peer_notes(r, configs)
+    ratio_table(r, configs)
+    for family, versions in r.get("peers", {}).get("versions", {}).items():
+        console.print(f"{family}: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+
+
+def load_cell(run: dict[str, Any] | None) -> str:
+    """Requests/s of one load run, with its errors if it had any."""
+    if not run:
+        return "–"
+    if run.get("errors"):
+        return f"{run['throughput']:.0f} ({run['errors']} err)"
+    return f"{run['throughput']:.0f}"
+
+
+def p99_cell(run: dict[str, Any] | None) -> str:
+    """p99 of one load run in ms."""
+    return f"{run['p99_ms']:.1f}" if run and run.get("p99_ms") is not None else "–"
+
+
+def peer_table(r: dict[str, Any], configs: dict[str, Any]) -> None:
+    """Requests/s at each load and p99 at the highest, Tier 0's configurations first."""
+    table = Table(title="Peers: same model, same load generator (requests/s by requests in flight)")
+    for column in ("model", "server", "numbers", *(f"@{n}" for n in IN_FLIGHT), f"p99 @{IN_FLIGHT[-1]} ms"):
+        table.add_column(column, justify="right")
+    for name in ("charlm", "mlp"):
+        m = r.get(name, {})
+        for label in ("off", "on"):
+            runs = [m.get(f"tier0_{label}_{n}") for n in IN_FLIGHT]
+            if any(runs):
+                table.add_row(name, f"Tier 0 batching {label}", "", *map(load_cell, runs), p99_cell(runs[-1]))
+        for key, config in configs.items():
+            entry = m.get("peers", {}).get(key, {})
+            if "skipped" in entry or "failed" in entry:
+                why = "skipped" if "skipped" in entry else "failed to start"
+                table.add_row(name, config["label"], why, *("–" for _ in IN_FLIGHT), "–")
+                continue
+            verdict = "ok" if entry.get("checked", {}).get("ok") else "WRONG"
+            runs = [entry.get(f"closed_{n}") for n in IN_FLIGHT]
+            table.add_row(name, config["label"], verdict, *map(load_cell, runs), p99_cell(runs[-1]))
+    console.print(table)
+
+
+def peer_notes(r: dict[str, Any], configs: dict[str, Any]) -> None:
+    """Why a peer is not ranked: skipped, failed to start, wrong numbers, or errors under load."""
+    for name in ("charlm", "mlp"):
+        for key, entry in r.get(name, {}).get("peers", {}).items():
+            label = f"{name}, {configs.get(key, {}).get('label', key)}"
+            checked = entry.get("checked")
+            if checked and not checked.get("ok"):
+                console.print(f"[red]{label}: not ranked, not onnxruntime's numbers: {checked.get('problem')}[/red]")
+            for n in IN_FLIGHT:
+                run = entry.get(f"closed_{n}")
+                if run and run.get("errors"):
+                    console.print(
+                        f"[yellow]{label} @{n}: not ranked, {run['errors']} errors {run.get('error_kinds')}[/yellow]"
+                    )
+            if "skipped" in entry:
+                console.print(f"{label}: skipped, {entry['skipped']}")
+            if "failed" in entry:
+                console.print(f"[red]{label}: failed, {entry['failed'][-300:]}[/red]")
+
+
+def ratio_table(r: dict[str, Any], configs: dict[str, Any]) -> None:
+    """Tier 0 (its better configuration at each load) ÷ the best ranked peer configuration."""
+    last = IN_FLIGHT[-1]
+    ratios = Table(title="Tier 0 ÷ best peer (requests/s: > 1 is Tier 0 ahead; p99: < 1 is Tier 0 ahead)")
+    for column in ("model", *(f"÷ best @{n}" for n in IN_FLIGHT), f"p99 @{last} ÷ best"):
+        ratios.add_column(column, justify="right")
+    bests = []
+    for name in ("charlm", "mlp"):
+        m = r.get(name, {})
+        peers = m.get("peers", {})
+        cells, names = [], []
+        for n in IN_FLIGHT:
+            ours = best({label: m.get(f"tier0_{label}_{n}") for label in ("off", "on")})
+            theirs = best(ranked(peers, n))
+            value = ratio(ours[1]["throughput"] if ours else None, theirs[1]["throughput"] if theirs else None)
+            cells.append(f"{value:.2f}" if value is not None else "–")
+            names.append(configs[theirs[0]]["label"] if theirs else "–")
+        ours = best({label: m.get(f"tier0_{label}_{last}") for label in ("off", "on")}, lowest_p99=True)
+        theirs = best(ranked(peers, last), lowest_p99=True)
+        value = ratio(ours[1]["p99_ms"] if ours else None, theirs[1]["p99_ms"] if theirs else None)
+        ratios.add_row(name, *cells, f"{value:.2f}" if value is not None else "–")
+        bests.append(f"{name}: " + ", ".join(f"@{n} {label}" for n, label in zip(IN_FLIGHT, names, strict=True)))
+    console.print(ratios)
+    console.print("best peer: " + "; ".join(bests))
+    console.print(
+        "Tier 0 is its better configuration (batching off or on) at each load; the best peer is the fastest "
+        "configuration whose answers were checked and had no errors (for p99, the lowest p99 on each side)."
+    )
 
 
 if __name__ == "__main__":
