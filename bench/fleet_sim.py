@@ -20,6 +20,13 @@ Each :class:`SimNode` is a device as the region sees it, with none of a device's
   fallback reason, the latency histogram in ms, update outcomes by ``edgecascade.update.state``)
   under the node's resource attributes, cumulative, sent every ``export_interval_s`` (± jitter)
   with the stock :class:`OTLPMetricExporter` (insecure) to the region;
+* **shadows** — a shadow assignment (a rollout's shadow stage) is installed the same way beside
+  what serves (refused by the same share of nodes) and never serves; once installed it runs on its
+  ``shadow_share`` of the requests the node answered itself, failing in the shadow version's
+  ``error_share``, agreeing with the serving answer in its ``agreement`` share of the runs, differing
+  by its ``difference`` on average and taking its own latency, and the node exports the shadow
+  metrics (runs by outcome, agreement, difference, the shadow's and the serving run's latency);
+  it reports shadows at check-in as a device does, i.e. not at all (the updater keys by model);
 * **offline** — :meth:`FleetSim.set_offline` switches a node off: no traffic, no check-in, no export
   until it is switched on again.
 
@@ -81,8 +88,8 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from services.errors import EdgecascadeError
 from services.rpc.fleet_client import FleetClient
-from services.telemetry_names import LATENCY_BOUNDS_MS
-from services.updates.checkin import DesiredState, InstalledModel, NodeFacts, machine_hardware_class
+from services.telemetry_names import AGREEMENT_BOUNDS, DIFFERENCE_BOUNDS, LATENCY_BOUNDS_MS
+from services.updates.checkin import AssignedVariant, DesiredState, InstalledModel, NodeFacts, machine_hardware_class
 from services.updates.identity import NodeKeys
 from tier2_region.fleet.figures import (
     FALLBACK_REASON,
@@ -95,6 +102,11 @@ from tier2_region.fleet.figures import (
     NODE_TIER,
     OUTCOME,
     REQUESTS,
+    SHADOW_AGREEMENT,
+    SHADOW_DIFFERENCE,
+    SHADOW_LATENCY,
+    SHADOW_RUNS,
+    SHADOW_SERVING_LATENCY,
     UPDATE_OUTCOMES,
 )
 from tier2_region.telemetry.admission import UPDATE_STATE
@@ -105,6 +117,14 @@ _BOUNDS = np.asarray(LATENCY_BOUNDS_MS)
 # The standard normal's 99th percentile: a log-normal's p99 / p50 = exp(Z99 × sigma).
 Z99 = 2.3263478740408408
 OUTCOMES = ("ok", "error", "forwarded")
+SHADOW_OUTCOMES = ("ok", "error", "shed")
+# The shadow's histograms: metric → bucket bounds.
+SHADOW_HISTOGRAMS: Mapping[str, tuple[float, ...]] = {
+    SHADOW_AGREEMENT: AGREEMENT_BOUNDS,
+    SHADOW_DIFFERENCE: DIFFERENCE_BOUNDS,
+    SHADOW_LATENCY: LATENCY_BOUNDS_MS,
+    SHADOW_SERVING_LATENCY: LATENCY_BOUNDS_MS,
+}
 FALLBACK = "queue_full"  # the reason a simulated node gives for what it forwards
 SCOPE = InstrumentationScope("edgecascade.fleet_sim")
 # A node's desired state is followed whatever its models are called; these are what it reports when none is.
@@ -125,6 +145,8 @@ class VersionProfile:
         fallback_share: Share of requests forwarded upstream.
         refuse_share: Share of nodes whose install of this version is refused.
         install_delay_s: From the check-in that assigns it to serving it (or refusing it).
+        agreement: As a shadow: the share of its compared runs whose top-1 answer is the serving version's.
+        difference: As a shadow: the mean absolute difference of its outputs from the serving version's.
     """
 
     requests_per_s: float = 20.0
@@ -134,19 +156,23 @@ class VersionProfile:
     fallback_share: float = 0.0
     refuse_share: float = 0.0
     install_delay_s: float = 0.2
+    agreement: float = 1.0
+    difference: float = 0.0
 
     def __post_init__(self) -> None:
         if not (self.requests_per_s >= 0 and math.isfinite(self.requests_per_s)):
             raise ValueError(f"requests_per_s must be 0 or more, got {self.requests_per_s}")
         if not 0 < self.p50_ms <= self.p99_ms:
             raise ValueError(f"latencies must satisfy 0 < p50_ms <= p99_ms, got {self.p50_ms}, {self.p99_ms}")
-        for what in ("error_share", "fallback_share", "refuse_share"):
+        for what in ("error_share", "fallback_share", "refuse_share", "agreement"):
             if not 0 <= getattr(self, what) <= 1:
                 raise ValueError(f"{what} is a share between 0 and 1, got {getattr(self, what)}")
         if self.error_share + self.fallback_share > 1:
             raise ValueError("error_share + fallback_share must be at most 1")
         if self.install_delay_s < 0:
             raise ValueError(f"install_delay_s must be 0 or more, got {self.install_delay_s}")
+        if not self.difference >= 0:
+            raise ValueError(f"difference must be 0 or more, got {self.difference}")
 
     @property
     def sigma(self) -> float:
@@ -269,9 +295,20 @@ class NodeTelemetry(Protocol):
         """Records an update reaching ``state``."""
         ...
 
+    def shadow(self, model: str, version: str, variant: str, runs: Sequence[int], values: ShadowValues) -> None:
+        """Records a shadow's runs: counts by outcome (:data:`SHADOW_OUTCOMES`) and each compared run's values."""
+        ...
+
     def collect(self) -> MetricsData | None:
         """Everything recorded so far (cumulative), or None when there is nothing yet (may run on any thread)."""
         ...
+
+
+@dataclass(frozen=True)
+class ShadowValues:
+    """What a shadow's compared runs recorded: metric (of :data:`SHADOW_HISTOGRAMS`) → one value per run."""
+
+    by_metric: Mapping[str, np.ndarray]
 
 
 def _model_attributes(model: str, version: str, variant: str) -> dict[str, str]:
@@ -297,6 +334,11 @@ class SdkTelemetry:
             LATENCY, unit="ms", explicit_bucket_boundaries_advisory=list(LATENCY_BOUNDS_MS)
         )
         self._updates = meter.create_counter(UPDATE_OUTCOMES, unit="{update}")
+        self._shadow_runs = meter.create_counter(SHADOW_RUNS, unit="{run}")
+        self._shadow = {
+            metric: meter.create_histogram(metric, explicit_bucket_boundaries_advisory=list(bounds))
+            for metric, bounds in SHADOW_HISTOGRAMS.items()
+        }
         self._empty = True
 
     def serve(self, model: str, version: str, variant: str, outcomes: Sequence[int], latencies: np.ndarray) -> None:
@@ -314,22 +356,50 @@ class SdkTelemetry:
         self._updates.add(1, {**_model_attributes(model, version, variant), UPDATE_STATE: state})
         self._empty = False
 
+    def shadow(self, model: str, version: str, variant: str, runs: Sequence[int], values: ShadowValues) -> None:
+        """Records a shadow's runs through the SDK's counter and histograms."""
+        base = _model_attributes(model, version, variant)
+        for outcome, count in zip(SHADOW_OUTCOMES, runs, strict=True):
+            if count:
+                self._shadow_runs.add(int(count), {**base, OUTCOME: outcome})
+        for metric, recorded in values.by_metric.items():
+            for value in recorded.tolist():
+                self._shadow[metric].record(value, base)
+        self._empty = self._empty and not any(runs)
+
     def collect(self) -> MetricsData | None:
         """What the SDK's reader collects."""
         return None if self._empty else self._reader.get_metrics_data()
 
 
 class _Buckets:
-    """One cumulative latency histogram."""
+    """One cumulative histogram (latency bounds unless told)."""
 
-    __slots__ = ("count", "counts", "max", "min", "sum")
+    __slots__ = ("bounds", "count", "counts", "max", "min", "sum")
 
-    def __init__(self) -> None:
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BOUNDS_MS) -> None:
+        self.bounds = bounds
         self.count = 0
         self.sum = 0.0
         self.min = math.inf
         self.max = -math.inf
-        self.counts = np.zeros(len(LATENCY_BOUNDS_MS) + 1, dtype=np.int64)
+        self.counts = np.zeros(len(bounds) + 1, dtype=np.int64)
+
+    def add(self, values: np.ndarray) -> None:
+        """Adds values (at least one)."""
+        # OTLP buckets hold (bound[i-1], bound[i]]: a value equal to a bound belongs to the bucket it closes.
+        edges = np.asarray(self.bounds)
+        self.counts += np.bincount(np.searchsorted(edges, values, side="left"), minlength=len(edges) + 1)
+        self.count += len(values)
+        self.sum += float(values.sum())
+        self.min = min(self.min, float(values.min()))
+        self.max = max(self.max, float(values.max()))
+
+    def point(self, attributes: Mapping[str, str], start: int, now: int) -> HistogramDataPoint:
+        """As the SDK's cumulative point."""
+        return HistogramDataPoint(
+            dict(attributes), start, now, self.count, self.sum, self.counts.tolist(), self.bounds, self.min, self.max
+        )
 
 
 class DirectTelemetry:
@@ -341,6 +411,8 @@ class DirectTelemetry:
         self._requests: dict[tuple[str, str, str, str], int] = {}
         self._latency: dict[tuple[str, str, str], _Buckets] = {}
         self._updates: dict[tuple[str, str, str, str], int] = {}
+        self._shadow_runs: dict[tuple[str, str, str, str], int] = {}
+        self._shadow: dict[tuple[str, str, str, str], _Buckets] = {}  # (metric, model, version, variant)
 
     def serve(self, model: str, version: str, variant: str, outcomes: Sequence[int], latencies: np.ndarray) -> None:
         """Adds requests served to the cumulative counts and buckets."""
@@ -363,9 +435,22 @@ class DirectTelemetry:
         key = (model, version, variant, state)
         self._updates[key] = self._updates.get(key, 0) + 1
 
+    def shadow(self, model: str, version: str, variant: str, runs: Sequence[int], values: ShadowValues) -> None:
+        """Adds a shadow's runs to the cumulative counts and buckets."""
+        for outcome, count in zip(SHADOW_OUTCOMES, runs, strict=True):
+            if count:
+                key = (model, version, variant, outcome)
+                self._shadow_runs[key] = self._shadow_runs.get(key, 0) + int(count)
+        for metric, recorded in values.by_metric.items():
+            if len(recorded):
+                buckets = self._shadow.setdefault(
+                    (metric, model, version, variant), _Buckets(SHADOW_HISTOGRAMS[metric])
+                )
+                buckets.add(recorded)
+
     def collect(self) -> MetricsData | None:
         """The cumulative points as the SDK would have collected them."""
-        if not (self._requests or self._latency or self._updates):
+        if not (self._requests or self._latency or self._updates or self._shadow_runs):
             return None
         now = time.time_ns()
         start = self._start_ns
@@ -400,6 +485,20 @@ class DirectTelemetry:
             metrics.append(
                 Metric(UPDATE_OUTCOMES, None, "{update}", Sum(points, AggregationTemporality.CUMULATIVE, True))
             )
+        if self._shadow_runs:
+            points = [
+                NumberDataPoint({**_model_attributes(m, v, w), OUTCOME: o}, start, now, count)
+                for (m, v, w, o), count in self._shadow_runs.items()
+            ]
+            metrics.append(Metric(SHADOW_RUNS, None, "{run}", Sum(points, AggregationTemporality.CUMULATIVE, True)))
+        for metric in SHADOW_HISTOGRAMS:
+            histograms = [
+                b.point(_model_attributes(m, v, w), start, now)
+                for (kind, m, v, w), b in self._shadow.items()
+                if kind == metric
+            ]
+            if histograms:
+                metrics.append(Metric(metric, None, "", Histogram(histograms, AggregationTemporality.CUMULATIVE)))
         return MetricsData([ResourceMetrics(self._resource, [ScopeMetrics(SCOPE, metrics, "")], "")])
 
 
@@ -425,6 +524,18 @@ class Model:
     refuses: bool = False
 
 
+@dataclass
+class Shadow:
+    """A shadow of one model on a node: the version it runs beside what serves, and its install."""
+
+    version: str
+    variant: str
+    share: float
+    installed: bool = False
+    ready_at: float = math.inf
+    refuses: bool = False
+
+
 class SimNode:
     """One simulated node (see the module docs)."""
 
@@ -434,6 +545,7 @@ class SimNode:
         self.keys = keys
         self.telemetry = telemetry
         self.models: dict[str, Model] = {}
+        self.shadows: dict[str, Shadow] = {}
         self.offline = False
         self.enrolled = False
         self.check_interval_s = 0.0
@@ -457,9 +569,15 @@ class SimNode:
             for name, m in sorted(self.models.items())
         ]
 
+    def shadowing(self, model: str) -> str:
+        """The version of ``model`` it runs as an installed shadow ("" when none)."""
+        held = self.shadows.get(model)
+        return held.version if held is not None and held.installed else ""
+
     def next_install(self) -> float:
         """When its next pending install finishes (inf when none is pending)."""
-        return min((m.ready_at for m in self.models.values()), default=math.inf)
+        pending = [m.ready_at for m in self.models.values()] + [s.ready_at for s in self.shadows.values()]
+        return min(pending, default=math.inf)
 
 
 # -- the fleet --------------------------------------------------------------------------------------------------
@@ -656,9 +774,31 @@ class FleetSim:
             outcomes = self._rng.multinomial(n, [max(ok_share, 0.0), profile.error_share, profile.fallback_share])
             latencies = self._rng.lognormal(math.log(profile.p50_ms), profile.sigma, n)
             node.telemetry.serve(name, model.version, model.variant, outcomes.tolist(), latencies)
+            shadow = node.shadows.get(name)
+            if shadow is not None and shadow.installed:
+                # It runs on its share of what the node answered itself (not what went upward).
+                sampled = int(self._rng.binomial(int(outcomes[0] + outcomes[1]), shadow.share))
+                if sampled:
+                    self._run_shadow(node, name, shadow, profile, sampled)
+
+    def _run_shadow(self, node: SimNode, name: str, shadow: Shadow, serving: VersionProfile, sampled: int) -> None:
+        profile = self.profile(shadow.version)
+        errors = int(self._rng.binomial(sampled, profile.error_share))
+        ok = sampled - errors
+        rng = self._rng
+        values = {
+            SHADOW_AGREEMENT: (rng.random(ok) < profile.agreement).astype(np.float64),
+            SHADOW_DIFFERENCE: rng.exponential(profile.difference, ok) if profile.difference else np.zeros(ok),
+            SHADOW_LATENCY: rng.lognormal(math.log(profile.p50_ms), profile.sigma, ok),
+            SHADOW_SERVING_LATENCY: rng.lognormal(math.log(serving.p50_ms), serving.sigma, ok),
+        }
+        node.telemetry.shadow(name, shadow.version, shadow.variant, (ok, errors, 0), ShadowValues(values))
 
     def _apply(self, node: SimNode, desired: DesiredState, now: float) -> None:
+        self._apply_shadows(node, {a.name: a for a in desired.assignments if a.shadow}, now)
         for assignment in desired.assignments:
+            if assignment.shadow:
+                continue
             model = node.models.setdefault(assignment.name, Model())
             wanted = (assignment.version, assignment.variant)
             if (model.version, model.variant) == wanted:
@@ -674,8 +814,39 @@ class FleetSim:
             model.state, model.last_error = STATE_ASSIGNED, ""
             node.telemetry.update(assignment.name, assignment.version, assignment.variant, STATE_ASSIGNED)
 
+    def _apply_shadows(self, node: SimNode, wanted: Mapping[str, AssignedVariant], now: float) -> None:
+        """Removes the shadows no longer assigned and starts installing the new ones."""
+        if set(node.shadows) - set(wanted):
+            self.serve_until(node, now)  # what ran up to now ran with its shadow
+            for name in set(node.shadows) - set(wanted):
+                del node.shadows[name]
+        for name, assignment in wanted.items():
+            held = node.shadows.get(name)
+            if held is not None and (held.version, held.variant) == (assignment.version, assignment.variant):
+                held.share = assignment.shadow_share
+                continue  # installed, installing, or refused already
+            profile = self.profile(assignment.version)
+            node.shadows[name] = Shadow(
+                assignment.version,
+                assignment.variant,
+                assignment.shadow_share,
+                ready_at=now + profile.install_delay_s,
+                refuses=_share_draw(node.node_id, assignment.version) < profile.refuse_share,
+            )
+            node.telemetry.update(name, assignment.version, assignment.variant, STATE_ASSIGNED)
+
     def _finish_installs(self, node: SimNode, now: float) -> None:
         self.serve_until(node, now)  # what was served up to now was served by the old version
+        for name, shadow in node.shadows.items():
+            if shadow.ready_at > now:
+                continue
+            shadow.ready_at = math.inf
+            if shadow.refuses:
+                node.telemetry.update(name, shadow.version, shadow.variant, STATE_REFUSED)
+                node.refusals.append((time.time(), name, shadow.version))
+            else:
+                shadow.installed = True
+                node.telemetry.update(name, shadow.version, shadow.variant, STATE_COMMITTED)
         for name, model in node.models.items():
             if model.target is None or model.ready_at > now:
                 continue

@@ -4,7 +4,8 @@ Commands::
 
     edgecascade up [--devices N] [--state-dir DIR]   start region, edge and N devices
     edgecascade status                               what every node reports
-    edgecascade generate "prompt"                    stream text from a device
+    edgecascade generate "prompt" [--cascade confidence|speculative|off] [--threshold T]
+                                                     stream text from a device, each token by origin
     edgecascade infer "prompt"                       next-character distribution from a device
     edgecascade repo add --repo DIR --name NAME FILE.onnx
     edgecascade repo demo --role device|edge|region --repo DIR
@@ -34,6 +35,7 @@ from edgecascade.mesh_launcher import Mesh, run_until_signal
 from services import __version__
 from services.engine.model_repository import ModelRepository
 from services.errors import EdgecascadeError
+from services.inference import CASCADE, CASCADE_MODES, THRESHOLD
 
 DEFAULT_STATE_DIR = Path(".edgecascade")
 
@@ -98,6 +100,18 @@ def _parser() -> argparse.ArgumentParser:
             cmd.add_argument("--top-k", type=int, default=0)
             cmd.add_argument("--seed", type=int, help="make the sampling repeatable")
             cmd.add_argument("--stop", help="stop after this string")
+            cmd.add_argument(
+                "--cascade",
+                choices=CASCADE_MODES,
+                help="confidence: each token the device is unsure of comes from the edge's model; speculative: the "
+                "device drafts, the edge verifies (output follows the edge's model); off: the device alone "
+                "(default: the node's [cascade] mode, for a model paired with an upstream model)",
+            )
+            cmd.add_argument(
+                "--threshold",
+                type=float,
+                help="confidence threshold in [0, 1]: a token the device gave less probability goes to the edge",
+            )
             cmd.set_defaults(handler=_generate)
         else:
             cmd.add_argument("--top", type=int, default=5, help="candidates to show (default 5)")
@@ -107,9 +121,11 @@ def _parser() -> argparse.ArgumentParser:
         "status",
         help="show what every node of the running mesh reports",
         description="Show what every node of the running mesh reports (a node the launcher is restarting or gave "
-        "up on shows that state), and warn when the region's registry metadata is close to expiry (root or targets "
-        "within 30 days, snapshot or timestamp within an hour: the region re-signs those, so that means its "
-        "re-signer is not running); exits 1 when a node does not answer or a role has expired.",
+        "up on shows that state; each node's upstream with the state of its circuit breaker — closed, open or "
+        "half-open — how often it opened, its retries and its result-cache hit rate), and warn when the region's "
+        "registry metadata is close to expiry (root or targets within 30 days, snapshot or timestamp within an "
+        "hour: the region re-signs those, so that means its re-signer is not running); exits 1 when a node does "
+        "not answer or a role has expired.",
     )
     status.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
     status.add_argument("--timeout", type=float, default=5.0)
@@ -175,6 +191,10 @@ def _generate(args: argparse.Namespace, console: Console) -> int:
         params["seed"] = args.seed
     if args.stop:
         params["stop"] = args.stop
+    if args.cascade is not None:
+        params[CASCADE] = args.cascade
+    if args.threshold is not None:
+        params[THRESHOLD] = args.threshold
     return client_commands.generate(console, address, args.model, args.prompt, params, args.timeout)
 
 

@@ -21,7 +21,29 @@ from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from services.engine.generation import TEXT_INPUT, TEXT_OUTPUT
 from services.engine.memory import megabytes
 from services.errors import ConfigError
-from services.inference import FALLBACK_REASON, FINAL_RESPONSE, ROUTE, SERVED_BY, TOKEN_PROBABILITY
+from services.inference import (
+    CASCADE,
+    CASCADE_CONFIDENCE,
+    CASCADE_SPECULATIVE,
+    CONFIDENCE,
+    DEGRADED,
+    DRAFTS,
+    DRAFTS_ACCEPTED,
+    FALLBACK_REASON,
+    FINAL_RESPONSE,
+    FINISH_REASON,
+    ROUTE,
+    SERVED_BY,
+    THRESHOLD,
+    TOKEN_LOCAL,
+    TOKEN_ORIGIN,
+    TOKEN_PROBABILITY,
+    TOKEN_UPSTREAM,
+    TOKENS,
+    TOKENS_ESCALATED,
+    TOKENS_LOCAL,
+    UPSTREAM_CALLS,
+)
 from services.rpc.converters import params_from_proto, set_param
 from services.tensors import encode_raw
 
@@ -119,19 +141,30 @@ def _stream(
     return stub.ModelStreamInfer(iter([request]), timeout=timeout)  # type: ignore[no-any-return]
 
 
+# How ``generate`` shows a token's origin: its colour, or (on a console without colour) brackets around it.
+ORIGIN_STYLES = {TOKEN_LOCAL: "green", TOKEN_UPSTREAM: "magenta"}
+ORIGIN_MARKERS = {TOKEN_LOCAL: ("", ""), TOKEN_UPSTREAM: ("⟦", "⟧")}
+
+
 def generate(
     console: Console, address: str, model: str, prompt: str, parameters: dict[str, Any], timeout: float
 ) -> int:
-    """Streams a generation and prints tokens as they arrive."""
+    """Streams a generation and prints tokens as they arrive.
+
+    With a cascade (the model is paired with an upstream model, or ``edgecascade.cascade``
+    asks for one), each token is shown by origin — green: this device's model, magenta:
+    the upstream's (in brackets ⟦…⟧ when the console has no colour) — and the tallies
+    follow the text.
+    """
     with grpc.insecure_channel(address) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        console.print(f"[dim]{prompt}[/dim]", end="")
+        console.print(f"[dim]{escape(prompt)}[/dim]", end="")
         final: dict[str, Any] = {}
         probabilities: list[float] = []
         try:
             for message in _stream(stub, _text_request(model, prompt, parameters), timeout):
                 if message.error_message:
-                    console.print(f"\n[red]error[/red]: {message.error_message}")
+                    console.print(f"\n[red]error[/red]: {escape(message.error_message)}")
                     return 1
                 response = message.infer_response
                 params = params_from_proto(response.parameters)
@@ -140,18 +173,56 @@ def generate(
                     break
                 names = [o.name for o in response.outputs]
                 raw = response.raw_output_contents[names.index(TEXT_OUTPUT)]
-                console.print(raw[4:].decode("utf-8", errors="replace"), end="", markup=False, highlight=False)
+                _print_token(console, raw[4:].decode("utf-8", errors="replace"), params.get(TOKEN_ORIGIN))
                 probabilities.append(float(params.get(TOKEN_PROBABILITY, 0.0)))
         except grpc.RpcError as exc:
-            console.print(f"\n[red]{exc.code().name}[/red]: {exc.details()}")
+            console.print(f"\n[red]{exc.code().name}[/red]: {escape(exc.details() or '')}")
             return 1
     console.print()
+    # A confidence cascade reports the device's mean confidence; otherwise it is the mean token probability.
+    mean = "mean confidence" if final.get(CASCADE) == CASCADE_CONFIDENCE else "mean token probability"
     console.print(
-        f"{_describe(final)} · {final.get('edgecascade.tokens', len(probabilities))} tokens · "
-        f"mean token probability {final.get('edgecascade.confidence', 0.0):.2f} · "
-        f"finish: {final.get('edgecascade.finish_reason', '?')}"
+        f"{_describe(final)} · {final.get(TOKENS, len(probabilities))} tokens · "
+        f"{mean} {final.get(CONFIDENCE, 0.0):.2f} · finish: {final.get(FINISH_REASON, '?')}"
     )
+    if TOKENS_LOCAL in final:
+        console.print(cascade_tallies(final))
     return 0
+
+
+def _print_token(console: Console, text: str, origin: Any) -> None:
+    """Prints one generated token in the colour (or within the markers) of its origin."""
+    if not isinstance(origin, str) or origin not in ORIGIN_STYLES:
+        console.print(text, end="", markup=False, highlight=False)
+    elif console.color_system is None:
+        before, after = ORIGIN_MARKERS[origin]
+        console.print(f"{before}{text}{after}", end="", markup=False, highlight=False)
+    else:
+        console.print(text, end="", markup=False, highlight=False, style=ORIGIN_STYLES[origin])
+
+
+def cascade_tallies(final: dict[str, Any]) -> str:
+    """One line of a cascaded generation's tallies, from its final response's parameters."""
+    local = int(final.get(TOKENS_LOCAL, 0))
+    escalated = int(final.get(TOKENS_ESCALATED, 0))
+    total = local + escalated
+    share = f" ({local / total:.0%} local)" if total else ""
+    mode = final.get(CASCADE, "?")
+    threshold = final.get(THRESHOLD)
+    text = f"cascade [bold]{escape(str(mode))}[/bold]"
+    if mode != CASCADE_SPECULATIVE and isinstance(threshold, int | float):
+        text += f" (threshold {threshold:.2f})"
+    text += (
+        f" · [green]{local} local[/green] · [magenta]{escalated} escalated[/magenta]{share}"
+        f" · {final.get(UPSTREAM_CALLS, 0)} upstream calls"
+    )
+    drafts = final.get(DRAFTS)
+    if isinstance(drafts, int) and drafts:
+        accepted = int(final.get(DRAFTS_ACCEPTED, 0))
+        text += f" · drafts accepted {accepted}/{drafts} ({accepted / drafts:.0%})"
+    if final.get(DEGRADED):
+        text += f" · [yellow]degraded: {escape(str(final[DEGRADED]))} (the rest generated locally)[/yellow]"
+    return text
 
 
 def _artifacts(info: mesh_pb2.GetTierInfoResponse) -> str:
@@ -166,6 +237,32 @@ def _artifacts(info: mesh_pb2.GetTierInfoResponse) -> str:
     )
 
 
+_BREAKER_COLOURS = {"closed": "green", "half_open": "yellow", "open": "red"}
+
+
+def _upstream(info: mesh_pb2.GetTierInfoResponse) -> str:
+    """The upstream's address and how calls to it fare: breaker state, retries, result cache (or ``-``)."""
+    if not info.upstream:
+        return "-"
+    if not info.HasField("upstream_status"):
+        return escape(info.upstream)
+    u = info.upstream_status
+    colour = _BREAKER_COLOURS.get(u.breaker_state, "yellow")
+    line = f"{escape(info.upstream)} · breaker [{colour}]{escape(u.breaker_state.replace('_', '-'))}[/{colour}]"
+    if u.breaker_state == "open":
+        line += f" (probe in {u.breaker_retry_in_s:.1f} s)"
+    if u.breaker_opened:
+        line += f" · opened {u.breaker_opened}× · refused {u.breaker_rejected}"
+    if u.last_failure and u.breaker_state != "closed":
+        line += f" [red]({escape(u.last_failure)})[/red]"
+    if u.retries or u.retries_refused:
+        line += f" · retries {u.retries} ({u.retries_refused} refused)"
+    lookups = u.cache_hits + u.cache_misses
+    if lookups:
+        line += f" · cache hits {100 * u.cache_hits / lookups:.0f} % of {lookups}"
+    return line
+
+
 def _updates(info: mesh_pb2.GetTierInfoResponse) -> str:
     """The node's enrollment and each model's update state against its desired version, or ``-``."""
     if not info.HasField("updates"):
@@ -177,6 +274,10 @@ def _updates(info: mesh_pb2.GetTierInfoResponse) -> str:
     desired = {d.name: d for d in u.desired}
     parts = []
     for m in u.installed:
+        if m.shadow:  # a rollout's shadow stage: installed beside the serving version, never serving
+            line = f"shadow {escape(m.name)} {escape(m.version)} {escape(m.variant)} {escape(m.state)}"
+            parts.append(line + (f" [red]({escape(m.last_error)})[/red]" if m.last_error else ""))
+            continue
         want = desired.pop(m.name, None)
         line = f"{escape(m.name)} {escape(m.version)} {escape(m.variant)} {escape(m.state)}"
         if want is not None and (want.version, want.variant) != (m.version, m.variant):
@@ -194,6 +295,8 @@ def status(console: Console, state_dir: Path, timeout: float) -> int:
 
     A node that does not answer and that ``edgecascade up`` is restarting or gave
     up on is shown with that state (from ``nodes.json``) instead of the RPC error.
+    Each node's upstream column shows the circuit breaker to its upstream
+    (closed, open or half-open, how often it opened), its retries and result-cache hits.
     Then a warning for each role of the region's registry metadata that expires
     soon: root or targets within 30 days, snapshot or timestamp within an hour
     (the region re-signs those hours ahead, so that means its re-signer is not
@@ -228,7 +331,7 @@ def status(console: Console, state_dir: Path, timeout: float) -> int:
                 continue
         models = ", ".join(f"{m.name} v{m.version} {m.state}" for m in info.models) or "-"
         memory = f"{megabytes(info.cache.used_bytes)} / {megabytes(info.cache.budget_bytes)}"
-        upstream = info.upstream or "-"
+        upstream = _upstream(info)
         table.add_row(address, info.tier_name, info.node_id, upstream, memory, models, _updates(info), _artifacts(info))
     console.print(table)
     # Registry metadata close to expiry (read from the region's artifact service): warned well ahead,

@@ -23,7 +23,10 @@ the edge and every device have installed what they were assigned (or
 
 The nodes check in every ``DEMO_ENVIRONMENT`` interval (2 s) unless the
 environment sets ``EDGECASCADE_FLEET__CHECK_INTERVAL_S``, so ``edgecascade deploy``
-reaches the demo mesh within seconds. The edge and the devices export their
+reaches the demo mesh within seconds. ``DEMO_ENVIRONMENT`` also pairs the
+devices' ``charlm-device`` with the edge's ``charlm-edge`` for the token-level
+cascade (``EDGECASCADE_TOKEN_CASCADE__PAIRS``; the region has no such section
+and ignores it). The edge and the devices export their
 metrics by OTLP every 5 s (the devices to the edge, which relays them); the
 region folds them into ``region-1/telemetry.sqlite``, which ``edgecascade
 fleet`` shows and ``edgecascade rollout`` gates on.
@@ -92,7 +95,11 @@ TOKEN_TTL_S = 3600.0  # a token the launcher makes is used within seconds; an un
 DEMO_EXPORT_INTERVAL_S = 5
 
 # Defaults the nodes get unless the launcher's own environment sets them.
-DEMO_ENVIRONMENT = {"EDGECASCADE_FLEET__CHECK_INTERVAL_S": "2"}
+# The devices' charlm-device cascades token by token to the edge's charlm-edge (``edgecascade generate --cascade``).
+DEMO_ENVIRONMENT = {
+    "EDGECASCADE_FLEET__CHECK_INTERVAL_S": "2",
+    "EDGECASCADE_TOKEN_CASCADE__PAIRS": "charlm-device=charlm-edge",
+}
 
 # The states of a node in nodes.json.
 STARTING = "starting"  # first start, not yet serving

@@ -139,9 +139,15 @@ class CircuitBreaker:
             self._move(BreakerState.HALF_OPEN)
         return self._state
 
+    def observed_state(self) -> BreakerState:
+        """The state now, as :attr:`state` reads it, but without moving the breaker (for metric readers' threads)."""
+        if self._state is BreakerState.OPEN and self._clock() >= self._open_until:
+            return BreakerState.HALF_OPEN
+        return self._state
+
     def retry_in(self) -> float:
         """Seconds until an open breaker lets a probe through (0 when not open)."""
-        return max(self._open_until - self._clock(), 0.0) if self.state is BreakerState.OPEN else 0.0
+        return max(self._open_until - self._clock(), 0.0) if self.observed_state() is BreakerState.OPEN else 0.0
 
     def allow(self) -> bool:
         """Whether a call may go to the upstream now; a refused call is counted."""

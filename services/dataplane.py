@@ -18,13 +18,29 @@ a cascade) change where answers come from without touching the transport.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any, Protocol
 
 import numpy as np
 
+from services.cascade import (
+    DEGRADED_DEADLINE,
+    DEGRADED_ERROR,
+    MIN_UPSTREAM_S,
+    Cascade,
+    CascadeAsk,
+    degraded_reason,
+    reserve,
+)
+from services.cascade_generation import (
+    CascadePlan,
+    CascadeTally,
+    TokenCascade,
+    TokenCascadeSettings,
+    UpstreamGenerator,
+)
 from services.engine.generation import (
     GENERATION_PARAMETERS,
     INPUT_IDS,
@@ -37,23 +53,36 @@ from services.engine.generation import (
     generate,
 )
 from services.engine.model_cache import LoadedModel, ModelCache
+from services.engine.shadow import ShadowRunner
 from services.errors import (
     DeadlineExceededError,
+    EdgecascadeError,
     ForwardingLoopError,
     InvalidArgumentError,
     MemoryBudgetError,
     ModelNotFoundError,
     ModelNotReadyError,
     QueueFullError,
+    RequestCancelledError,
 )
 from services.inference import (
+    CASCADE,
+    CASCADE_SPECULATIVE,
     CONFIDENCE,
+    DEGRADED,
+    DRAFTS,
+    DRAFTS_ACCEPTED,
     FINAL_RESPONSE,
     FINISH_REASON,
     MIN_TOKEN_PROBABILITY,
     SERVED_BY,
+    THRESHOLD,
+    TOKEN_ORIGIN,
     TOKEN_PROBABILITY,
     TOKENS,
+    TOKENS_ESCALATED,
+    TOKENS_LOCAL,
+    UPSTREAM_CALLS,
     FallbackReason,
     InferRequest,
     InferResult,
@@ -63,7 +92,7 @@ from services.inference import (
 
 # Request parameters every model accepts. Triton clients send the last one on
 # streams that want an empty final response.
-COMMON_PARAMETERS = frozenset({"priority", "timeout", "triton_enable_empty_final_response"})
+COMMON_PARAMETERS = frozenset({"priority", "timeout", "triton_enable_empty_final_response", CASCADE, THRESHOLD})
 
 
 @dataclass(frozen=True)
@@ -134,6 +163,23 @@ class Upstream(Protocol):
         """Asks the upstream about a model (readiness, metadata or configuration); returns its answer as it came."""
         ...
 
+    async def generator(self, model: str, timeout: float, route: Sequence[str]) -> UpstreamGenerator:
+        """Describes a generator model the upstream serves (vocabulary, context length, rows per call).
+
+        Raises:
+            InvalidArgumentError: The model is not a generator.
+        """
+        ...
+
+    async def distribution(
+        self, model: str, version: str, input_ids: np.ndarray[Any, Any], timeout: float, route: Sequence[str]
+    ) -> np.ndarray[Any, Any]:
+        """Runs a generator model upstream on ``input_ids`` ``[n, C]`` in one ModelInfer; returns ``probs`` ``[n, V]``.
+
+        The token-level cascade's escalations and speculative verifications (:mod:`services.cascade_generation`).
+        """
+        ...
+
 
 class NoUpstream:
     """The top of the chain: nothing above to ask."""
@@ -153,6 +199,16 @@ class NoUpstream:
         raise AssertionError("the data plane forwards only when an upstream is available")
 
     async def query(self, query: ModelQuery, wire: Any, timeout: float, route: Sequence[str]) -> Any:
+        """Never called: the core asks :meth:`available` first."""
+        raise AssertionError("the data plane forwards only when an upstream is available")
+
+    async def generator(self, model: str, timeout: float, route: Sequence[str]) -> UpstreamGenerator:
+        """Never called: the core asks :meth:`available` first."""
+        raise AssertionError("the data plane forwards only when an upstream is available")
+
+    async def distribution(
+        self, model: str, version: str, input_ids: np.ndarray[Any, Any], timeout: float, route: Sequence[str]
+    ) -> np.ndarray[Any, Any]:
         """Never called: the core asks :meth:`available` first."""
         raise AssertionError("the data plane forwards only when an upstream is available")
 
@@ -192,13 +248,28 @@ class Dataplane:
         cache: The node's loaded models.
         upstream: The next tier up (:class:`NoUpstream` at the top of the chain).
         limits: Request bounds.
+        shadows: Runs a rollout's shadow versions on a sample of the requests answered here (None: never).
+        cascade: The confidence cascade's policy (:mod:`services.cascade`; default: its default settings).
+        token_cascade: How generators cascade token by token (:mod:`services.cascade_generation`; default: no pairs).
     """
 
-    def __init__(self, identity: NodeIdentity, cache: ModelCache, upstream: Upstream, limits: RequestLimits) -> None:
+    def __init__(
+        self,
+        identity: NodeIdentity,
+        cache: ModelCache,
+        upstream: Upstream,
+        limits: RequestLimits,
+        shadows: ShadowRunner | None = None,
+        cascade: Cascade | None = None,
+        token_cascade: TokenCascadeSettings | None = None,
+    ) -> None:
         self.identity = identity
         self.cache = cache
         self.upstream = upstream
         self.limits = limits
+        self.shadows = shadows
+        self.cascade = cascade or Cascade()
+        self.token_cascade = TokenCascade(token_cascade or TokenCascadeSettings(), upstream, self.cascade)
 
     # --- entry points -----------------------------------------------------------------------------
 
@@ -218,18 +289,21 @@ class Dataplane:
         """
         route = self.check_route(call.route)
         budget = self.budget(call.parameters, call.grpc_remaining)
+        ask = self.cascade.ask(call.parameters)
         served = await self._local_model(call.model_name, call.model_version)
         if isinstance(served, FallbackReason):
             return await self._relay(call, served, self.deadline(budget), route)
         call.routed(served.name, served.version, "")
         deadline = self.deadline(budget, served)
+        request = call.decode()
         try:
-            return await self._infer_local(served, call.decode(), deadline)
-        except QueueFullError:
+            result = await self._infer_local(served, request, deadline)
+        except QueueFullError as full:
             # The second chance: a full queue here sends the call upward.
             if self.upstream.available():
-                return await self._relay(call, FallbackReason.QUEUE_FULL, deadline, route)
+                return await self._second_chance(call, served, request, deadline, route, full)
             raise
+        return await self._cascade(call, served, result, ask, deadline, route)
 
     async def stream(self, call: InferCall) -> AsyncIterator[InferResult | Relayed]:
         """Answers one call of a stream: a generation token by token, or one inference, here or upward.
@@ -242,6 +316,7 @@ class Dataplane:
         """
         route = self.check_route(call.route)
         budget = self.budget(call.parameters, call.grpc_remaining)
+        ask = self.cascade.ask(call.parameters)
         served = await self._local_model(call.model_name, call.model_version)
         if isinstance(served, FallbackReason):
             async for message in self._relay_stream(call, served, self.deadline(budget), route):
@@ -251,19 +326,18 @@ class Dataplane:
         deadline = self.deadline(budget, served)
         request = call.decode()
         if served.tokenizer is not None and TEXT_INPUT in request.inputs:
-            async for token in self._generate(served, request, deadline):
+            async for token in self._generate(served, request, deadline, route):
                 yield token
             return
+        # One answer, as on ModelInfer (the cascade's upward call is a ModelInfer; the transport wraps its answer).
         try:
             result = await self._infer_local(served, request, deadline)
-        except QueueFullError:
-            # The second chance, on the stream: the upstream's answer comes as stream messages.
+        except QueueFullError as full:
             if not self.upstream.available():
                 raise
-            async for message in self._relay_stream(call, FallbackReason.QUEUE_FULL, deadline, route):
-                yield message
+            yield await self._second_chance(call, served, request, deadline, route, full)
             return
-        yield result
+        yield await self._cascade(call, served, result, ask, deadline, route)
 
     async def describe(
         self, query: ModelQuery, name: str, version: str, wire: Any, grpc_remaining: float | None, route: Sequence[str]
@@ -323,9 +397,7 @@ class Dataplane:
                 return FallbackReason.MODEL_UNAVAILABLE
             raise
 
-    async def _relay(
-        self, call: InferCall, reason: FallbackReason, deadline: float, route: Sequence[str]
-    ) -> Relayed:
+    async def _relay(self, call: InferCall, reason: FallbackReason, deadline: float, route: Sequence[str]) -> Relayed:
         call.routed(call.model_name, call.model_version, reason)
         return await self.upstream.infer(call, reason, self._remaining(deadline), route)
 
@@ -335,6 +407,100 @@ class Dataplane:
         call.routed(call.model_name, call.model_version, reason)
         async for message in self.upstream.stream(call, reason, self._remaining(deadline), route):
             yield message
+
+    async def _cascade(
+        self,
+        call: InferCall,
+        model: LoadedModel,
+        result: InferResult,
+        ask: CascadeAsk,
+        deadline: float,
+        route: Sequence[str],
+    ) -> InferResult | Relayed:
+        """The request-level cascade: labels a local answer with its confidence and, below the threshold, asks upward.
+
+        The upstream gets the deadline's remainder less a small reserve; if it fails
+        (unreachable, breaker open, too slow, overloaded …), the local answer is
+        returned marked ``edgecascade.degraded`` with the reason. An upstream that
+        does not hold the model leaves the local answer as it is (nothing better exists).
+        """
+        result, confidence = self._labelled(model, result)
+        if confidence is None or not self._escalates(model, confidence, ask):
+            return result
+        answer = await self._ask_upward(call, FallbackReason.LOW_CONFIDENCE, deadline, route)
+        if isinstance(answer, Relayed):
+            return answer
+        call.routed(model.name, model.version, "")  # answered here after all
+        return result if answer.not_held else _with(result, {DEGRADED: answer.reason})
+
+    def _labelled(self, model: LoadedModel, result: InferResult) -> tuple[InferResult, float | None]:
+        """A local answer with its ``edgecascade.confidence`` (when its model has a classifier-style output)."""
+        entry = model.entry
+        confidence = self.cascade.confidence(entry.name, entry.properties, model.signature.outputs, result.outputs)
+        return (result, None) if confidence is None else (_with(result, {CONFIDENCE: confidence}), confidence)
+
+    def _escalates(self, model: LoadedModel, confidence: float, ask: CascadeAsk) -> bool:
+        """Whether a local answer of this confidence goes upward (cascade on, an upstream, under the threshold)."""
+        if not ask.on or not self.upstream.available():
+            return False
+        threshold = self.cascade.threshold(model.name, model.entry.properties, ask)
+        return threshold is not None and confidence < threshold
+
+    async def _second_chance(
+        self,
+        call: InferCall,
+        model: LoadedModel,
+        request: InferRequest,
+        deadline: float,
+        route: Sequence[str],
+        full: QueueFullError,
+    ) -> InferResult | Relayed:
+        """A full local queue sends the call upward; if the upstream fails, the local model is tried once more.
+
+        An answer computed here after all is marked ``edgecascade.degraded`` (with the
+        upstream's failure) and carries its confidence, but is not escalated again.
+
+        Raises:
+            QueueFullError: The local queue is still full (naming the upstream's failure too).
+            DeadlineExceededError: No time was left for the local try.
+        """
+        answer = await self._ask_upward(call, FallbackReason.QUEUE_FULL, deadline, route)
+        if isinstance(answer, Relayed):
+            return answer
+        try:
+            result = await self._infer_local(model, request, deadline)
+        except QueueFullError:
+            raise QueueFullError(f"{full.message}; and the upstream did not answer: {answer.why}") from None
+        call.routed(model.name, model.version, "")
+        result = self._labelled(model, result)[0]
+        return result if answer.not_held else _with(result, {DEGRADED: answer.reason})
+
+    async def _ask_upward(
+        self, call: InferCall, reason: FallbackReason, deadline: float, route: Sequence[str]
+    ) -> Relayed | _Declined:
+        """Sends a call upward when a local answer is at hand or can be computed; says why not when that fails.
+
+        A little of the time left is kept back (:func:`~services.cascade.reserve`), so that a
+        slow upstream still leaves time to answer here. An upstream that does not hold the
+        model is remembered for a while and not asked again about it.
+
+        Raises:
+            RequestCancelledError: The caller left.
+        """
+        if self.cascade.upstream_lacks(call.model_name, call.model_version):
+            return _Declined(DEGRADED_ERROR, "it does not hold the model", not_held=True)
+        remaining = deadline - asyncio.get_running_loop().time()
+        timeout = remaining - reserve(remaining)
+        if timeout < MIN_UPSTREAM_S:
+            return _Declined(DEGRADED_DEADLINE, f"too little time was left to ask it ({remaining * 1000:.0f} ms)")
+        call.routed(call.model_name, call.model_version, reason)
+        try:
+            return await self.upstream.infer(call, reason, timeout, route)
+        except RequestCancelledError:
+            raise
+        except EdgecascadeError as exc:
+            held = not self.cascade.not_held(call.model_name, call.model_version, exc)
+            return _Declined(degraded_reason(exc), exc.message, not_held=not held)
 
     @staticmethod
     def _remaining(deadline: float) -> float:
@@ -423,6 +589,9 @@ class Dataplane:
     async def _infer_local(self, model: LoadedModel, request: InferRequest, deadline: float) -> InferResult:
         """Answers one request with a local model.
 
+        Once answered, the request is offered to the model's shadow (a rollout's shadow stage), which may
+        run it in the background on the same inputs; that never delays or fails this answer.
+
         Raises:
             InvalidArgumentError: The inputs do not fit the model.
             DeadlineExceededError: The deadline passed.
@@ -435,8 +604,13 @@ class Dataplane:
             inputs[INPUT_IDS] = model.tokenizer.window(model.tokenizer.encode(prompt))
         # Rows first: a request too large to run should not pay for decoding its text.
         self._check_rows(model, inputs)
-        inputs = model.session.prepare(inputs, request.requested_outputs)
-        outputs = await self.cache.run(model, inputs, request.requested_outputs, deadline, _priority(request))
+        prepared = model.session.prepare(inputs, request.requested_outputs)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        outputs = await self.cache.run(model, prepared, request.requested_outputs, deadline, _priority(request))
+        if self.shadows is not None:
+            # The inputs as sent: a text request's shadow tokenizes the prompt with its own tokenizer.
+            self.shadows.offer(model, request.inputs, outputs, loop.time() - started)
         return InferResult(
             model_name=model.name,
             model_version=model.version,
@@ -445,13 +619,18 @@ class Dataplane:
             parameters={SERVED_BY: self.identity.served_by},
         )
 
-    async def _generate(self, model: LoadedModel, request: InferRequest, deadline: float) -> AsyncIterator[InferResult]:
+    async def _generate(
+        self, model: LoadedModel, request: InferRequest, deadline: float, route: Sequence[str] = ()
+    ) -> AsyncIterator[InferResult]:
         """Streams a generation: one result per token, then a final result.
 
         The final result carries no outputs and the parameters
         ``triton_final_response``, ``edgecascade.tokens``,
         ``edgecascade.finish_reason`` and ``edgecascade.confidence`` (mean token
-        probability).
+        probability). A generator paired with an upstream model cascades token by
+        token or decodes speculatively (:mod:`services.cascade_generation`): each
+        token then also says its ``edgecascade.token_origin``, and the final result
+        adds the tallies (see :meth:`_generate_cascaded`).
 
         Raises:
             InvalidArgumentError: The model is not a generator, or the prompt or parameters are bad.
@@ -464,6 +643,7 @@ class Dataplane:
             raise InvalidArgumentError(f"generation takes exactly one input, '{TEXT_INPUT}' (BYTES, shape [1])")
         prompt = self._prompt(request.inputs[TEXT_INPUT])
         params = GenerationParams.from_parameters(request.parameters)
+        plan = self.token_cascade.plan(model.name, model.entry.properties, request.parameters)
         loop = asyncio.get_running_loop()
 
         priority = _priority(request)
@@ -473,6 +653,10 @@ class Dataplane:
             # concurrent streams run together.
             return (await self.cache.run(model, {INPUT_IDS: ids}, (PROBS,), deadline, priority))[PROBS]
 
+        if plan is not None:
+            async for result in self._generate_cascaded(model, request, plan, step, prompt, params, deadline, route):
+                yield result
+            return
         summary: list[GenerationSummary] = []
         async with self.cache.use(model):
             async for token in generate(model.tokenizer, step, prompt, params, summary):
@@ -497,6 +681,66 @@ class Dataplane:
                 MIN_TOKEN_PROBABILITY: done.min_probability,
             },
         )
+
+    async def _generate_cascaded(
+        self,
+        model: LoadedModel,
+        request: InferRequest,
+        plan: CascadePlan,
+        step: Callable[[np.ndarray[Any, Any]], Awaitable[np.ndarray[Any, Any]]],
+        prompt: str,
+        params: GenerationParams,
+        deadline: float,
+        route: Sequence[str],
+    ) -> AsyncIterator[InferResult]:
+        """Streams a generation that cascades to the upstream's paired model.
+
+        Each token carries ``edgecascade.token_origin`` (``local`` | ``upstream``),
+        ``edgecascade.token_probability`` and, in confidence mode, the device's
+        ``edgecascade.confidence`` at that step. The final result adds
+        ``edgecascade.cascade`` (the mode), ``edgecascade.threshold``,
+        ``edgecascade.tokens_local``, ``edgecascade.tokens_escalated``,
+        ``edgecascade.upstream_calls``, in speculative mode ``edgecascade.drafts``
+        and ``edgecascade.drafts_accepted``, and ``edgecascade.degraded`` (the
+        reason) when the upstream could not help and the rest was generated here;
+        its ``edgecascade.confidence`` is the mean device confidence (confidence
+        mode) or mean token probability (speculative).
+        """
+        assert model.tokenizer is not None
+        loop = asyncio.get_running_loop()
+        tally = CascadeTally()
+        async with self.cache.use(model):
+            tokens = self.token_cascade.generate(plan, model.tokenizer, step, prompt, params, route, deadline, tally)
+            async for token in tokens:
+                parameters: dict[str, ParamValue] = {
+                    TOKEN_PROBABILITY: token.probability,
+                    TOKEN_ORIGIN: token.origin,
+                }
+                if token.confidence is not None:
+                    parameters[CONFIDENCE] = token.confidence
+                yield self._result(
+                    model, request, {TEXT_OUTPUT: np.array([token.text.encode("utf-8")], dtype=object)}, parameters
+                )
+                if loop.time() >= deadline:
+                    raise DeadlineExceededError(f"generation with model '{model.name}' ran past its deadline")
+        final: dict[str, ParamValue] = {
+            FINAL_RESPONSE: True,
+            TOKENS: tally.tokens,
+            FINISH_REASON: tally.finish_reason,
+            CONFIDENCE: tally.mean_confidence,
+            MIN_TOKEN_PROBABILITY: tally.min_probability,
+            CASCADE: plan.mode,
+            THRESHOLD: plan.threshold,
+            TOKENS_LOCAL: tally.tokens_local,
+            TOKENS_ESCALATED: tally.tokens_escalated,
+            UPSTREAM_CALLS: tally.upstream_calls,
+        }
+        if plan.mode == CASCADE_SPECULATIVE:
+            final[DRAFTS] = tally.drafted
+            final[DRAFTS_ACCEPTED] = tally.accepted
+        if tally.degraded:
+            final[DEGRADED] = tally.degraded
+        yield self._result(model, request, {}, final)
 
     def _result(
         self,
@@ -538,6 +782,26 @@ class Dataplane:
         if array.dtype != object or array.size != 1:
             raise InvalidArgumentError(f"input '{TEXT_INPUT}' must be BYTES with exactly one element")
         return decode_prompt(bytes(array.reshape(-1)[0]))
+
+
+@dataclass(frozen=True)
+class _Declined:
+    """Why a call sent upward with a local answer at hand got no answer from there.
+
+    Attributes:
+        reason: The ``edgecascade.degraded`` value.
+        why: For people (the upstream's message).
+        not_held: The upstream does not hold the model: the local answer is the best there is (not degraded).
+    """
+
+    reason: str
+    why: str
+    not_held: bool = False
+
+
+def _with(result: InferResult, parameters: Mapping[str, ParamValue]) -> InferResult:
+    """``result`` with more response parameters."""
+    return replace(result, parameters={**result.parameters, **parameters})
 
 
 def _priority(request: InferRequest) -> int:

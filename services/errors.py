@@ -12,11 +12,18 @@ from __future__ import annotations
 
 
 class EdgecascadeError(Exception):
-    """Base of every error edgecascade raises on purpose."""
+    """Base of every error edgecascade raises on purpose.
+
+    Attributes:
+        message: For the person who gets it.
+        from_peer: True when a peer of ours raised it and sent it over gRPC (it answered, with this
+            error); False when it was raised here — including a call that failed in transport.
+    """
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+        self.from_peer = False
 
 
 class NotFoundError(EdgecascadeError):

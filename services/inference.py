@@ -43,6 +43,8 @@ TOKEN_ORIGINS = (TOKEN_LOCAL, TOKEN_UPSTREAM)
 TOKENS_LOCAL = "edgecascade.tokens_local"  # final response: tokens from this node's model
 TOKENS_ESCALATED = "edgecascade.tokens_escalated"  # final response: tokens from the upstream's distribution
 UPSTREAM_CALLS = "edgecascade.upstream_calls"  # final response: calls made to the upstream for this generation
+DRAFTS = "edgecascade.drafts"  # final response of a speculative generation: tokens the device drafted
+DRAFTS_ACCEPTED = "edgecascade.drafts_accepted"  # ... and how many of them the upstream accepted
 # Set on an answer computed here in place of the upstream's because the upstream could not be reached
 # (its value says why, e.g. "upstream_unavailable" or "circuit_open"); absent on a normal answer.
 DEGRADED = "edgecascade.degraded"

@@ -37,6 +37,20 @@ SHADOW_DIFFERENCE = "edgecascade.shadow.difference"  # histogram per run: mean a
 SHADOW_LATENCY = "edgecascade.shadow.duration"  # histogram in ms: the shadow's run on a sampled request
 SHADOW_SERVING_LATENCY = "edgecascade.shadow.serving_duration"  # histogram in ms: the serving run, same requests
 
+# The confidence cascade and the guarded upstream (issue 11): read by operators, not by the region's gates.
+DEGRADED_ANSWERS = "edgecascade.requests.degraded"  # monotonic sum, by model, version, variant and DEGRADED_REASON
+DEGRADED_REASON = "edgecascade.degraded.reason"  # the edgecascade.degraded value: circuit_open, upstream_unavailable …
+UPSTREAM = "edgecascade.upstream.address"  # attribute of the upstream metrics: host:port of the next tier
+BREAKER_STATE = "edgecascade.breaker.state"  # attribute: closed, open or half_open (a BreakerState value)
+BREAKER_TRANSITIONS = "edgecascade.upstream.breaker.transitions"  # monotonic sum, by UPSTREAM and state entered
+BREAKER_STATES = "edgecascade.upstream.breaker.states"  # gauge, by UPSTREAM and BREAKER_STATE: 1 for the current one
+BREAKER_REJECTED = "edgecascade.upstream.breaker.rejected"  # monotonic sum, by UPSTREAM: calls refused at once
+RESULT = "edgecascade.result"  # attribute: hit or miss (cache lookups), sent or refused (retries)
+UPSTREAM_RETRIES = "edgecascade.upstream.retries"  # monotonic sum, by UPSTREAM and RESULT (sent, or refused by budget)
+RESULT_CACHE_LOOKUPS = "edgecascade.upstream.cache.lookups"  # monotonic sum, by UPSTREAM and RESULT (hit or miss)
+RESULT_CACHE_HIT_RATE = "edgecascade.upstream.cache.hit_rate"  # gauge in [0, 1], by UPSTREAM (after the first lookup)
+RESULT_CACHE_BYTES = "edgecascade.upstream.cache.bytes"  # gauge, by UPSTREAM: bytes of the cached answers
+
 # Log records (OTLP logs): an anomaly is marked so the region keeps it whatever its severity.
 ANOMALY = "edgecascade.anomaly"  # bool true on an anomaly record
 ANOMALY_KIND = "edgecascade.anomaly.kind"  # one of ANOMALY_KINDS

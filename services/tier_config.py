@@ -46,6 +46,32 @@ Sections and their environment variables (``EDGECASCADE_<SECTION>__<KEY>``):
     root metadata: set, the node installs its assignments through its updater and
     serves only what it installed).
 
+``[cascade]`` (devices and edges)
+    The request-level confidence cascade (:mod:`services.cascade`): ``mode``, the
+    ``edgecascade.cascade`` of a request that sends none (``confidence``, the
+    default: answers under their threshold go upward; ``off``; ``speculative``,
+    which a single inference treats as ``confidence``); ``thresholds``, a list of
+    ``model=threshold`` (in [0, 1]) overriding a model version's signed
+    ``confidence_threshold`` (a model with neither, and a request without
+    ``edgecascade.threshold``, is never escalated); ``outputs``, a list of
+    ``model=output`` naming the output whose max probability is the confidence
+    (default: the first floating-point output with more than one class). In the
+    environment, lists are comma-separated: ``EDGECASCADE_CASCADE__THRESHOLDS=lin=0.8,lm=0.5``.
+
+``[token_cascade]`` (devices and edges)
+    How generators cascade token by token (:mod:`services.cascade_generation`):
+    ``pairs``, a list of ``device_model=upstream_model`` (beats a model's signed
+    ``edgecascade.cascade.upstream_model``; a generator with neither never
+    cascades); ``threshold``, the token threshold of a paired model that has none
+    from the request, ``[cascade] thresholds`` or its signed metadata; ``signal``,
+    ``chosen_prob`` (the device's probability of the token it sampled; default) or
+    ``max_prob``; speculative decoding's ``k_min`` and ``k_max`` drafts per block
+    (``k + 1`` also stays within the upstream model's ``max_batch_size``) and
+    ``draft_cost_ratio`` (draft step ÷ upstream call time, for the adaptive ``k``);
+    ``call_timeout_s``, the most one upstream call of a generation may take
+    before the generation goes on alone, marked degraded. In the environment:
+    ``EDGECASCADE_TOKEN_CASCADE__PAIRS=charlm-device=charlm-edge``.
+
 ``[telemetry]`` (devices and edges)
     ``export``: send the node's metrics by OTLP/gRPC (default off), every
     ``interval_s``, each export given up after ``timeout_s`` (retries included), to
@@ -71,6 +97,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.cascade import CascadeSettings
+from services.cascade_generation import SIGNAL_CHOSEN, TokenCascadeSettings
 from services.circuit_breaker import BreakerSettings
 from services.engine.batcher import BatchingConfig
 from services.engine.memory import default_budget
@@ -297,6 +325,87 @@ class UpdatesSection:
             raise ConfigError("[updates] hardware_class must be at most 64 characters")
         if self.trusted_root and not self.state_dir:
             raise ConfigError("[updates] trusted_root needs a state_dir to install into")
+
+
+@dataclass(frozen=True)
+class CascadeSection:
+    """The confidence cascade's defaults (see the module docstring)."""
+
+    mode: str = "confidence"
+    thresholds: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.settings()
+
+    def settings(self) -> CascadeSettings:
+        """The cascade's settings.
+
+        Raises:
+            ConfigError: A list entry is not ``model=value``, a threshold is not a number in [0, 1], or the mode is
+                unknown.
+        """
+        thresholds: dict[str, float] = {}
+        for model, text in _pairs("thresholds", self.thresholds).items():
+            try:
+                thresholds[model] = float(text)
+            except ValueError:
+                raise ConfigError(f"[cascade] thresholds: {model}={text!r} is not a number in [0, 1]") from None
+        try:
+            return CascadeSettings(self.mode, thresholds, _pairs("outputs", self.outputs))
+        except ConfigError as exc:
+            raise ConfigError(f"[cascade] {exc.message}") from None
+
+
+def _pairs(key: str, entries: tuple[str, ...]) -> dict[str, str]:
+    pairs: dict[str, str] = {}
+    for entry in entries:
+        model, sep, value = entry.partition("=")
+        if not sep or not model.strip() or not value.strip():
+            raise ConfigError(f"[cascade] {key}: entries are model=value, got {entry!r}")
+        pairs[model.strip()] = value.strip()
+    return pairs
+
+
+@dataclass(frozen=True)
+class TokenCascadeSection:
+    """How generators cascade token by token and decode speculatively (see the module docstring)."""
+
+    pairs: tuple[str, ...] = ()
+    threshold: float = 0.4
+    signal: str = SIGNAL_CHOSEN
+    k_min: int = 1
+    k_max: int = 8
+    draft_cost_ratio: float = 0.1
+    call_timeout_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        self.settings()
+
+    def settings(self) -> TokenCascadeSettings:
+        """The token cascade's settings.
+
+        Raises:
+            ConfigError: A pair is not ``device_model=upstream_model``, or a value is out of range.
+        """
+        pairs: dict[str, str] = {}
+        for entry in self.pairs:
+            model, sep, upstream = entry.partition("=")
+            if not sep or not model.strip() or not upstream.strip():
+                raise ConfigError(f"[token_cascade] pairs: entries are device_model=upstream_model, got {entry!r}")
+            pairs[model.strip()] = upstream.strip()
+        try:
+            return TokenCascadeSettings(
+                pairs=pairs,
+                threshold=self.threshold,
+                signal=self.signal,
+                k_min=self.k_min,
+                k_max=self.k_max,
+                draft_cost_ratio=self.draft_cost_ratio,
+                call_timeout_s=self.call_timeout_s,
+            )
+        except ValueError as exc:
+            raise ConfigError(f"[token_cascade] {exc}") from None
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,12 @@
-"""The device's configuration: the shared sections plus ``[updates]`` (enrollment and check-in) and ``[telemetry]``."""
+"""The device's configuration: the shared sections plus ``[updates]`` (enrollment and check-in), ``[telemetry]``,
+``[cascade]`` (the confidence cascade) and ``[token_cascade]`` (generators' token-level cascade and speculative
+decoding); see :mod:`services.tier_config`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from services.tier_config import TelemetrySection, TierConfig, UpdatesSection
+from services.tier_config import CascadeSection, TelemetrySection, TierConfig, TokenCascadeSection, UpdatesSection
 
 
 @dataclass(frozen=True)
@@ -13,3 +15,5 @@ class DeviceConfig(TierConfig):
 
     updates: UpdatesSection = field(default_factory=UpdatesSection)
     telemetry: TelemetrySection = field(default_factory=TelemetrySection)
+    cascade: CascadeSection = field(default_factory=CascadeSection)
+    token_cascade: TokenCascadeSection = field(default_factory=TokenCascadeSection)

@@ -1,4 +1,5 @@
-"""The edge's configuration: the shared sections plus ``[artifacts]``, ``[updates]`` and ``[telemetry]``.
+"""The edge's configuration: the shared sections plus ``[artifacts]``, ``[updates]``, ``[telemetry]``, ``[cascade]``
+and ``[token_cascade]`` (the confidence cascades, as on a device: see :mod:`services.tier_config`).
 
 ``[artifacts]``
     ``cache_dir`` of the pull-through artifact cache (empty: no artifact
@@ -23,7 +24,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from services.errors import ConfigError
-from services.tier_config import TelemetrySection, TierConfig, UpdatesSection, check_chunk_bytes
+from services.tier_config import (
+    CascadeSection,
+    TelemetrySection,
+    TierConfig,
+    TokenCascadeSection,
+    UpdatesSection,
+    check_chunk_bytes,
+)
 from tier1_edge.artifact_cache import DEFAULT_MAX_BYTES
 
 # A smaller non-zero bound is surely a mistake of unit (it would hold no model).
@@ -83,6 +91,8 @@ class EdgeConfig(TierConfig):
     artifacts: ArtifactsSection = field(default_factory=ArtifactsSection)
     updates: UpdatesSection = field(default_factory=UpdatesSection)
     telemetry: EdgeTelemetrySection = field(default_factory=EdgeTelemetrySection)
+    cascade: CascadeSection = field(default_factory=CascadeSection)
+    token_cascade: TokenCascadeSection = field(default_factory=TokenCascadeSection)
 
     def __post_init__(self) -> None:
         super().__post_init__()

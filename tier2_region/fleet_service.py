@@ -92,6 +92,8 @@ def _response(desired: DesiredState) -> pb.CheckInResponse:
                     nonce=a.grant.nonce,
                     wrapped_key=a.grant.wrapped_key,
                 ),
+                shadow=a.shadow,
+                shadow_share=a.shadow_share,
             )
             for a in desired.assignments
         ],
@@ -156,7 +158,7 @@ class FleetServicer(pb_grpc.FleetServiceServicer):
             timestamp_unix_ms=message.timestamp_unix_ms,
             nonce=message.nonce,
             installed=tuple(
-                InstalledModel(m.name, m.version, m.variant, m.state, m.last_error) for m in message.installed
+                InstalledModel(m.name, m.version, m.variant, m.state, m.last_error, m.shadow) for m in message.installed
             ),
         )
         desired = await self._run(self._fleet.check_in, SignedCheckIn(request.report, request.signature, report))

@@ -216,11 +216,8 @@ def decode_prompt(raw: bytes) -> str:
         ) from None
 
 
-def choose(probs: np.ndarray[Any, Any], params: GenerationParams, rng: np.random.Generator) -> int:
-    """Picks the next id from a next-character distribution.
-
-    Padding and unknown ids are never chosen; temperature 0 means greedy.
-    """
+def _sampling_weights(probs: np.ndarray[Any, Any], params: GenerationParams) -> np.ndarray[Any, Any] | int:
+    """The normalised distribution :func:`choose` samples from, or the id it picks without sampling."""
     p = np.array(probs, dtype=np.float64)
     p[PAD_ID] = 0.0
     p[UNK_ID] = 0.0
@@ -236,7 +233,33 @@ def choose(probs: np.ndarray[Any, Any], params: GenerationParams, rng: np.random
     total = weights.sum()
     if not np.isfinite(total) or total <= 0:
         return int(np.argmax(p))  # nothing left to sample from: fall back to greedy
-    return int(rng.choice(p.size, p=weights / total))
+    normalised: np.ndarray[Any, Any] = weights / total
+    return normalised
+
+
+def choose(probs: np.ndarray[Any, Any], params: GenerationParams, rng: np.random.Generator) -> int:
+    """Picks the next id from a next-character distribution.
+
+    Padding and unknown ids are never chosen; temperature 0 means greedy.
+    """
+    weights = _sampling_weights(probs, params)
+    if isinstance(weights, int):
+        return weights
+    return int(rng.choice(weights.size, p=weights))
+
+
+def sampling_distribution(probs: np.ndarray[Any, Any], params: GenerationParams) -> np.ndarray[Any, Any]:
+    """Returns the distribution :func:`choose` draws from (one-hot when it picks without drawing), ``[V]``.
+
+    Speculative decoding verifies drafts against these: the emitted tokens then
+    follow the target model's distribution *as sampled* (temperature, top-k).
+    """
+    weights = _sampling_weights(probs, params)
+    if isinstance(weights, int):
+        one_hot = np.zeros(np.asarray(probs).shape[-1], dtype=np.float64)
+        one_hot[weights] = 1.0
+        return one_hot
+    return weights
 
 
 async def generate(

@@ -11,6 +11,11 @@ Invariants:
   :class:`~services.single_flight.SingleFlight` keyed by name and version),
   and one load at a time per node, so the memory a load really took can be
   measured.
+* A shadow cache (:meth:`ModelCache.shadow_cache`: a rollout's shadow versions,
+  run beside the serving ones) shares the node's budget, run pool and load
+  lock: each counts the other's used bytes against the one budget. The serving
+  cache evicts idle shadow models first to make room (shadow work yields); the
+  shadow cache never evicts a serving model (its load is refused instead).
 * A version becomes visible to new requests only after it loaded, passed a
   warm-up run and was accepted by the load hooks (opening, warming up and
   measuring are :mod:`services.engine.model_loader`'s). Loading a new version while
@@ -106,6 +111,17 @@ class LoadedModel:
 
 
 @dataclass(frozen=True)
+class _Victim:
+    """An idle model chosen for eviction, and the cache that holds it."""
+
+    cache: ModelCache
+    model: LoadedModel
+
+    def evict(self) -> None:
+        self.cache._evict(self.model)
+
+
+@dataclass(frozen=True)
 class IndexEntry:
     """One row of RepositoryIndex."""
 
@@ -148,8 +164,13 @@ class ModelCache:
     ) -> None:
         self.repository = repository
         self.budget = memory_budget_bytes
+        self.pool = pool
         self.stats = ModelCacheStats()
         self.loader = ModelLoader(pool, batching, intra_op_threads, rss, observers, hooks, opener)
+        self._intra_op_threads = intra_op_threads
+        self._rss = rss
+        self._neighbour: ModelCache | None = None  # the cache sharing this one's budget (serving ⇄ shadow)
+        self._evicts_neighbour = False  # whether this cache may evict the neighbour's idle models
         self._loaded: dict[tuple[str, str], LoadedModel] = {}
         self._latest: dict[str, LoadedModel] = {}
         self._loads: SingleFlight[tuple[str, str], LoadedModel] = SingleFlight()
@@ -170,6 +191,36 @@ class ModelCache:
             raise ConfigError("the model cache's source can only change before any model is loaded")
         self.repository = repository
         self.loader.opener = opener
+
+    def shadow_cache(self, repository: ModelRepository, opener: SessionOpener) -> ModelCache:
+        """A cache of shadow versions beside this one, sharing its budget, run pool and load lock.
+
+        Each cache counts the other's used bytes against the budget; this one may evict the
+        shadow cache's idle models (shadow work yields first), the shadow cache never evicts
+        this one's (its load is refused with :class:`~services.errors.MemoryBudgetError`).
+        Its batchers are not observed by this cache's metrics.
+
+        Raises:
+            ConfigError: This cache already has a shadow cache, or is one.
+        """
+        if self._neighbour is not None:
+            raise ConfigError("a model cache has at most one shadow cache")
+        shadow = ModelCache(
+            repository, self.pool, self.batching, self.budget, self._intra_op_threads, self._rss, opener=opener
+        )
+        shadow._load_lock = self._load_lock  # one load at a time per node: footprints stay measurable
+        shadow._neighbour, self._neighbour = self, shadow
+        self._evicts_neighbour = True
+        return shadow
+
+    @property
+    def budget_used_bytes(self) -> int:
+        """What counts against the budget: :attr:`used_bytes` plus those of the cache sharing the budget."""
+        return self.used_bytes + (self._neighbour.used_bytes if self._neighbour is not None else 0)
+
+    def loaded_model(self, name: str) -> LoadedModel | None:
+        """The newest loaded version of ``name``, or None; loads nothing and counts no hit."""
+        return self._latest.get(name)
 
     @property
     def batching(self) -> BatchingConfig:
@@ -244,6 +295,11 @@ class ModelCache:
         for model in models:
             self._retire(model)
 
+    def release(self, model: LoadedModel) -> None:
+        """Releases one loaded version (:meth:`unload` releases them all); nothing when it is not loaded."""
+        if self._loaded.get((model.name, model.version)) is model:
+            self._retire(model)
+
     async def preload(self) -> None:
         """Loads the newest version of every model not loaded yet; failures are recorded, not raised."""
         for name in self.repository.names():
@@ -311,19 +367,34 @@ class ModelCache:
                 f"{what} needs about {megabytes(footprint)}, "
                 f"more than this node's memory budget of {megabytes(self.budget)}"
             )
-        while self.used_bytes + footprint > self.budget:
-            idle = [m for m in self._loaded.values() if not m.busy]
-            if not idle:
+        while self.budget_used_bytes + footprint > self.budget:
+            victim = self._victim()
+            if victim is None:
                 self.stats.refusals += 1
-                free = max(self.budget - self.used_bytes, 0)
+                free = max(self.budget - self.budget_used_bytes, 0)
+                held = "every loaded model is in use"
+                if self._neighbour is not None and not self._evicts_neighbour and self._neighbour.used_bytes:
+                    held = f"the serving models hold {megabytes(self._neighbour.used_bytes)} and shadow work yields"
                 raise MemoryBudgetError(
                     f"{what} needs about {megabytes(footprint)}; only {megabytes(free)} of the budget is free "
-                    "and every loaded model is in use"
+                    f"and {held}"
                 )
-            victim = min(idle, key=lambda m: m.last_used)
-            self._evicted.add((victim.name, victim.version))
-            self.stats.evictions += 1
-            self._retire(victim)
+            victim.evict()
+
+    def _victim(self) -> _Victim | None:
+        """The idle model to evict next: the neighbour's (shadow) ones first when this cache may, then its own, LRU."""
+        caches = [self._neighbour, self] if self._neighbour is not None and self._evicts_neighbour else [self]
+        for cache in caches:
+            assert cache is not None
+            idle = [m for m in cache._loaded.values() if not m.busy]
+            if idle:
+                return _Victim(cache, min(idle, key=lambda m: m.last_used))
+        return None
+
+    def _evict(self, model: LoadedModel) -> None:
+        self._evicted.add((model.name, model.version))
+        self.stats.evictions += 1
+        self._retire(model)
 
     def _retire(self, model: LoadedModel) -> None:
         """Takes a version out of service; its batcher drains, then memory is released."""

@@ -18,6 +18,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.trace import TracerProvider
 
 from services.engine.model_cache import ModelCache
+from services.engine.shadow import ShadowRunner
 from services.inference import NodeIdentity
 from services.rpc.fleet_metrics import FleetMetrics
 from services.rpc.server import ServiceBinding
@@ -34,6 +35,7 @@ class NodeContext:
     cache: ModelCache | None = None  # the node's engine (None in tests of components that need none)
     meter_provider: MeterProvider | None = None  # where a component's own metrics go (None: it keeps none)
     fleet_metrics: FleetMetrics | None = None  # what the region reads of the node (an updater reports to it)
+    shadows: ShadowRunner | None = None  # runs a rollout's shadow versions beside the serving ones (an updater's)
 
 
 class Component(Protocol):

@@ -8,6 +8,8 @@ become domain errors through the status table.
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -24,6 +26,8 @@ from services.rpc.status_table import error_from_rpc
 from services.updates.checkin import AssignedVariant, DesiredState, InstalledModel, NodeFacts, Unassigned
 from services.updates.identity import NodeKeys
 from services.updates.key_grants import KeyGrant
+
+log = logging.getLogger("edgecascade.updates")
 
 TIERS = {"device": mesh_pb2.TIER_DEVICE, "edge": mesh_pb2.TIER_EDGE, "region": mesh_pb2.TIER_REGION}
 NONCE_BYTES = 16
@@ -51,7 +55,12 @@ def installed_to_proto(installed: Sequence[InstalledModel]) -> list[mesh_pb2.Ins
     """What a node runs, as it reports it at check-in and in ``GetTierInfo``."""
     return [
         mesh_pb2.InstalledModel(
-            name=m.name, version=m.version, variant=m.variant, state=m.state, last_error=m.last_error
+            name=m.name,
+            version=m.version,
+            variant=m.variant,
+            state=m.state,
+            last_error=m.last_error,
+            shadow=m.shadow,
         )
         for m in installed
     ]
@@ -77,6 +86,10 @@ def desired_state_from_proto(response: pb.CheckInResponse) -> DesiredState:
     The answer comes through the edge, which the node does not trust: its size is bounded
     here and the interval is clamped to what a node accepts, so a hostile relay can neither
     flood the node's journal nor stop its check-ins (grants and blobs are verified anyway).
+    A shadow assignment's share is checked the same way (:func:`_shadow_share`), and a model
+    has at most one shadow (the first). A shadow the node could never run is dropped with a
+    warning: one of a model without a serving assignment in the same answer (the shadow runs
+    only beside a serving version, on its answered requests), or of the serving version itself.
 
     Raises:
         IntegrityError: More assignments or reasons than any region sends.
@@ -87,22 +100,77 @@ def desired_state_from_proto(response: pb.CheckInResponse) -> DesiredState:
             f"unassigned models; at most {MAX_ASSIGNMENTS} of each are accepted"
         )
     interval = response.check_interval_s
+    assignments: list[AssignedVariant] = []
+    shadows: set[str] = set()
+    serving: dict[str, set[str]] = {}  # model → its serving versions in this answer
+    for a in response.assignments:
+        if not a.shadow:
+            serving.setdefault(a.name, set()).add(a.version)
+    for a in response.assignments:
+        share = 0.0  # a serving assignment has none, whatever the answer says
+        if a.shadow:
+            share = _shadow_share(a)
+            if not share or not _runnable_shadow(a, serving.get(a.name, set())):
+                continue
+            if a.name in shadows:
+                log.warning("check-in answer: a second shadow assignment of model %r ignored (one a model)", a.name)
+                continue
+            shadows.add(a.name)
+        grant = KeyGrant(a.grant.key_id, a.grant.ephemeral_public_key, a.grant.salt, a.grant.nonce, a.grant.wrapped_key)
+        assignments.append(
+            AssignedVariant(a.name, a.version, a.variant, a.target_path, grant, shadow=a.shadow, shadow_share=share)
+        )
     return DesiredState(
-        assignments=tuple(
-            AssignedVariant(
-                a.name,
-                a.version,
-                a.variant,
-                a.target_path,
-                KeyGrant(
-                    a.grant.key_id, a.grant.ephemeral_public_key, a.grant.salt, a.grant.nonce, a.grant.wrapped_key
-                ),
-            )
-            for a in response.assignments
-        ),
+        assignments=tuple(assignments),
         unassigned=tuple(Unassigned(u.name, u.version, u.reason) for u in response.unassigned),
         check_interval_s=min(max(interval, MIN_CHECK_INTERVAL_S), MAX_CHECK_INTERVAL_S) if interval else 0,
     )
+
+
+def _runnable_shadow(a: pb.Assignment, serving: set[str]) -> bool:
+    """Whether a shadow assignment can ever run beside ``serving`` (the model's serving versions); logs why not."""
+    if not serving:
+        log.warning(
+            "check-in answer: the shadow assignment of model %r version %r ignored: the model has no serving "
+            "assignment to run beside",
+            a.name,
+            a.version,
+        )
+        return False
+    if a.version in serving:
+        log.warning(
+            "check-in answer: the shadow assignment of model %r version %r ignored: it is the serving version",
+            a.name,
+            a.version,
+        )
+        return False
+    return True
+
+
+def _shadow_share(a: pb.Assignment) -> float:
+    """A shadow assignment's share, in (0, 1]; 0 (the assignment is ignored) when it is not a positive number.
+
+    Like the interval, the share comes through the untrusted edge: above 1 it is clamped to 1 (the shadow
+    runs on every locally answered request, still shed first under load).
+    """
+    share = a.shadow_share
+    if math.isnan(share) or share <= 0:
+        log.warning(
+            "check-in answer: the shadow assignment of model %r version %r has share %r, not in (0, 1]; ignored",
+            a.name,
+            a.version,
+            share,
+        )
+        return 0.0
+    if share > 1:
+        log.warning(
+            "check-in answer: the shadow assignment of model %r version %r has share %r; clamped to 1",
+            a.name,
+            a.version,
+            share,
+        )
+        return 1.0
+    return float(share)
 
 
 class FleetClient:

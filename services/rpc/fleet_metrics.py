@@ -1,4 +1,5 @@
-"""The metrics the region's fleet reads of a node: requests by outcome, latency, confidence, update outcomes.
+"""The metrics the region's fleet reads of a node: requests by outcome, latency, confidence, update outcomes,
+and a rollout's shadow runs (:meth:`FleetMetrics.shadow_run`).
 
 Names and attributes are :mod:`services.telemetry_names`'. The servicer calls
 :meth:`FleetMetrics.record` once per request, with the :class:`CallRoute` the data
@@ -26,14 +27,25 @@ from dataclasses import dataclass
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 
+from services.circuit_breaker import BreakerState
 from services.engine.model_repository import check_model_name, check_version
+from services.engine.shadow import Comparison
 from services.errors import InvalidArgumentError
 from services.inference import NodeIdentity, ParamValue
 from services.rpc.anomaly_log import AnomalyLog
+from services.rpc.guarded_upstream import UpstreamStatus
 from services.rpc.telemetry import annotate_span
 from services.telemetry_names import (
+    AGREEMENT_BOUNDS,
+    BREAKER_REJECTED,
+    BREAKER_STATE,
+    BREAKER_STATES,
+    BREAKER_TRANSITIONS,
     CONFIDENCE,
     CONFIDENCE_BOUNDS,
+    DEGRADED_ANSWERS,
+    DEGRADED_REASON,
+    DIFFERENCE_BOUNDS,
     ERROR,
     FALLBACK_REASON,
     LATENCY,
@@ -41,13 +53,25 @@ from services.telemetry_names import (
     MODEL_NAME,
     MODEL_VARIANT,
     MODEL_VERSION,
+    OK,
     OTHER,
     OUTCOME,
     REJECTED,
     REQUESTS,
+    RESULT,
+    RESULT_CACHE_BYTES,
+    RESULT_CACHE_HIT_RATE,
+    RESULT_CACHE_LOOKUPS,
+    SHADOW_AGREEMENT,
+    SHADOW_DIFFERENCE,
+    SHADOW_LATENCY,
+    SHADOW_RUNS,
+    SHADOW_SERVING_LATENCY,
     UNRESOLVED,
     UPDATE_OUTCOMES,
     UPDATE_STATE,
+    UPSTREAM,
+    UPSTREAM_RETRIES,
 )
 
 # Update states after which the version named serves (on trial, then committed): its variant is known from then.
@@ -131,6 +155,69 @@ class FleetMetrics:
         self._updates = meter.create_counter(
             UPDATE_OUTCOMES, unit="{update}", description="Model updates reaching each state"
         )
+        # A rollout's shadow stage. Nothing is exported before the first shadow run: an instrument without
+        # points sends none, and the run counter observes an empty dict.
+        meter.create_observable_counter(
+            SHADOW_RUNS,
+            [self._observe_shadow_runs],
+            unit="{request}",
+            description="Requests sampled for a shadow version, by outcome (ok, error, shed)",
+        )
+        self._agreement = meter.create_histogram(
+            SHADOW_AGREEMENT,
+            unit="1",
+            description="Per shadow run: share of rows whose top-1 equals the serving answer's",
+            explicit_bucket_boundaries_advisory=AGREEMENT_BOUNDS,
+        )
+        self._difference = meter.create_histogram(
+            SHADOW_DIFFERENCE,
+            unit="1",
+            description="Per shadow run: mean absolute difference of its outputs from the serving answer's",
+            explicit_bucket_boundaries_advisory=DIFFERENCE_BOUNDS,
+        )
+        self._shadow_latency = meter.create_histogram(
+            SHADOW_LATENCY,
+            unit="ms",
+            description="Run time of a shadow version on a sampled request",
+            explicit_bucket_boundaries_advisory=LATENCY_BOUNDS_MS,
+        )
+        self._serving_latency = meter.create_histogram(
+            SHADOW_SERVING_LATENCY,
+            unit="ms",
+            description="Run time of the serving version on the requests its shadow ran on",
+            explicit_bucket_boundaries_advisory=LATENCY_BOUNDS_MS,
+        )
+        # The cascade and the guarded upstream (issue 11).
+        self._degraded = meter.create_counter(
+            DEGRADED_ANSWERS,
+            unit="{request}",
+            description="Answers computed here in place of the upstream's because it could not be reached, by reason",
+        )
+        self._breaker_moves = meter.create_counter(
+            BREAKER_TRANSITIONS, unit="{transition}", description="Upstream breaker transitions, by state entered"
+        )
+        self._upstreams: list[Callable[[], UpstreamStatus]] = []
+        meter.create_observable_gauge(
+            BREAKER_STATES, [self._observe_breakers], unit="1", description="1 for the upstream breaker's state now"
+        )
+        meter.create_observable_counter(
+            BREAKER_REJECTED, [self._observe_rejected], unit="{call}", description="Upstream calls the breaker refused"
+        )
+        meter.create_observable_counter(
+            UPSTREAM_RETRIES, [self._observe_retries], unit="{call}", description="Upstream retries sent or refused"
+        )
+        meter.create_observable_counter(
+            RESULT_CACHE_LOOKUPS, [self._observe_lookups], unit="{lookup}", description="Result cache hits and misses"
+        )
+        meter.create_observable_gauge(
+            RESULT_CACHE_HIT_RATE, [self._observe_hit_rate], unit="1", description="Result cache hits per lookup"
+        )
+        meter.create_observable_gauge(
+            RESULT_CACHE_BYTES, [self._observe_cache_bytes], unit="By", description="Bytes of cached upstream answers"
+        )
+        # (name, shadow version, variant) → attributes, and → outcome → (count, attributes of the count)
+        self._shadow_models: dict[tuple[str, str, str], dict[str, str]] = {}
+        self._shadow_runs: dict[tuple[str, str, str, str], tuple[int, dict[str, str]]] = {}
         self._series: dict[tuple[str, str, str, str], _Series] = {}
         self._max_models = max_models
         self._max_versions = max_versions
@@ -189,6 +276,59 @@ class FleetMetrics:
             error_type = "" if error is None else type(error).__name__
             log.request(series.name, series.version, series.model or {}, outcome, route.reason, seconds, error_type)
 
+    def degraded(self, route: CallRoute, reason: ParamValue | None) -> None:
+        """Counts an answer marked ``edgecascade.degraded`` (``reason`` is its value; None: not degraded)."""
+        if reason is None:
+            return
+        series = self._series.get((route.name, route.version, OK, route.reason))
+        model = series.model if series is not None and series.model is not None else {MODEL_NAME: route.name}
+        self._degraded.add(1, {**model, DEGRADED_REASON: str(reason)})
+
+    def breaker_moved(self, address: str, state: BreakerState) -> None:
+        """Counts one transition of an upstream's circuit breaker into ``state`` (its ``on_change``)."""
+        self._breaker_moves.add(1, {UPSTREAM: address, BREAKER_STATE: state.value})
+
+    def watch_upstream(self, status: Callable[[], UpstreamStatus]) -> None:
+        """Exports the breaker state, rejections, retries and result cache of an upstream (read at each collection)."""
+        self._upstreams.append(status)
+
+    def _statuses(self) -> list[UpstreamStatus]:
+        return [status() for status in list(self._upstreams)]
+
+    def _observe_breakers(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [
+            Observation(int(s.breaker_state is state), {UPSTREAM: s.address, BREAKER_STATE: state.value})
+            for s in self._statuses()
+            for state in BreakerState
+        ]
+
+    def _observe_rejected(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(s.breaker_rejected, {UPSTREAM: s.address}) for s in self._statuses()]
+
+    def _observe_retries(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [
+            Observation(count, {UPSTREAM: s.address, RESULT: result})
+            for s in self._statuses()
+            for result, count in (("sent", s.retries), ("refused", s.retries_refused))
+        ]
+
+    def _observe_lookups(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [
+            Observation(count, {UPSTREAM: s.address, RESULT: result})
+            for s in self._statuses()
+            for result, count in (("hit", s.cache_hits), ("miss", s.cache_misses))
+        ]
+
+    def _observe_hit_rate(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [
+            Observation(s.cache_hit_rate, {UPSTREAM: s.address})
+            for s in self._statuses()
+            if s.cache_hit_rate is not None
+        ]
+
+    def _observe_cache_bytes(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(s.cache_bytes, {UPSTREAM: s.address}) for s in self._statuses()]
+
     def updated(self, state: str, name: str, version: str, variant: str) -> None:
         """Counts one update reaching ``state`` (the updater's ``on_state``), on the event loop."""
         self._updates.add(1, {MODEL_NAME: name, MODEL_VERSION: version, MODEL_VARIANT: variant, UPDATE_STATE: state})
@@ -196,6 +336,61 @@ class FleetMetrics:
             for series in list(self._series.values()):
                 if (series.name, series.version) == (name, version):
                     series.label(variant)
+
+    def shadow_run(
+        self,
+        name: str,
+        version: str,
+        variant: str,
+        outcome: str,
+        comparison: Comparison | None = None,
+        shadow_seconds: float = 0.0,
+        serving_seconds: float = 0.0,
+    ) -> None:
+        """Records one request sampled for a shadow version (the shadow runner's recorder), on the event loop.
+
+        Every point carries the *shadow's* model, version and variant. An ``ok`` run records its agreement
+        and difference (those it has) and both run times; ``error`` and ``shed`` are only counted. Names
+        and versions are the node's shadow store's (one shadow per model), and a removed shadow's run
+        counts are dropped (:meth:`forget_shadow`), so the series stay bounded.
+        """
+        model_key = (name, version, variant)
+        attributes = self._shadow_models.get(model_key)
+        if attributes is None:
+            attributes = self._shadow_models[model_key] = {
+                MODEL_NAME: name,
+                MODEL_VERSION: version,
+                MODEL_VARIANT: variant,
+            }
+        key = (*model_key, outcome)
+        counted = self._shadow_runs.get(key)
+        self._shadow_runs[key] = (
+            (counted[0] + 1, counted[1]) if counted is not None else (1, {**attributes, OUTCOME: outcome})
+        )
+        if outcome != OK:
+            return
+        if comparison is not None:
+            if comparison.agreement is not None:
+                self._agreement.record(comparison.agreement, attributes)
+            if comparison.difference is not None:
+                self._difference.record(comparison.difference, attributes)
+        self._shadow_latency.record(shadow_seconds * 1000.0, attributes)
+        self._serving_latency.record(serving_seconds * 1000.0, attributes)
+
+    def forget_shadow(self, name: str, keep: str = "") -> None:
+        """Drops the shadow-run series of model ``name``'s shadow versions but ``keep`` (its shadow was removed).
+
+        Called when the node removes a shadow, so that the series stay bounded over the node's lifetime
+        (one model has one shadow at a time, but a long-lived node sees many). A version run again later
+        counts from zero, as after a restart.
+        """
+        for key in [k for k in self._shadow_models if k[0] == name and k[1] != keep]:
+            del self._shadow_models[key]
+        for run in [k for k in self._shadow_runs if k[0] == name and k[1] != keep]:
+            del self._shadow_runs[run]
+
+    def _observe_shadow_runs(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(count, attributes) for count, attributes in list(self._shadow_runs.values())]
 
     def _add(self, key: tuple[str, str, str, str], local: bool) -> _Series:
         series = self._series[key] = _Series(*key)

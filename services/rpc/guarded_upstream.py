@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import numpy as np
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -36,7 +39,8 @@ from tenacity import (
 from tenacity.stop import stop_base
 
 from protos.inference import grpc_service_pb2 as pb
-from services.circuit_breaker import CircuitBreaker
+from services.cascade_generation import UpstreamGenerator
+from services.circuit_breaker import BreakerState, CircuitBreaker
 from services.dataplane import InferCall, ModelQuery, Relayed, Upstream
 from services.errors import (
     CapacityError,
@@ -46,12 +50,15 @@ from services.errors import (
     InternalError,
     RequestCancelledError,
     UnavailableError,
+    UpstreamUnavailableError,
 )
 from services.inference import FallbackReason
 from services.result_cache import ResultCache
 from services.retry_budget import RetryBudget, RetrySettings
 
 R = TypeVar("R")
+
+log = logging.getLogger("edgecascade.upstream")
 
 CACHED = "edgecascade.cached"  # response parameter: true on an answer served from this node's result cache
 # Request parameters that change when or how an answer is delivered, never what it is.
@@ -60,9 +67,65 @@ TRANSPORT_PARAMETERS = frozenset({"priority", "timeout", "triton_enable_empty_fi
 MIN_ATTEMPT_S = 0.005
 
 
+@dataclass(frozen=True)
+class UpstreamStatus:
+    """How calls to the upstream fare: its breaker, retries and result cache (``GetTierInfo``, status, metrics)."""
+
+    address: str
+    breaker_state: BreakerState
+    breaker_opened: int  # times the breaker opened
+    breaker_rejected: int  # calls refused at once while it was open or half-open
+    breaker_failures: int
+    breaker_successes: int
+    breaker_retry_in_s: float  # seconds until the next probe (0 unless open)
+    last_failure: str
+    retries: int  # retries sent
+    retries_refused: int  # retries the budget refused
+    cache_hits: int
+    cache_misses: int
+    cache_bytes: int
+    cache_entries: int
+
+    @property
+    def cache_hit_rate(self) -> float | None:
+        """Hits per lookup of the result cache, or None before any lookup."""
+        lookups = self.cache_hits + self.cache_misses
+        return self.cache_hits / lookups if lookups else None
+
+
+def log_transition(address: str, old: BreakerState, new: BreakerState, last_failure: str = "") -> None:
+    """Logs a breaker's move once: WARNING when it opens, INFO when it closes, DEBUG when it starts probing."""
+    if new is BreakerState.OPEN:
+        log.warning(
+            "circuit to upstream %s opened (%s): calls to it fail at once, local answers are returned degraded",
+            address,
+            last_failure or "repeated failures",
+        )
+    elif new is BreakerState.CLOSED:
+        log.info("circuit to upstream %s closed: it answers again", address)
+    else:
+        log.debug("circuit to upstream %s half-open (was %s): probing", address, old.value)
+
+
+def beyond_upstream(exc: BaseException) -> bool:
+    """Whether the upstream answered that *its* upstream is unreachable (its own breaker open, say).
+
+    Such an error says nothing about the upstream itself: it neither counts against its breaker nor is
+    retried here (the upstream retried already; retrying at every tier would multiply the calls).
+    """
+    return isinstance(exc, UpstreamUnavailableError) and exc.from_peer
+
+
 def upstream_failure(exc: BaseException) -> bool:
     """Whether an error says the upstream is unwell (and so counts against its breaker)."""
+    if beyond_upstream(exc):
+        return False
     return isinstance(exc, UnavailableError | DeadlineExceededError | CapacityError | InternalError)
+
+
+def retryable(exc: BaseException) -> bool:
+    """Whether a failed attempt may be tried again: UNAVAILABLE, not refused by the breaker, not from beyond."""
+    return isinstance(exc, UnavailableError) and not isinstance(exc, CircuitOpenError) and not beyond_upstream(exc)
 
 
 def cache_key(request: pb.ModelInferRequest) -> bytes:
@@ -158,6 +221,40 @@ class GuardedUpstream:
         """ModelReady, ModelMetadata or ModelConfig upward (idempotent: retried like inference)."""
         return await self._guarded(lambda left: self.inner.query(query, wire, left, route), timeout)
 
+    def status(self) -> UpstreamStatus:
+        """The breaker's state and the counters of retries and of the result cache, now (from any thread)."""
+        breaker = self.breaker  # read without moving it: metric readers call this from their own thread
+        stats = self.cache.stats
+        return UpstreamStatus(
+            address=breaker.name,
+            breaker_state=breaker.observed_state(),
+            breaker_opened=breaker.opened,
+            breaker_rejected=breaker.rejected,
+            breaker_failures=breaker.failures,
+            breaker_successes=breaker.successes,
+            breaker_retry_in_s=breaker.retry_in(),
+            last_failure=breaker.last_failure,
+            retries=self.budget.retries,
+            retries_refused=self.budget.refused,
+            cache_hits=stats.hits,
+            cache_misses=stats.misses,
+            cache_bytes=self.cache.used_bytes,
+            cache_entries=len(self.cache),
+        )
+
+    async def generator(self, model: str, timeout: float, route: Sequence[str]) -> UpstreamGenerator:
+        """Describes an upstream generator (its ModelConfig; idempotent: retried like inference)."""
+        return await self._guarded(lambda left: self.inner.generator(model, left, route), timeout)
+
+    async def distribution(
+        self, model: str, version: str, input_ids: np.ndarray[Any, Any], timeout: float, route: Sequence[str]
+    ) -> np.ndarray[Any, Any]:
+        """One step of a token-level cascade upward: guarded and retried like inference, never cached
+        (each call is counted as an upstream call of the generation)."""
+        return await self._guarded(
+            lambda left: self.inner.distribution(model, version, input_ids, left, route), timeout
+        )
+
     async def close(self) -> None:
         """Closes the inner adapter."""
         close: Callable[[], Awaitable[None]] | None = getattr(self.inner, "close", None)
@@ -170,15 +267,8 @@ class GuardedUpstream:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
 
-        def retryable(exc: BaseException) -> bool:
-            return (
-                isinstance(exc, UnavailableError)
-                and not isinstance(exc, CircuitOpenError)
-                and self.budget.allow_retry()
-            )
-
         retrying = AsyncRetrying(
-            retry=retry_if_exception(retryable),
+            retry=retry_if_exception(lambda exc: retryable(exc) and self.budget.allow_retry()),
             stop=stop_after_attempt(self.retry.attempts) | _PastDeadline(loop, deadline),
             wait=wait_exponential_jitter(
                 multiplier=self.retry.initial_backoff_s,
@@ -218,13 +308,12 @@ class GuardedUpstream:
             self.breaker.failed(exc.message)
         else:
             self.breaker.succeeded()  # the upstream answered; the question was wrong
-        if isinstance(exc, UnavailableError):
+        if retryable(exc):
             self.budget.failed()
 
     def _may_retry(self, exc: EdgecascadeError, attempt: int, left: float) -> bool:
         return (
-            isinstance(exc, UnavailableError)
-            and not isinstance(exc, CircuitOpenError)
+            retryable(exc)
             and attempt < self.retry.attempts
             and left > self._backoff(attempt) + MIN_ATTEMPT_S
             and self.budget.allow_retry()

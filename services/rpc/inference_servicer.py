@@ -29,7 +29,7 @@ from services.errors import (
     NotFoundError,
     RequestCancelledError,
 )
-from services.inference import CONFIDENCE
+from services.inference import CONFIDENCE, DEGRADED
 from services.rpc import converters
 from services.rpc.fleet_metrics import CallRoute, FleetMetrics
 from services.rpc.inference_client import route_from_metadata
@@ -143,6 +143,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return answer.message  # type: ignore[no-any-return]
         if self._metrics is not None:
             self._metrics.record(seen, OK, perf_counter() - started, answer.parameters.get(CONFIDENCE))
+            self._metrics.degraded(seen, answer.parameters.get(DEGRADED))
         return converters.response_to_proto(answer)
 
     async def ModelStreamInfer(
@@ -156,15 +157,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             # Each request of the stream is one request to the metrics: outcome, time to its last answer.
             started = perf_counter()
             seen = CallRoute(self._dp.identity, request.model_name, request.model_version)
-            outcome, confidence = OK, None
+            outcome, confidence, degraded = OK, None, None
             error: Exception | None = None
             try:
                 async for answer in self._dp.stream(self._call(request, context, route, seen)):
                     if isinstance(answer, Relayed):
                         outcome = FORWARDED
-                        yield answer.message
+                        message = answer.message
+                        if isinstance(message, pb.ModelInferResponse):  # the cascade asked upward with ModelInfer
+                            message = pb.ModelStreamInferResponse(infer_response=message)
+                        yield message
                     else:
                         confidence = answer.parameters.get(CONFIDENCE, confidence)
+                        degraded = answer.parameters.get(DEGRADED, degraded)
                         yield pb.ModelStreamInferResponse(infer_response=converters.response_to_proto(answer))
             except EdgecascadeError as exc:
                 outcome, error = outcome_of(exc), exc
@@ -177,6 +182,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 yield pb.ModelStreamInferResponse(error_message=f"internal error; reported with trace id {trace_id}")
             if self._metrics is not None:
                 self._metrics.record(seen, outcome, perf_counter() - started, confidence, error)
+                self._metrics.degraded(seen, degraded)
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context) -> pb.ModelStatisticsResponse:
         models = self._dp.cache.loaded()

@@ -17,6 +17,7 @@ from protos.edgecascade.v1 import mesh_pb2 as pb
 from protos.edgecascade.v1 import mesh_pb2_grpc as pb_grpc
 from services import __version__
 from services.dataplane import Dataplane
+from services.rpc.guarded_upstream import GuardedUpstream
 
 TIERS = {"tier0": pb.TIER_DEVICE, "tier1": pb.TIER_EDGE, "tier2": pb.TIER_REGION}
 
@@ -79,6 +80,27 @@ class MeshServicer(pb_grpc.MeshServiceServicer):
                 refusals=stats.refusals,
             ),
         )
+        guarded = self._dp.upstream
+        if isinstance(guarded, GuardedUpstream):
+            u = guarded.status()
+            response.upstream_status.CopyFrom(
+                pb.UpstreamStatus(
+                    address=u.address,
+                    breaker_state=u.breaker_state.value,
+                    breaker_opened=u.breaker_opened,
+                    breaker_rejected=u.breaker_rejected,
+                    breaker_failures=u.breaker_failures,
+                    breaker_successes=u.breaker_successes,
+                    breaker_retry_in_s=u.breaker_retry_in_s,
+                    last_failure=u.last_failure,
+                    retries=u.retries,
+                    retries_refused=u.retries_refused,
+                    cache_hits=u.cache_hits,
+                    cache_misses=u.cache_misses,
+                    cache_bytes=u.cache_bytes,
+                    cache_entries=u.cache_entries,
+                )
+            )
         for part in self._parts:
             if isinstance(part, TierInfoContributor):
                 part.tier_info(response)

@@ -35,16 +35,23 @@ from protos.edgecascade.v1 import mesh_pb2, mesh_pb2_grpc
 from protos.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from services import __version__
 from services.atomic_files import write_atomically
+from services.cascade import Cascade
+from services.cascade_generation import TokenCascadeSettings
+from services.circuit_breaker import BreakerState, CircuitBreaker
 from services.config import load_config
 from services.dataplane import Dataplane, NoUpstream, RequestLimits, Upstream
 from services.engine.model_cache import ModelCache
 from services.engine.model_repository import ModelRepository
 from services.engine.run_pool import RunPool
+from services.engine.shadow import ShadowRunner
 from services.errors import ConfigError
 from services.inference import NodeIdentity
+from services.result_cache import ResultCache
+from services.retry_budget import RetryBudget
 from services.rpc.anomaly_log import AnomalyLog
 from services.rpc.components import Component, ComponentFactory, NodeContext
 from services.rpc.fleet_metrics import FleetMetrics
+from services.rpc.guarded_upstream import GuardedUpstream, log_transition
 from services.rpc.inference_client import InferenceClient
 from services.rpc.inference_servicer import InferenceServicer
 from services.rpc.mesh_servicer import MeshServicer
@@ -58,9 +65,22 @@ from services.rpc.telemetry import (
     node_resource,
 )
 from services.rpc.upstream import GrpcUpstream
-from services.tier_config import TelemetrySection, TierConfig, check_node_id
+from services.tier_config import (
+    CascadeSection,
+    TelemetrySection,
+    TierConfig,
+    TokenCascadeSection,
+    check_node_id,
+)
 
 log = logging.getLogger("edgecascade.node")
+
+
+def _token_cascade(cfg: TierConfig) -> TokenCascadeSettings | None:
+    """The ``[token_cascade]`` settings of devices and edges; the region has none (no pairs: no token cascade)."""
+    section = getattr(cfg, "token_cascade", None)
+    return section.settings() if isinstance(section, TokenCascadeSection) else None
+
 
 INFERENCE_SERVICE = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 MESH_SERVICE = mesh_pb2.DESCRIPTOR.services_by_name["MeshService"].full_name
@@ -193,19 +213,43 @@ class Node:
         self._metrics.attach(cache)
         upstream: Upstream = NoUpstream()
         if cfg.upstream.address:
-            grpc_upstream = GrpcUpstream(
-                InferenceClient(cfg.upstream.address, self._tracer_provider, cfg.server.max_message_bytes),
-                self.identity,
+            address = cfg.upstream.address
+
+            def breaker_moved(old: BreakerState, new: BreakerState) -> None:
+                log_transition(address, old, new, breaker.last_failure)
+                self.fleet_metrics.breaker_moved(address, new)
+
+            breaker = CircuitBreaker(address, cfg.upstream.breaker(), on_change=breaker_moved)
+            guarded = GuardedUpstream(
+                GrpcUpstream(
+                    InferenceClient(address, self._tracer_provider, cfg.server.max_message_bytes),
+                    self.identity,
+                ),
+                breaker,
+                RetryBudget(cfg.upstream.retry()),
+                cfg.upstream.retry(),
+                ResultCache(cfg.upstream.result_cache()),
             )
-            stack.push_async_callback(grpc_upstream.close)
-            upstream = grpc_upstream
+            stack.push_async_callback(guarded.close)
+            self.fleet_metrics.watch_upstream(guarded.status)
+            upstream = guarded
+        cascade = getattr(cfg, "cascade", None)  # devices and edges have a [cascade] section; the region uses defaults
+        # Idle until the node's updater attaches a shadow cache and a check-in assigns a shadow.
+        shadows = ShadowRunner(cache, self.fleet_metrics)
+        stack.push_async_callback(shadows.close)
         dataplane = Dataplane(
-            self.identity, cache, upstream, RequestLimits(cfg.requests.max_timeout_us, cfg.requests.max_hops)
+            self.identity,
+            cache,
+            upstream,
+            RequestLimits(cfg.requests.max_timeout_us, cfg.requests.max_hops),
+            shadows,
+            Cascade(cascade.settings() if isinstance(cascade, CascadeSection) else None),
+            _token_cascade(cfg),
         )
         inference = InferenceServicer(dataplane, lambda: self._ready, self.fleet_metrics)
         mesh = MeshServicer(dataplane, cfg.upstream.address, self._components)  # its parts may add to GetTierInfo
         context = NodeContext(
-            cfg, self.identity, self._tracer_provider, cache, self._meter_provider, self.fleet_metrics
+            cfg, self.identity, self._tracer_provider, cache, self._meter_provider, self.fleet_metrics, shadows
         )
         for factory in self.spec.components:
             part = factory(context)

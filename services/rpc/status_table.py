@@ -91,7 +91,9 @@ def error_from_status(
     sent = _sent_error_class(trailing)
     if sent is not None and issubclass(sent, cls):
         # Our own peer named the exact class; its message is already meant for people.
-        return sent(details)
+        error = sent(details)
+        error.from_peer = True
+        return error
     if code == grpc.StatusCode.UNAVAILABLE:
         # Transport failures carry gRPC's own wording; say what was unreachable instead.
         return errors.UpstreamUnavailableError(f"{what} is unavailable")

@@ -5,7 +5,13 @@ start), enrolls once with its upstream using the one-time token, and then
 checks in every ``check_interval_s`` (jittered) through a
 :class:`~services.ticker.Ticker`: a signed report of what it runs goes up, the
 desired state comes back and is handed to the node's
-:class:`~services.updates.checkin.UpdateTarget` in the background. An upstream
+:class:`~services.updates.checkin.UpdateTarget` in the background — its shadow
+assignments (a rollout's shadow stage) to the node's shadow installs
+(:class:`~services.updates.shadow_updates.ShadowUpdates`) instead, in a background
+task of their own: a long shadow download never delays a serving update (a rollback)
+nor the other way round. Which shadows are sampled follows every check-in answer at
+once, whatever install is running (a withdrawn shadow stops being run before the
+next request). An upstream
 that is down costs a check-in, never serving: the node keeps what it has and
 tries again at the next tick (enrollment retries sooner, with backoff).
 Without ``state_dir`` the component does nothing.
@@ -36,6 +42,7 @@ from services.ticker import Ticker
 from services.tier_config import UpdatesSection
 from services.updates.checkin import (
     ROLES,
+    AssignedVariant,
     DesiredState,
     NodeFacts,
     NoUpdates,
@@ -45,12 +52,14 @@ from services.updates.checkin import (
 from services.updates.identity import FileKeyProvider, NodeKeys
 from services.updates.installed_store import InstalledStore
 from services.updates.model_fetcher import ModelFetcher
-from services.updates.update_journal import Assignment, UpdateState
+from services.updates.shadow_updates import ShadowUpdates
+from services.updates.update_journal import Assignment, UpdateJournal, UpdateState
 from services.updates.updater import Updater
 
 log = logging.getLogger("edgecascade.updates")
 
 ENROLLMENT_FILE = "enrollment.json"
+SHADOW_DIR = "shadow"  # under the state directory: the shadow installs' store, journal and TUF client
 
 
 def updates_settings(context: NodeContext) -> UpdatesSection:
@@ -83,7 +92,8 @@ class NodeUpdatesService:
         self._target: UpdateTarget = target or NoUpdates()
         self._client: FleetClient | None = None
         self._ticker: Ticker | None = None
-        self._apply: asyncio.Task[None] | None = None
+        self._apply: asyncio.Task[None] | None = None  # serving updates
+        self._apply_shadows: asyncio.Task[None] | None = None  # shadow installs and removals
         self._failing = False
         self.desired: DesiredState | None = None
         self.check_ins = 0
@@ -91,6 +101,7 @@ class NodeUpdatesService:
         self._last_check_in: float | None = None  # monotonic time of the last successful check-in
         self._last_failure = ""  # why the last enrollment or check-in failed
         self._updater: Updater | None = None
+        self._shadow: ShadowUpdates | None = None
         self._source: GrpcArtifactSource | None = None
         if not settings.state_dir:
             return
@@ -110,11 +121,12 @@ class NodeUpdatesService:
         self._client = FleetClient(config.upstream.address, context.tracer_provider, config.server.max_message_bytes)
         self._ticker = Ticker("check-in", settings.check_interval_s, self._tick, jitter=settings.jitter)
         if settings.trusted_root and target is None:
-            self._updater = self._build_updater(context, settings)
+            self._updater, self._shadow = self._build_updater(context, settings)
             self._target = self._updater
 
-    def _build_updater(self, context: NodeContext, settings: UpdatesSection) -> Updater:
-        """The node's updater over its upstream's artifact service; the cache then serves only what it installs."""
+    def _build_updater(self, context: NodeContext, settings: UpdatesSection) -> tuple[Updater, ShadowUpdates]:
+        """The node's updater over its upstream's artifact service (the cache then serves only what it installs),
+        and its shadow installs: a second updater over ``<state_dir>/shadow`` and the cache's shadow cache."""
         config, cache = context.config, context.cache
         if cache is None:
             raise ConfigError("[updates] trusted_root needs the node's model cache")
@@ -152,7 +164,7 @@ class NodeUpdatesService:
                 if metrics.log is not None:
                     metrics.log.update_failed(a.name, a.version, a.variant, kind, reason)
 
-        return Updater(
+        updater = Updater(
             context.identity.node_id,
             self._keys,
             fetcher,
@@ -165,6 +177,33 @@ class NodeUpdatesService:
             on_state=on_state,
             on_failure=on_failure,
         )
+        # Shadow installs go through the same checks into a store of their own; "committed" there means
+        # "installed as the shadow". Their own TUF client and staging keep their downloads apart from
+        # the serving ones; their states reach the same metrics (a refused shadow is a failed install).
+        shadow_dir = self._state_dir / SHADOW_DIR
+        shadow_store = InstalledStore(shadow_dir / "installed")
+        shadow_cache = cache.shadow_cache(
+            shadow_store.repository(), shadow_store.opener(context.identity.node_id, self._keys.agreement)
+        )
+        shadow_fetcher = ModelFetcher(
+            self._source, root, shadow_dir / "tuf", f"the artifact service at {config.upstream.address}"
+        )
+        shadow_updater = Updater(
+            context.identity.node_id,
+            self._keys,
+            shadow_fetcher,
+            shadow_store,
+            shadow_cache,
+            facts.memory_budget_bytes,
+            facts.hardware_class,
+            facts.onnxruntime_version,
+            lambda: shutil.disk_usage(self._state_dir).free,
+            journal=UpdateJournal(shadow_dir / "journal"),
+            on_state=on_state,
+            on_failure=on_failure,
+        )
+        forget = metrics.forget_shadow if metrics is not None else None
+        return updater, ShadowUpdates(shadow_updater, context.shadows, forget)
 
     @property
     def bindings(self) -> Sequence[ServiceBinding]:
@@ -181,7 +220,12 @@ class NodeUpdatesService:
         if not self._settings.state_dir:
             return
         age = -1.0 if self._last_check_in is None else time.monotonic() - self._last_check_in
-        desired = self.desired.assignments if self.desired is not None else ()
+        desired = [a for a in self.desired.assignments if not a.shadow] if self.desired is not None else []
+        installed = list(self._target.installed())
+        if self._shadow is not None:
+            installed += self._shadow.installed()
+            # The node's memory holds its shadows too (the serving cache reports only its own models).
+            response.cache.used_bytes += self._shadow.updater.cache.used_bytes
         response.updates.CopyFrom(
             mesh_pb2.UpdateStatus(
                 enrolled=self.enrolled,
@@ -189,7 +233,7 @@ class NodeUpdatesService:
                 check_ins=self.check_ins,
                 failed_check_ins=self.failures,
                 last_check_in_age_s=age,
-                installed=installed_to_proto(self._target.installed()),
+                installed=installed_to_proto(installed),
                 desired=[mesh_pb2.DesiredVersion(name=a.name, version=a.version, variant=a.variant) for a in desired],
                 last_error=self._last_failure,
             )
@@ -201,6 +245,10 @@ class NodeUpdatesService:
             # Serving comes back at once from what is committed; an update a crash interrupted
             # resumes in the background, so an upstream that is down never delays the start.
             await self._updater.recover(resume=False)
+            if self._shadow is not None:
+                # An unfinished shadow install is not resumed: the first check-in restarts it if it still
+                # names that shadow, or removes it if not (a withdrawn shadow is never downloaded again).
+                await self._shadow.recover()
             self._apply = self._background(self._updater.resume(), "resume updates")
         if self._ticker is not None:
             self._ticker.start()
@@ -209,16 +257,31 @@ class NodeUpdatesService:
         """Stops checking in; an update in progress is cancelled (its journal lets it resume)."""
         if self._ticker is not None:
             await self._ticker.stop()
-        if self._apply is not None:
-            self._apply.cancel()
-            await asyncio.gather(self._apply, return_exceptions=True)
+        tasks = [t for t in (self._apply, self._apply_shadows) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._updater is not None:
             # The updates belong to no caller (cancelling the apply leaves them running): they end here, unrecorded.
             await self._updater.close()
+        if self._shadow is not None:
+            await self._shadow.close()
         if self._client is not None:
             await self._client.close()
         if self._source is not None:
             self._source.close()
+
+    async def apply(self, assignments: Sequence[AssignedVariant]) -> None:
+        """Brings the node toward a desired state: serving assignments to the node's update target, shadow
+        assignments to its shadow installs (ignored by a node without them), in parallel.
+
+        Returns when both are done (see :meth:`~services.updates.updater.Updater.apply`).
+        """
+        serving = [a for a in assignments if not a.shadow]
+        work = [self._target.apply(serving)]
+        if self._shadow is not None:
+            work.append(self._shadow.apply([a for a in assignments if a.shadow]))
+        await asyncio.gather(*work)
 
     @staticmethod
     def _background(work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
@@ -272,9 +335,16 @@ class NodeUpdatesService:
             self._ticker.interval_s = float(desired.check_interval_s)
         for item in desired.unassigned:
             log.info("model %s version %s is not assigned to this node: %s", item.name, item.version, item.reason)
+        serving = [a for a in desired.assignments if not a.shadow]
+        shadows = [a for a in desired.assignments if a.shadow]
+        if self._shadow is not None:
+            self._shadow.assign(shadows)  # at once: a withdrawn shadow must not wait for an install to end
+        # Installing may take long; the next check-in reports its progress meanwhile. Serving updates and
+        # shadow installs have a task each, so that neither waits for the other.
         if self._apply is None or self._apply.done():
-            # Installing may take long; the next check-in reports its progress meanwhile.
-            self._apply = self._background(self._target.apply(desired.assignments), "apply desired state")
+            self._apply = self._background(self._target.apply(serving), "apply desired state")
+        if self._shadow is not None and (self._apply_shadows is None or self._apply_shadows.done()):
+            self._apply_shadows = self._background(self._shadow.apply(shadows), "apply shadow assignments")
 
     async def _enroll(self) -> None:
         assert self._client is not None

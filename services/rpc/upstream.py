@@ -7,13 +7,21 @@ this node's ``edgecascade.fallback_reason`` and ``edgecascade.route``.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+import numpy as np
+
+from protos.inference import grpc_service_pb2 as pb
+from services.cascade_generation import UpstreamGenerator
 from services.dataplane import InferCall, ModelQuery, Relayed
-from services.inference import FallbackReason, NodeIdentity
+from services.engine.generation import INPUT_IDS, PROBS
+from services.errors import InvalidArgumentError
+from services.inference import CASCADE, CASCADE_OFF, FallbackReason, NodeIdentity
 from services.rpc import converters
 from services.rpc.inference_client import InferenceClient
+from services.tensors import decode_raw, encode_raw
 
 
 class GrpcUpstream:
@@ -54,6 +62,43 @@ class GrpcUpstream:
         if query is ModelQuery.METADATA:
             return await self._client.model_metadata(wire, timeout, route)
         return await self._client.model_config(wire, timeout, route)
+
+    async def generator(self, model: str, timeout: float, route: Sequence[str]) -> UpstreamGenerator:
+        """Reads a generator's vocabulary, context length and max_batch_size from the upstream's ModelConfig.
+
+        Raises:
+            InvalidArgumentError: The model's configuration names no vocabulary or context length.
+        """
+        response = await self._client.model_config(pb.ModelConfigRequest(name=model), timeout, route)
+        config = response.config
+        try:
+            vocab = json.loads(config.parameters["edgecascade.vocab"].string_value)
+            context_length = int(config.parameters["edgecascade.context_length"].string_value)
+        except (KeyError, ValueError) as exc:
+            raise InvalidArgumentError(f"upstream model '{model}' is not a generator (no vocabulary)") from exc
+        if not isinstance(vocab, list) or not all(isinstance(v, str) for v in vocab) or context_length < 1:
+            raise InvalidArgumentError(f"upstream model '{model}' has a malformed vocabulary or context length")
+        return UpstreamGenerator(model, tuple(vocab), context_length, max(int(config.max_batch_size), 1))
+
+    async def distribution(
+        self, model: str, version: str, input_ids: np.ndarray[Any, Any], timeout: float, route: Sequence[str]
+    ) -> np.ndarray[Any, Any]:
+        """One ModelInfer of ``model`` on ``input_ids`` (its own cascade off: the answer is that model's alone).
+
+        Raises:
+            InvalidArgumentError: The answer has no ``probs`` output.
+        """
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        request = pb.ModelInferRequest(model_name=model, model_version=version)
+        request.inputs.add(name=INPUT_IDS, datatype="INT64", shape=list(ids.shape))
+        request.raw_input_contents.append(encode_raw(ids))
+        request.outputs.add(name=PROBS)
+        request.parameters[CASCADE].string_param = CASCADE_OFF
+        response = await self._client.model_infer(request, timeout, route)
+        for i, output in enumerate(response.outputs):
+            if output.name == PROBS and i < len(response.raw_output_contents):
+                return decode_raw(PROBS, output.datatype, list(output.shape), response.raw_output_contents[i])
+        raise InvalidArgumentError(f"upstream model '{model}' answered without a raw '{PROBS}' output")
 
     async def close(self) -> None:
         """Closes the channel; calls in flight are cancelled."""

@@ -50,24 +50,36 @@ class NodeFacts:
 
 @dataclass(frozen=True)
 class InstalledModel:
-    """One model on a node and where its update stands (assigned … committed, or refused)."""
+    """One model on a node and where its update stands (assigned … committed, or refused).
+
+    ``shadow``: a shadow install (a rollout's shadow stage), beside the serving version and never
+    serving; reported in ``GetTierInfo`` only, never at check-in (the region keys its inventory by model).
+    """
 
     name: str
     version: str
     variant: str
     state: str
     last_error: str = ""
+    shadow: bool = False
 
 
 @dataclass(frozen=True)
 class AssignedVariant:
-    """The version and variant of a model the node should run, with its content key granted to the node."""
+    """The version and variant of a model the node should run, with its content key granted to the node.
+
+    With ``shadow`` the version is to be installed *beside* the serving version of the same model (checked
+    as any install, never serving) and run on ``shadow_share`` (in (0, 1]) of the model's locally
+    answered requests, its answers compared with the serving ones and discarded.
+    """
 
     name: str
     version: str
     variant: str
     target_path: str
     grant: KeyGrant
+    shadow: bool = False
+    shadow_share: float = 0.0
 
 
 @dataclass(frozen=True)

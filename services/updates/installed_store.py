@@ -33,6 +33,7 @@ uses (the same interface as :class:`~services.engine.model_repository.ModelRepos
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -46,6 +47,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from services.atomic_files import fsync_directory, fsync_file, write_atomically
+from services.cascade import THRESHOLD_PROPERTY
 from services.engine.memory import PEAK_PROPERTY
 from services.engine.model_repository import (
     DEFAULT_MAX_BATCH_SIZE,
@@ -120,6 +122,10 @@ class StoredVersion:
         peak = signed_peak_bytes(self.facts)
         if peak is not None:
             properties.setdefault(PEAK_PROPERTY, str(peak))
+        threshold = self.facts.get("confidence_threshold")
+        if isinstance(threshold, str | int | float) and not isinstance(threshold, bool):
+            # The threshold calibrated at publish, signed: what the confidence cascade compares answers with.
+            properties[THRESHOLD_PROPERTY] = str(threshold)
         max_batch = self.facts.get("max_batch_size")
         return ModelEntry(
             name=self.name,
@@ -189,6 +195,11 @@ class InstalledStore:
         """Models with a committed version."""
         with self._lock:
             return sorted(n for n in self._versions if self._committed_locked(n, 0) is not None)
+
+    def models(self) -> list[str]:
+        """Models with any installed version (committed or not)."""
+        with self._lock:
+            return sorted(n for n, versions in self._versions.items() if versions)
 
     def get(self, name: str, version: str) -> StoredVersion | None:
         """An installed version (committed or not), or None."""
@@ -331,6 +342,27 @@ class InstalledStore:
             if self._trials.get(name) == version:
                 del self._trials[name]
         self._remove_dir(stored.path)
+
+    def remove(self, name: str) -> list[str]:
+        """Removes every installed version of a model, committed ones too (the model leaves the node).
+
+        Returns the versions removed. Each version directory goes as in :meth:`discard` (renamed out of
+        sight, then deleted), the committed ones last, so a crash part-way leaves a complete version or none.
+
+        Raises:
+            InvalidArgumentError: The name is not valid.
+        """
+        check_model_name(name)
+        with self._lock:
+            versions = sorted(self._versions.pop(name, {}).values(), key=lambda v: v.commit_seq or 0)
+            self._trials.pop(name, None)
+        for v in versions:
+            self._remove_dir(v.path)
+        model_dir = self.root / name
+        with contextlib.suppress(OSError):  # not empty (a leftover) or gone: the scan at start cleans up
+            model_dir.rmdir()
+            fsync_directory(self.root)
+        return [v.version for v in versions]
 
     def begin_trial(self, name: str, version: str) -> None:
         """Lists an uncommitted version last in :meth:`serving` (so the cache loads it) until :meth:`end_trial`."""

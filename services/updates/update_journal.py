@@ -31,7 +31,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from services.atomic_files import write_atomically
+from services.atomic_files import fsync_directory, write_atomically
 from services.engine.model_repository import check_model_name, check_version
 from services.errors import IntegrityError, InvalidArgumentError, PreconditionError
 from services.updates.checkin import AssignedVariant
@@ -279,6 +279,21 @@ class UpdateJournal:
         noted = replace(entry, last_error=last_error)
         self._write(noted)
         return noted
+
+    def remove(self, name: str) -> bool:
+        """Deletes the model's entry (the model leaves the node); returns whether there was one.
+
+        Raises:
+            InvalidArgumentError: The name is not valid.
+            OSError: The file cannot be deleted.
+        """
+        path = self._path(name)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        fsync_directory(self.directory)
+        return True
 
     def _write(self, entry: JournalEntry) -> None:
         data = json.dumps(entry.to_json(), sort_keys=True).encode() + b"\n"

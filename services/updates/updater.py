@@ -57,6 +57,7 @@ the retry schedule is this module's (``tenacity`` is a transport adapter's tool)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -81,6 +82,7 @@ from services.errors import (
     IntegrityError,
     InvalidArgumentError,
     MemoryBudgetError,
+    ModelNotFoundError,
     ModelNotReadyError,
     PreconditionError,
 )
@@ -446,6 +448,36 @@ class Updater:
                 await asyncio.to_thread(self.store.commit, name, current.version)
             raise
         return next(m for m in self.installed() if m.name == name)
+
+    async def remove(self, name: str) -> bool:
+        """Takes a model off this node: unloads it, deletes its journal entry and every installed version.
+
+        For an install that is no longer wanted at all (a shadow whose stage ended). Returns False,
+        doing nothing, while an update of the model runs.
+
+        The journal entry goes first, then the store, both in one worker-thread call that a cancelled
+        caller does not stop (the thread runs on to its end). After
+        a crash in between, what is left is committed versions with no journal entry: they serve as the
+        store says until the next call finds them (:meth:`installed` lists them) and removes them. The
+        other order could leave an entry saying "committed" for a version that is gone.
+
+        Raises:
+            InvalidArgumentError: The name is not valid.
+            OSError: The files cannot be deleted.
+        """
+        if self._flights.in_flight(name):
+            return False
+        self._retry.pop(name, None)
+        with contextlib.suppress(ModelNotFoundError):
+            self.cache.unload(name)  # requests holding it finish on it
+        removed = await asyncio.shield(asyncio.to_thread(self._remove_files, name))
+        log.info("model '%s' removed from %s (versions: %s)", name, self.store.root, ", ".join(removed) or "none")
+        return True
+
+    def _remove_files(self, name: str) -> list[str]:
+        """The journal entry, then the store's versions (in a worker thread)."""
+        self.journal.remove(name)
+        return self.store.remove(name)
 
     def _ignore(self, a: Assignment, problem: str) -> None:
         """Notes why an assignment is not even journalled, on its model's entry (once) when the name is valid."""

@@ -39,7 +39,9 @@ class Chain:
     models: Path
 
 
-SECTIONS = frozenset({"batching", "cache", "runtime", "requests", "updates", "artifacts", "registry"})
+SECTIONS = frozenset(
+    {"batching", "cache", "runtime", "requests", "updates", "artifacts", "registry", "cascade", "token_cascade"}
+)
 
 
 async def start_node(spec: TierSpec, repository: Path, node_id: str, upstream: str = "", **settings: Any) -> Node:

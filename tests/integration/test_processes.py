@@ -107,6 +107,7 @@ def test_edgecascade_up_runs_the_mesh_and_stops_it(tmp_path: Path) -> None:
             wait_for_file(state / "endpoints.json", up, 120)
             pids = _exercise_running_mesh(state)
             _roll_out_version_2(state)
+            _shadow_stops_a_disagreeing_version(state, tmp_path)
         finally:
             up.send_signal(signal.SIGTERM)
             code = up.wait(60)
@@ -173,7 +174,11 @@ def _exercise_running_mesh(state: Path) -> list[int]:
 
 
 def _roll_out_version_2(state: Path) -> None:
-    """Publishes charlm-device 2 and rolls it out over both devices, gated on their live telemetry."""
+    """Publishes charlm-device 2 and rolls it out over both devices, gated on their live telemetry.
+
+    A shadow stage comes first: version 2 (the same weights as 1) runs beside version 1 on a share of the
+    devices' requests, they report top-1 agreement 1.0, and only then does it serve.
+    """
     published = _cli(
         "model", "publish", "--name", DEVICE_MODEL, "--version", "2", "--rows", "300", "--latency-runs", "5",
         "--batch-sizes", "1", "--registry", str(state / "region-1" / "registry"),
@@ -184,7 +189,8 @@ def _roll_out_version_2(state: Path) -> None:
     assert published.returncode == 0, published.stdout + published.stderr
     started = _cli(
         "rollout", "start", DEVICE_MODEL, "2", "--steps", "50,100", "--interval-s", "5", "--min-requests", "5",
-        "--max-p99-ratio", "5", "--max-fallback-rate-increase", "0.5", "--state-dir", str(state),
+        "--max-p99-ratio", "5", "--max-fallback-rate-increase", "0.5", "--shadow-percent", "100",
+        "--shadow-interval-s", "5", "--state-dir", str(state),
     )  # fmt: skip
     assert started.returncode == 0, started.stdout + started.stderr
     devices = json.loads((state / "endpoints.json").read_text())["devices"]
@@ -198,6 +204,9 @@ def _roll_out_version_2(state: Path) -> None:
         return bool(rollout["state"] == "completed")
 
     wait_until(completed, 180, "the rollout of version 2 completing")
+    history = json.loads(_cli("rollout", "status", DEVICE_MODEL, "--json", "--state-dir", str(state)).stdout)["history"]
+    passed = [e["message"] for e in history if e["message"].startswith("shadow") and "passed its gates" in e["message"]]
+    assert passed and "agreement 1.00" in passed[0], history
     # Both devices serve version 2, and the fleet view shows its traffic (exported every 5 s via the edge).
 
     def fleet_shows_version_2() -> bool:
@@ -213,6 +222,56 @@ def _roll_out_version_2(state: Path) -> None:
     for device in devices:
         answer = _infer(device, DEVICE_MODEL, "Return the valu")
         assert answer[SERVED_BY].startswith("tier0:device-")
+
+
+def _shadow_stops_a_disagreeing_version(state: Path, tmp_path: Path) -> None:
+    """Version 3 has version 2's signature but scrambled weights: its shadow disagrees and it never serves."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(DEFAULT_MODELS_DIR / "charlm-device.onnx"))
+    rng = np.random.default_rng(3)
+    for tensor in model.graph.initializer:
+        weights = numpy_helper.to_array(tensor)
+        if weights.dtype == np.float32 and weights.size > 1:
+            scrambled = rng.permutation(weights.ravel()).reshape(weights.shape)
+            tensor.CopyFrom(numpy_helper.from_array(scrambled, tensor.name))
+    path = tmp_path / "charlm-device-scrambled.onnx"
+    onnx.save(model, str(path))
+    published = _cli(
+        "model", "publish", "--name", DEVICE_MODEL, "--version", "3", "--rows", "300", "--latency-runs", "5",
+        "--batch-sizes", "1", "--registry", str(state / "region-1" / "registry"),
+        "--keys", str(state / "region-1" / "keys"), f"fp32={path}",
+        timeout=300,
+    )  # fmt: skip
+    assert published.returncode == 0, published.stdout + published.stderr
+    started = _cli(
+        "rollout", "start", DEVICE_MODEL, "3", "--steps", "100", "--shadow-percent", "100", "--shadow-interval-s", "5",
+        "--min-requests", "5", "--min-agreement", "0.9", "--state-dir", str(state),
+    )  # fmt: skip
+    assert started.returncode == 0, started.stdout + started.stderr
+    devices = json.loads((state / "endpoints.json").read_text())["devices"]
+    prompts = ["Return the valu", "The module", "Raise an error if", "the default is"]
+
+    def rolled_back() -> bool:
+        for device in devices:
+            for prompt in prompts:  # the shadow runs on these (and they are answered by version 2 meanwhile)
+                assert _infer(device, DEVICE_MODEL, prompt)[SERVED_BY].startswith("tier0:device-")
+        rollout = json.loads(_cli("rollout", "status", DEVICE_MODEL, "--json", "--state-dir", str(state)).stdout)
+        assert rollout["state"] in ("running", "waiting", "rolled_back"), rollout
+        assert rollout["phase"] == "shadow", rollout  # it never reaches a serving stage
+        return bool(rollout["state"] == "rolled_back")
+
+    wait_until(rolled_back, 120, "the shadow of version 3 being stopped")
+    rollout = json.loads(_cli("rollout", "status", DEVICE_MODEL, "--json", "--state-dir", str(state)).stdout)
+    assert "agreement" in rollout["reason"], rollout["reason"]
+    assert rollout["figures"]["shadow"]["agreement"] < 0.9
+
+    def shadows_removed() -> bool:
+        rows = [[(m.version, m.shadow) for m in _tier_info(d).updates.installed] for d in devices]
+        return rows == [[("2", False)]] * len(devices)
+
+    wait_until(shadows_removed, 60, "both devices serving version 2 with the shadow of version 3 removed")
 
 
 def _free_port() -> int:

@@ -189,6 +189,54 @@ async def test_a_bad_version_is_rolled_back_at_the_first_stage_with_the_gate_nam
         )
 
 
+SHADOW_ARGS = [*PLAN_ARGS, "--shadow-percent", "50", "--shadow-interval-s", "3", "--min-agreement", "0.9"]
+
+
+async def test_a_good_shadow_is_compared_on_the_nodes_then_served(region: RegionProcess) -> None:
+    await cli(region, "deploy", MODEL, "1")
+    async with running_fleet(region, {"1": GOOD, "2": GOOD}) as sim:
+        await cli(region, "rollout", "start", MODEL, "2", *SHADOW_ARGS)
+        started = await cli_status(region)
+        assert (started["phase"], started["label"]) == ("shadow", "shadow (50 % of requests)"), started
+        await wait_for(
+            lambda: any(n.shadowing(MODEL) == "2" for n in sim.nodes), SWITCH_TIMEOUT_S, "a node to run the shadow"
+        )
+        shadowing = {n.node_id for n in sim.nodes if n.shadowing(MODEL) == "2"}
+        assert all(cohort_position(MODEL, node_id) < started["cohort_bound"] for node_id in shadowing)
+        assert {n.serving(MODEL) for n in sim.nodes if n.node_id in shadowing} == {"1"}  # beside what serves
+        found = await wait_for_status(region, lambda s: not s.rollout.shadow, "the shadow to pass its gates")
+        assert found.rollout.active or found.rollout.state == COMPLETED, found.rollout.reason
+        passed = next(e for e in found.history if "passed its gates" in e.message)
+        assert passed.message.startswith("shadow (50 % of requests) passed its gates (top-1 agreement 1.00 ≥ 0.90")
+        assert passed.message.endswith("stage 1 of 3 (10 %) started: the cohort serves version 2")
+        seen = found.rollout.figures.shadow if found.rollout.figures else None
+        assert seen is not None and seen.compared >= PLAN.min_requests and seen.nodes >= PLAN.min_devices
+        assert seen.errors == 0 and seen.p99_ms is not None and seen.serving_p99_ms is not None
+        assert switched_to(sim, "2", before=passed.at) == set()  # nobody served it while it was a shadow
+        # Serving stages send no shadow: every node drops its shadow (the later stages are the other tests' work).
+        await wait_for(lambda: all(not n.shadows for n in sim.nodes), SWITCH_TIMEOUT_S, "every shadow removed")
+
+
+async def test_a_shadow_that_disagrees_is_stopped_before_anyone_serves_it(region: RegionProcess) -> None:
+    await cli(region, "deploy", MODEL, "1")
+    # As fast and as reliable as version 1, but its top-1 answer differs on half the requests.
+    disagrees = VersionProfile(requests_per_s=30.0, p50_ms=10.0, p99_ms=14.0, agreement=0.5, difference=0.3)
+    async with running_fleet(region, {"1": GOOD, "2": disagrees}) as sim:
+        await cli(region, "rollout", "start", MODEL, "2", *SHADOW_ARGS)
+        await wait_for(
+            lambda: any(n.shadowing(MODEL) == "2" for n in sim.nodes), SWITCH_TIMEOUT_S, "a node to run the shadow"
+        )
+        found = await wait_for_status(region, lambda s: not s.rollout.active, "the shadow to be judged")
+        assert found.rollout.state == ROLLED_BACK, found.rollout.reason
+        assert found.rollout.reason.startswith("shadow gate agreement failed at shadow (50 % of requests): top-1 ")
+        assert found.rollout.reason.endswith("the shadow is removed and the cohort keeps version 1")
+        data = await cli_status(region)
+        assert data["figures"]["shadow"]["agreement"] < 0.9 and data["figures"]["shadow"]["nodes"] >= 2
+        assert sim.first_served(MODEL, "2") is None  # nobody ever served it
+        await wait_for(lambda: all(not n.shadows for n in sim.nodes), SWITCH_TIMEOUT_S, "every shadow removed")
+        assert set(sim.serving(MODEL).values()) == {"1"}
+
+
 async def test_a_stage_without_data_waits_and_says_why_then_goes_on_when_data_comes(region: RegionProcess) -> None:
     deploy_v1(region)
     # The cohort installs version 2 and reports it, but nobody sends it a request.

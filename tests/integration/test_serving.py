@@ -53,7 +53,12 @@ async def test_local_inference_matches_onnxruntime_and_names_the_server(
 ) -> None:
     response = await device_stub.ModelInfer(infer_request("lin", {"x": X}))
     np.testing.assert_allclose(output(response, "y"), reference(chain.models / "lin.onnx", X), rtol=1e-6)
-    assert params(response) == {"edgecascade.served_by": "tier0:device-1"}
+    # The answer's confidence: max probability of its least confident row (the request-level cascade's signal).
+    confidence = float(reference(chain.models / "lin.onnx", X).max(axis=-1).min())
+    assert params(response) == {
+        "edgecascade.served_by": "tier0:device-1",
+        "edgecascade.confidence": pytest.approx(confidence),
+    }
     assert (response.model_name, response.model_version) == ("lin", "1")
 
 

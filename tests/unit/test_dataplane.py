@@ -10,12 +10,13 @@ from typing import Any
 import numpy as np
 import pytest
 
+from services.cascade_generation import UpstreamGenerator
 from services.dataplane import Dataplane, InferCall, ModelQuery, NoUpstream, Relayed, RequestLimits
 from services.engine.batcher import BatchingConfig
 from services.engine.model_cache import ModelCache
 from services.engine.model_repository import ModelRepository
 from services.engine.run_pool import RunPool
-from services.errors import ModelNotFoundError, QueueFullError
+from services.errors import ModelNotFoundError, QueueFullError, UpstreamUnavailableError
 from services.inference import SERVED_BY, FallbackReason, InferRequest, InferResult, NodeIdentity
 from tests.support.onnx_models import linear_model
 
@@ -44,6 +45,14 @@ class FakeUpstream:
 
     async def query(self, query: ModelQuery, wire: Any, timeout: float, route: Sequence[str]) -> Any:
         return f"{query.value} from above"
+
+    async def generator(self, model: str, timeout: float, route: Sequence[str]) -> UpstreamGenerator:
+        raise UpstreamUnavailableError("no generators above in this test")
+
+    async def distribution(
+        self, model: str, version: str, input_ids: np.ndarray[Any, Any], timeout: float, route: Sequence[str]
+    ) -> np.ndarray[Any, Any]:
+        raise UpstreamUnavailableError("no generators above in this test")
 
 
 def _call(model: str, decoded: list[str] | None = None, **params: Any) -> InferCall:

@@ -144,7 +144,14 @@ def test_fleet_lists_every_node_as_json_and_as_a_table(
     assert node["node_id"] == "device-1" and node["tier"] == "device"
     assert node["hardware_class"] == "cpu-x86_64" and node["memory_budget_bytes"] == 256 * MB
     assert node["installed"] == [
-        {"name": "lm", "version": "1", "variant": "int8", "state": "refused", "last_error": "golden vectors differ"}
+        {
+            "name": "lm",
+            "version": "1",
+            "variant": "int8",
+            "state": "refused",
+            "last_error": "golden vectors differ",
+            "shadow": False,
+        }
     ]
     assert node["desired"] == [{"name": "lm", "version": "1"}]
     assert node["update_state"] == "refused" and node["last_error"] == "golden vectors differ"

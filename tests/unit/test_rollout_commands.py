@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,10 @@ from edgecascade import __main__ as cli
 from edgecascade import rollout_commands
 from tests.support.registry import new_registry, publish_lm
 from tier2_region.fleet.domain import NodeFacts
+from tier2_region.fleet.figures import ShadowFigures, VersionFigures
 from tier2_region.fleet.inventory import Inventory
+from tier2_region.fleet.rollout import GateFigures, Rollout, RolloutPlan
+from tier2_region.fleet.rollout_store import RolloutStore
 
 MB = 1024 * 1024
 AGREEMENT = bytes(range(32))
@@ -119,6 +123,10 @@ def test_a_rollout_is_started_followed_paused_resumed_and_promoted(
         "max_p99_ratio": 1.2,
         "max_fallback_rate_increase": 0.1,
         "max_failed_installs": 1,
+        "shadow_percent": 0.0,
+        "shadow_interval_s": None,
+        "min_agreement": 0.9,
+        "max_mean_difference": None,
     }
     assert shown["nodes"]["eligible"] == 10 and shown["nodes"]["online"] == 10 and shown["nodes"]["cohort"] >= 1
     assert shown["gate_at"] is not None and shown["ended_at"] is None
@@ -137,6 +145,68 @@ def test_a_rollout_is_started_followed_paused_resumed_and_promoted(
     assert [h["state"] for h in shown[0]["history"]] == ["running", "paused", "running", "completed"]
 
 
+def test_a_rollout_with_a_shadow_phase_shows_it_and_its_figures(
+    capsys: pytest.CaptureFixture[str], state: Path
+) -> None:
+    where = ("--state-dir", str(state))
+    run(capsys, "deploy", "lm", "1", *where)
+    code, out = run(
+        capsys,
+        "rollout",
+        "start",
+        "lm",
+        "2",
+        "--shadow-percent",
+        "5",
+        "--shadow-interval-s",
+        "120",
+        "--min-agreement",
+        "0.95",
+        "--max-mean-difference",
+        "0.2",
+        *where,
+    )
+    assert code == 0, out
+    text = " ".join(out.split())
+    assert text.startswith("started the rollout of lm version 2 (from version 1): shadow (5 % of requests), ")
+    assert "runs version 2 beside it on 5 % of its requests; the region judges the shadow after 120 s" in text
+    assert "(top-1 agreement at least 0.95, mean difference at most 0.2) before stage 1 serves it" in text
+
+    shown = json.loads(run(capsys, "rollout", "status", "lm", "--json", *where)[1])
+    assert (shown["state"], shown["phase"], shown["label"], shown["stage"]) == (
+        "running",
+        "shadow",
+        "shadow (5 % of requests)",
+        None,  # no stage serves it yet
+    )
+    assert [(h["phase"], h["stage"]) for h in shown["history"]] == [("shadow", None)]
+    plan = shown["plan"]
+    assert (plan["shadow_percent"], plan["shadow_interval_s"], plan["min_agreement"]) == (5.0, 120.0, 0.95)
+    assert plan["max_mean_difference"] == 0.2
+    code, out = run(capsys, "rollout", "status", *where)
+    assert code == 0 and "shadow (5 %" in out
+
+    # What the region's last reading of the shadow saw (written as its ticker would).
+    inventory = Inventory(state / "region-1" / "fleet.sqlite")
+    store = RolloutStore(inventory)
+    (before,) = store.active("lm")
+    seen = ShadowFigures("lm", "2", 2, 40, 1, 3, 40, 0.875, 0.03, 14.0, 10.0)
+    reading = GateFigures(VersionFigures("lm", "2"), VersionFigures("lm", "1"), 0, seen)
+    reason = "waiting for data at shadow (5 % of requests): shadow: 40 of 100 compared runs, 2 of 1 node(s)"
+    assert store.save(before, replace(before, state="waiting", reason=reason, figures=reading)) is not None
+    inventory.close()
+    code, out = run(capsys, "rollout", "status", "lm", *where)
+    text = " ".join(out.split())
+    assert code == 0 and "waiting" in text
+    assert (
+        "lm: shadow of version 2 on the cohort: 40 compared run(s) on 2 node(s) (40 ok, 1 failed, 3 shed); "
+        "top-1 agreement 0.875 (at least 0.95 needed); mean difference 0.03; p99 14.0 ms vs 10.0 ms serving; "
+        "0 failed install(s)"
+    ) in text
+    shown = json.loads(run(capsys, "rollout", "status", "lm", "--json", *where)[1])
+    assert shown["figures"]["shadow"]["agreement"] == 0.875 and shown["figures"]["shadow"]["shed"] == 3
+
+
 def test_abort_says_where_the_cohort_goes(capsys: pytest.CaptureFixture[str], state: Path) -> None:
     where = ("--state-dir", str(state))
     run(capsys, "deploy", "lm", "1", *where)
@@ -153,8 +223,27 @@ def test_abort_says_where_the_cohort_goes(capsys: pytest.CaptureFixture[str], st
     [
         (["rollout", "start", "lm", "2", "--steps", "10,5,100"], "steps 10,5,100 must increase"),
         (["rollout", "start", "lm", "2", "--steps", "1,10"], "must end at 100"),
-        (["rollout", "start", "lm", "2", "--min-devices", "0"], "min_devices must be at least 1"),
-        (["rollout", "start", "lm", "2", "--max-p99-ratio", "0.5"], "max_p99_ratio must be at least 1"),
+        (["rollout", "start", "lm", "2", "--min-devices", "0"], "--min-devices must be at least 1, got 0"),
+        (["rollout", "start", "lm", "2", "--max-p99-ratio", "0.5"], "--max-p99-ratio must be at least 1"),
+        (["rollout", "start", "lm", "2", "--shadow-percent", "150"], "--shadow-percent is the share of a cohort node"),
+        (["rollout", "start", "lm", "2", "--min-agreement", "0.9"], "--min-agreement gates a shadow phase"),
+        (
+            ["rollout", "start", "lm", "2", "--shadow-interval-s", "60"],
+            "--shadow-interval-s applies to a shadow phase; give --shadow-percent too",
+        ),
+        (
+            ["rollout", "start", "lm", "2", "--shadow-percent", "0", "--max-mean-difference", "0.1"],
+            "--max-mean-difference applies to a shadow phase; give --shadow-percent too",
+        ),
+        (["rollout", "start", "lm", "2", "--interval-s", "0"], "--interval-s must be a positive number of seconds"),
+        (
+            ["rollout", "start", "lm", "2", "--max-error-rate-increase", "2"],
+            "--max-error-rate-increase is a share between 0 and 1",
+        ),
+        (
+            ["rollout", "start", "lm", "2", "--shadow-percent", "5", "--min-agreement", "2"],
+            "--min-agreement is the share of compared answers with the same top-1 class, between 0 and 1",
+        ),
         (["rollout", "start", "lm", "9"], "the registry has no model 'lm' version 9; publish it first"),
         (["rollout", "start", "lm", "1"], "version 1 of 'lm' is deployed already"),
         (["rollout", "pause", "lm"], "model 'lm' has no rollout; start one with edgecascade rollout start lm VERSION"),
@@ -203,3 +292,15 @@ def test_without_an_inventory_or_a_rollout_the_verbs_say_so(capsys: pytest.Captu
         str(tmp_path / "region" / "registry"),
     )
     assert code == 0 and "no rollout yet; start one with `edgecascade rollout start NAME VERSION`" in out
+
+
+def test_the_shadow_line_of_outputs_without_a_top_1_says_so() -> None:
+    plan = RolloutPlan(min_requests=100, shadow_percent=5, max_mean_difference=0.1)
+    seen = ShadowFigures("lm", "2", 2, 120, 0, 0, 120, None, 0.02, 14.0, 10.0)
+    reading = GateFigures(VersionFigures("lm", "2"), VersionFigures("lm", "1"), 0, seen)
+    rollout = Rollout("lm", "2", "1", plan, "running", 0, 1.0, 0.0, 0.0, 0.0, figures=reading, shadow=True)
+    line = rollout_commands.shadow_line(rollout)
+    assert "120 compared run(s) on 2 node(s)" in line
+    assert "top-1 agreement none: no top-1 output to compare (judged on the mean difference); " in line
+    few = replace(rollout, figures=replace(reading, shadow=replace(seen, compared=40)))
+    assert "top-1 agreement none yet (at least 0.9 needed)" in rollout_commands.shadow_line(few)

@@ -5,7 +5,9 @@ reports the traffic it served on the version it runs (to :class:`Telemetry`,
 the fake :class:`~tier2_region.fleet.figures.FiguresSource`), checks in (the
 inventory records it) and moves to the version its desired state names —
 unless that version's :class:`Behaviour` fails to install, which the
-telemetry hears as a failed install. Then the controller ticks.
+telemetry hears as a failed install. A node given a shadow assignment (a
+rollout's shadow phase) installs it the same way and from then on reports its
+shadow runs on the assignment's share of its traffic. Then the controller ticks.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ from services.errors import (
 from services.updates.key_grants import unwrap_key
 from tier2_region.config import FleetSection
 from tier2_region.fleet.assignment import VariantOffer
-from tier2_region.fleet.domain import NodeFacts
-from tier2_region.fleet.figures import VersionFigures
+from tier2_region.fleet.domain import Assignment, NodeFacts
+from tier2_region.fleet.figures import ShadowFigures, VersionFigures
 from tier2_region.fleet.fleet import Fleet
 from tier2_region.fleet.inventory import Deployment, Inventory
 from tier2_region.fleet.rollout import (
@@ -93,6 +95,11 @@ class Behaviour:
     fallback_share: float = 0.05
     p99_ms: float = 20.0
     installs: bool = True
+    # As a shadow beside version 1 (run on the same sampled requests):
+    agreement: float = 0.97
+    difference: float = 0.02
+    shadow_error_share: float = 0.0
+    shadow_shed_share: float = 0.0
 
 
 GOOD = Behaviour()
@@ -109,6 +116,22 @@ class Report:
     p99_ms: float
 
 
+@dataclass(frozen=True)
+class ShadowReport:
+    """What a node's shadow did on its sampled requests since its last check-in."""
+
+    node_id: str
+    version: str
+    at: float
+    ok: int
+    errors: int
+    shed: int
+    agreement: float
+    difference: float
+    p99_ms: float
+    serving_p99_ms: float
+
+
 @dataclass
 class Telemetry:
     """The fake FiguresSource: folds what the simulated nodes reported."""
@@ -116,6 +139,37 @@ class Telemetry:
     reports: list[Report] = field(default_factory=list)
     refusals: list[tuple[str, str, float]] = field(default_factory=list)
     silent: set[str] = field(default_factory=set)  # versions whose figures never arrive
+    shadows: list[ShadowReport] = field(default_factory=list)
+
+    def shadow(self, name: str, version: str, since: float, node_ids: Collection[str] | None = None) -> ShadowFigures:
+        ids = None if node_ids is None else set(node_ids)
+        rows = [
+            r
+            for r in self.shadows
+            if r.version == version
+            and r.at >= since
+            and (ids is None or r.node_id in ids)
+            and version not in self.silent
+        ]
+        compared = [r for r in rows if r.ok]
+        seen = ShadowFigures(
+            name,
+            version,
+            nodes=len({r.node_id for r in compared}),
+            ok=sum(r.ok for r in rows),
+            errors=sum(r.errors for r in rows),
+            shed=sum(r.shed for r in rows),
+            compared=sum(r.ok for r in rows),
+        )
+        if not compared:
+            return seen
+        return replace(
+            seen,
+            agreement=sum(r.agreement * r.ok for r in compared) / seen.compared,
+            mean_difference=sum(r.difference * r.ok for r in compared) / seen.compared,
+            p99_ms=max(r.p99_ms for r in compared),
+            serving_p99_ms=max(r.serving_p99_ms for r in compared),
+        )
 
     def failed_installs(self, name: str, version: str, since: float, node_ids: Collection[str] | None = None) -> int:
         return self.figures(name, version, since, node_ids).failed_installs
@@ -171,6 +225,7 @@ class Sim:
         self.reporting = True
         self.facts = {n: facts(n, 64 if n in small else 128) for n in self.ids}
         self.running = dict.fromkeys(self.ids, "1")
+        self.shadowing: dict[str, Assignment] = {}  # node → the shadow it runs
         self._open()
         with self.inventory.transaction() as db:
             for node in self.ids:
@@ -189,9 +244,21 @@ class Sim:
         self.inventory.close()
         self._open()
 
+    def assignments(self, node: str) -> tuple[Assignment, ...]:
+        """The node's desired state's assignments of lm."""
+        return tuple(a for a in self.fleet.desired_state(self.facts[node], AGREEMENT).assignments if a.name == "lm")
+
     def desired(self, node: str) -> str:
-        state = self.fleet.desired_state(self.facts[node], AGREEMENT)
-        return next(a.version for a in state.assignments if a.name == "lm")
+        """The version of lm the node should serve."""
+        return next(a.version for a in self.assignments(node) if not a.shadow)
+
+    def shadow(self, node: str) -> Assignment | None:
+        """The node's shadow assignment of lm, if it has one."""
+        return next((a for a in self.assignments(node) if a.shadow), None)
+
+    def shadowed(self) -> set[str]:
+        """The nodes told to run a shadow of lm."""
+        return {n for n in self.ids if self.shadow(n) is not None}
 
     def on(self, version: str) -> set[str]:
         """The nodes whose desired state names ``version`` of lm."""
@@ -206,12 +273,33 @@ class Sim:
             n = 100
             report = Report(node, running, now, n, round(n * b.error_share), round(n * b.fallback_share), b.p99_ms)
             self.telemetry.reports.append(report)
+            if node in self.shadowing:
+                self._report_shadow(node, self.shadowing[node], b.p99_ms)
+        shadow = self.shadow(node)
+        if shadow is None:
+            self.shadowing.pop(node, None)
+        elif self.shadowing.get(node) != shadow:
+            if self.behaviours.get(shadow.version, GOOD).installs:
+                self.shadowing[node] = shadow
+            else:
+                self.telemetry.refusals.append((node, shadow.version, now))
         desired = self.desired(node)
         if desired != running:
             if self.behaviours.get(desired, GOOD).installs:
                 self.running[node] = desired
             else:
                 self.telemetry.refusals.append((node, desired, now))
+
+    def _report_shadow(self, node: str, shadow: Assignment, serving_p99_ms: float) -> None:
+        b = self.behaviours.get(shadow.version, GOOD)
+        sampled = round(100 * shadow.shadow_share)
+        shed = round(sampled * b.shadow_shed_share)
+        errors = round((sampled - shed) * b.shadow_error_share)
+        ok = sampled - shed - errors
+        report = ShadowReport(
+            node, shadow.version, self.clock.now, ok, errors, shed, b.agreement, b.difference, b.p99_ms, serving_p99_ms
+        )
+        self.telemetry.shadows.append(report)
 
     def advance(self, seconds: float = STEP_S) -> None:
         end = self.clock.now + seconds
@@ -630,6 +718,11 @@ def test_one_rollout_that_cannot_be_read_does_not_stop_the_ticker(
         def failed_installs(
             self, name: str, version: str, since: float, node_ids: Collection[str] | None = None
         ) -> int:
+            raise OSError("telemetry store unreadable")
+
+        def shadow(
+            self, name: str, version: str, since: float, node_ids: Collection[str] | None = None
+        ) -> ShadowFigures:
             raise OSError("telemetry store unreadable")
 
     sim.controller.figures = Broken()

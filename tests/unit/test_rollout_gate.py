@@ -8,7 +8,7 @@ import pytest
 
 from services.errors import InvalidArgumentError
 from tier2_region.fleet import rollout_gate as gates
-from tier2_region.fleet.figures import VersionFigures
+from tier2_region.fleet.figures import ShadowFigures, VersionFigures
 from tier2_region.fleet.rollout import RolloutPlan, cohort_position
 from tier2_region.fleet.rollout_policy import Member, widen
 
@@ -131,3 +131,109 @@ def test_a_stage_too_small_for_min_devices_widens_to_the_lowest_online_nodes_and
     assert 12 < bound < 12.0001
     assert widen(plan, 0, 50.0, members) == 50.0  # never narrower than it was
     assert widen(RolloutPlan(min_devices=9), 0, 0.0, members) == 1.0  # too few online: wait at the step's own size
+
+
+# The shadow phase's gates
+
+
+def shadow(
+    ok: int = 1000,
+    errors: int = 0,
+    agreement: float | None = 0.95,
+    p99: float | None = 30.0,
+    serving_p99: float | None = 20.0,
+    difference: float | None = 0.05,
+    nodes: int = 5,
+    shed: int = 0,
+) -> ShadowFigures:
+    return ShadowFigures(
+        "lm",
+        "2",
+        nodes=nodes,
+        ok=ok,
+        errors=errors,
+        shed=shed,
+        compared=ok,
+        agreement=agreement,
+        mean_difference=difference,
+        p99_ms=p99,
+        serving_p99_ms=serving_p99,
+    )
+
+
+SHADOW_PLAN = RolloutPlan(min_devices=2, min_requests=100, shadow_percent=5, max_mean_difference=0.1)
+
+
+def test_shadow_gates_pass_at_their_limits_and_fail_beyond() -> None:
+    at_limits = shadow(ok=990, errors=10, agreement=0.9, p99=30.0, serving_p99=20.0, difference=0.1)
+    assert statuses(gates.judge_shadow(SHADOW_PLAN, at_limits)) == {
+        gates.AGREEMENT: gates.PASS,
+        gates.MEAN_DIFFERENCE: gates.PASS,
+        gates.P99_LATENCY: gates.PASS,
+        gates.ERROR_RATE: gates.PASS,
+    }
+    beyond = shadow(ok=980, errors=20, agreement=0.89, p99=31.0, serving_p99=20.0, difference=0.11)
+    assert set(statuses(gates.judge_shadow(SHADOW_PLAN, beyond)).values()) == {gates.FAIL}
+    (agreement, difference, p99, errors) = gates.judge_shadow(SHADOW_PLAN, beyond)
+    assert agreement.detail == "top-1 agreement 0.89 < 0.90 (over 980 compared run(s) on 5 node(s))"
+    assert difference.detail == "mean absolute difference of the outputs 0.11 > 0.1"
+    assert p99.detail == "shadow p99 latency 31.0 ms vs 20.0 ms serving the same requests (×1.55; at most ×1.5 allowed)"
+    assert errors.detail == "2.0 % of the shadow's runs failed (20 of 1000; at most 1.0 % allowed)"
+    # Without max_mean_difference the difference is not gated.
+    plain = RolloutPlan(shadow_percent=5)
+    assert gates.MEAN_DIFFERENCE not in statuses(gates.judge_shadow(plain, shadow(difference=9.0)))
+
+
+def test_a_shadow_figure_nobody_reported_is_no_data() -> None:
+    # Fewer compared runs than min_requests: an agreement may still come.
+    few = shadow(ok=50, agreement=None, serving_p99=None, difference=None)
+    results = statuses(gates.judge_shadow(SHADOW_PLAN, few))
+    assert results == {
+        gates.AGREEMENT: gates.NO_DATA,
+        gates.MEAN_DIFFERENCE: gates.NO_DATA,
+        gates.P99_LATENCY: gates.NO_DATA,
+        gates.ERROR_RATE: gates.PASS,
+    }
+    assert gates.shadow_errors(SHADOW_PLAN, shadow(ok=0, errors=0, shed=40)).status == gates.NO_DATA
+    # Shed runs did not run: they are neither successes nor failures.
+    assert shadow(ok=50, errors=50, shed=900).error_rate == 0.5
+
+
+def test_a_shadow_with_too_few_compared_runs_or_nodes_says_what_is_missing() -> None:
+    assert gates.shadow_shortfall(SHADOW_PLAN, shadow(ok=100, nodes=2), 3, 3) == ""
+    assert gates.shadow_shortfall(SHADOW_PLAN, shadow(ok=12, nodes=1), 3, 2) == (
+        "shadow: 12 of 100 compared runs, 1 of 2 node(s) (3 in the cohort, 2 online)"
+    )
+    assert gates.shadow_shortfall(SHADOW_PLAN, shadow(ok=0, nodes=0, errors=3, shed=7), 2, 2) == (
+        "shadow: 0 of 100 compared runs, 0 of 2 node(s) (2 in the cohort, 2 online); 7 run(s) shed (the nodes "
+        "were busy); 3 run(s) failed"
+    )
+
+
+def test_outputs_without_a_top_1_are_judged_on_the_mean_difference_when_it_is_gated() -> None:
+    # A regressor's (or an [N, 1] score's) shadow: every compared run records a difference, none an agreement.
+    regressor = shadow(agreement=None, difference=0.05)
+    results = gates.judge_shadow(SHADOW_PLAN, regressor)
+    assert statuses(results) == {
+        gates.AGREEMENT: gates.NOT_APPLICABLE,
+        gates.MEAN_DIFFERENCE: gates.PASS,
+        gates.P99_LATENCY: gates.PASS,
+        gates.ERROR_RATE: gates.PASS,
+    }
+    assert results[0].detail == (
+        "no top-1 output to compare; judged on the mean difference (over 1000 compared run(s) on 5 node(s))"
+    )
+    # ... and fail on it.
+    far = statuses(gates.judge_shadow(SHADOW_PLAN, shadow(agreement=None, difference=0.5)))
+    assert (far[gates.AGREEMENT], far[gates.MEAN_DIFFERENCE]) == (gates.NOT_APPLICABLE, gates.FAIL)
+
+
+def test_outputs_without_a_top_1_wait_for_the_operator_to_gate_the_mean_difference() -> None:
+    plain = RolloutPlan(min_devices=2, min_requests=100, shadow_percent=5)
+    (agreement, *_) = gates.judge_shadow(plain, shadow(agreement=None))
+    assert agreement.status == gates.NO_DATA
+    assert agreement.detail == (
+        "no top-1 output to compare in 1000 compared run(s) of version 2, so no agreement will come; abort the "
+        "rollout and start it again with --max-mean-difference D to judge the shadow on the mean difference of its "
+        "outputs"
+    )

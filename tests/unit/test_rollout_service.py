@@ -11,13 +11,14 @@ from opentelemetry.sdk.trace import TracerProvider
 from services.config import load_config
 from services.inference import NodeIdentity
 from services.rpc.components import NodeContext
+from services.updates.key_grants import KeyGrant
 from tests.support.registry import new_registry, publish_lm
 from tier2_region.config import RegionConfig
-from tier2_region.fleet.domain import NodeFacts
-from tier2_region.fleet.figures import VersionFigures
+from tier2_region.fleet.domain import Assignment, DesiredState, NodeFacts
+from tier2_region.fleet.figures import ShadowFigures, VersionFigures
 from tier2_region.fleet.inventory import Inventory
 from tier2_region.fleet.rollout import ROLLED_BACK, RUNNING
-from tier2_region.fleet_service import FleetControl
+from tier2_region.fleet_service import FleetControl, _response
 
 MB = 1024 * 1024
 
@@ -28,6 +29,9 @@ class EveryInstallFails:
 
     def failed_installs(self, name: str, version: str, since: float, node_ids: Collection[str] | None = None) -> int:
         return len(node_ids or ())
+
+    def shadow(self, name: str, version: str, since: float, node_ids: Collection[str] | None = None) -> ShadowFigures:
+        return ShadowFigures(name, version)
 
 
 def control(tmp_path: Path) -> FleetControl:
@@ -76,3 +80,19 @@ async def test_stop_is_safe_without_start_and_without_a_fleet(tmp_path: Path) ->
     await bare.tick_rollouts()
     await bare.start()
     await bare.stop()
+
+
+def test_a_shadow_assignment_reaches_the_node_marked_with_its_share() -> None:
+    grant = KeyGrant("k", b"e" * 32, b"s" * 16, b"n" * 12, b"w" * 48)
+    desired = DesiredState(
+        (
+            Assignment("lm", "1", "int8", "models/lm/1/int8", grant),
+            Assignment("lm", "2", "int8", "models/lm/2/int8", grant, shadow=True, shadow_share=0.05),
+        ),
+        (),
+        30,
+    )
+    serving, shadow = _response(desired).assignments
+    assert (serving.version, serving.shadow, serving.shadow_share) == ("1", False, 0.0)
+    assert (shadow.name, shadow.version, shadow.shadow, shadow.shadow_share) == ("lm", "2", True, 0.05)
+    assert shadow.grant.wrapped_key == b"w" * 48

@@ -96,3 +96,9 @@ def test_the_updates_column_shows_each_model_against_its_desired_version() -> No
     assert "lm 1 fp32 downloading → 2 fp32" in shown
     assert "old 3 int8 refused (failed its golden)" in shown
     assert "new → 1 int8 (waiting)" in shown and "checked in 1 s ago" in shown
+    # A rollout's shadow stage: the shadow is listed apart and never taken for what the model is waiting for.
+    info.updates.installed.add(name="lm", version="2", variant="fp32", state="committed", shadow=True)
+    text = Console(record=True, width=300)
+    text.print(_updates(info))
+    shown = text.export_text()
+    assert "shadow lm 2 fp32 committed" in shown and "lm 1 fp32 downloading → 2 fp32" in shown

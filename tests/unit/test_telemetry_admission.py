@@ -15,8 +15,21 @@ from services.config import load_config
 from services.errors import ConfigError, InvalidArgumentError, PermissionDeniedError, QueueFullError, UnavailableError
 from tier1_edge.config import EdgeConfig
 from tier2_region.config import RegionConfig
-from tier2_region.fleet.figures import CONFIDENCE, LATENCY, MODEL_NAME, MODEL_VERSION, NODE_ID, OUTCOME, REQUESTS
-from tier2_region.telemetry.admission import Limits, Receipt, admit_points, node_of, settle
+from tier2_region.fleet.figures import (
+    CONFIDENCE,
+    LATENCY,
+    MODEL_NAME,
+    MODEL_VERSION,
+    NODE_ID,
+    OUTCOME,
+    REQUESTS,
+    SHADOW_AGREEMENT,
+    SHADOW_DIFFERENCE,
+    SHADOW_LATENCY,
+    SHADOW_RUNS,
+    SHADOW_SERVING_LATENCY,
+)
+from tier2_region.telemetry.admission import HISTOGRAM, KEPT, SUM, Limits, Receipt, admit_points, node_of, settle
 from tier2_region.telemetry.ingest import Ingest, KnownNodes
 from tier2_region.telemetry.points import (
     Batch,
@@ -95,6 +108,25 @@ def test_a_resource_must_name_its_node() -> None:
         (_histogram((1, 1, 1), (10.0,)), "bad_histogram"),
         (_histogram((1, 1, 1), (10.0, 5.0)), "bad_histogram"),
         (_histogram((1, 1), (0.5,), metric=CONFIDENCE, max=1.5), "out_of_range"),
+        (_histogram((1, 1), (0.5,), metric=SHADOW_AGREEMENT, max=1.5), "out_of_range"),
+        # A share's sum is at most its count (each value at most 1), and agrees with its min and max.
+        (_histogram((1, 1), (0.5,), metric=SHADOW_AGREEMENT, sum=1e9), "out_of_range"),
+        (_histogram((1, 1), (0.5,), metric=SHADOW_AGREEMENT, sum=2.5), "out_of_range"),
+        (_histogram((1, 1), (0.5,), metric=CONFIDENCE, sum=3.0), "out_of_range"),
+        (_histogram((0, 0), (0.5,), metric=SHADOW_AGREEMENT, sum=0.5), "out_of_range"),  # no value, a sum
+        (_histogram((0, 0), (0.1,), metric=SHADOW_DIFFERENCE, sum=0.5), "bad_histogram"),
+        (_histogram((1, 1), (0.5,), metric=SHADOW_AGREEMENT, sum=1.9, max=0.9), "bad_histogram"),
+        (_histogram((1, 1), (0.5,), metric=SHADOW_AGREEMENT, sum=0.1, min=0.2), "bad_histogram"),
+        (_histogram((1, 1), (0.5,), metric=CONFIDENCE, sum=0.5, min=0.6, max=0.4), "bad_histogram"),
+        (_histogram((1, 1), (0.5,), metric=SHADOW_AGREEMENT, sum=-0.5), "negative"),
+        # A difference is not a share, but its sum is finite, not negative, and agrees with its min and max.
+        (_histogram((1, 1), (0.1,), metric=SHADOW_DIFFERENCE, sum=math.inf), "not_finite"),
+        (_histogram((1, 1), (0.1,), metric=SHADOW_DIFFERENCE, sum=math.nan), "not_finite"),
+        (_histogram((1, 1), (0.1,), metric=SHADOW_DIFFERENCE, sum=-1.0), "negative"),
+        (_histogram((1, 1), (0.1,), metric=SHADOW_DIFFERENCE, sum=2.0**41), "out_of_range"),
+        (_histogram((1, 1), (0.1,), metric=SHADOW_DIFFERENCE, sum=500.0, max=3.0), "bad_histogram"),
+        (_histogram((1, 1), (0.1,), metric=SHADOW_DIFFERENCE, sum=0.01, min=1.0), "bad_histogram"),
+        (_sum(1.0, metric=SHADOW_RUNS, attributes=MODEL), "bad_attribute"),  # a shadow run has an outcome
     ],
 )
 def test_absurd_or_malformed_points_are_refused_with_their_reason(point: MetricPoint, reason: str) -> None:
@@ -115,6 +147,55 @@ def test_good_points_are_filed_under_their_model_and_a_point_marked_empty_is_ign
     assert len({s.series for s in accepted}) == 2
     again, _, _ = admit_points("d2", resource)
     assert again[0].series != accepted[0].series
+
+
+def test_shadow_metrics_are_kept_and_a_shed_shadow_run_is_an_outcome() -> None:
+    assert {m: KEPT.get(m) for m in (SHADOW_RUNS, SHADOW_AGREEMENT, SHADOW_DIFFERENCE)} == {
+        SHADOW_RUNS: SUM,
+        SHADOW_AGREEMENT: HISTOGRAM,
+        SHADOW_DIFFERENCE: HISTOGRAM,
+    }
+    assert KEPT.get(SHADOW_LATENCY) == KEPT.get(SHADOW_SERVING_LATENCY) == HISTOGRAM
+    points = [_sum(2.0, metric=SHADOW_RUNS, attributes=(*MODEL, (OUTCOME, o))) for o in ("ok", "error", "shed")]
+    accepted, rejected, ignored = admit_points(
+        "d1",
+        _resource(
+            *points,
+            _histogram((0, 2), (0.5,), metric=SHADOW_AGREEMENT, sum=2.0, max=1.0),
+            _histogram((2, 0), (0.1,), metric=SHADOW_DIFFERENCE, sum=0.03, max=3.0),  # outputs may differ by more
+        ),
+    )
+    assert (dict(rejected), ignored) == ({}, 0)
+    assert [(s.point.metric, s.label) for s in accepted] == [
+        (SHADOW_RUNS, "ok"),
+        (SHADOW_RUNS, "error"),
+        (SHADOW_RUNS, "shed"),
+        (SHADOW_AGREEMENT, ""),
+        (SHADOW_DIFFERENCE, ""),
+    ]
+
+
+def test_share_sums_within_float_slack_of_their_limits_are_kept() -> None:
+    exact = 0.1 + 0.2 + 0.3  # 0.6000000000000001 > 3 × 0.2
+    points = (
+        _histogram((0, 3), (0.05,), metric=SHADOW_AGREEMENT, sum=exact, min=0.1, max=0.3),
+        _histogram((0, 3), (0.05,), metric=SHADOW_AGREEMENT, sum=3 * (1 + 1e-12), min=1.0, max=1.0),
+        _histogram((0, 3), (0.05,), metric=CONFIDENCE, sum=3.0, max=1.0),
+        _histogram((2, 0), (0.1,), metric=SHADOW_DIFFERENCE, sum=0.2 * (1 - 1e-12), min=0.1, max=0.1),
+        _histogram((0, 0), (0.5,), metric=SHADOW_AGREEMENT, sum=0.0),  # an empty delta
+        _histogram((1, 1), (10.0,), sum=500.0, max=3.0),  # latencies are not checked against min and max
+    )
+    accepted, rejected, _ = admit_points("d1", _resource(*points))
+    assert (len(accepted), dict(rejected)) == (len(points), {})
+
+
+def test_hostile_shadow_points_are_refused_with_a_partial_success() -> None:
+    good = _histogram((0, 2), (0.5,), metric=SHADOW_AGREEMENT, sum=1.8, min=0.85, max=0.95)
+    lying = _histogram((0, 2), (0.5,), metric=SHADOW_AGREEMENT, sum=1e6, min=0.85, max=0.95)
+    accepted, rejected, ignored = admit_points("d1", _resource(good, lying))
+    assert ([s.point for s in accepted], dict(rejected), ignored) == ([good], {"out_of_range": 1}, 0)
+    receipt = settle(Receipt("data points", accepted=len(accepted), rejected=dict(rejected)))
+    assert receipt.message().startswith("rejected 1 of 2 data points: out_of_range: 1 (")
 
 
 def test_the_answer_follows_otlp_partial_success() -> None:

@@ -20,8 +20,14 @@ from tier2_region.fleet.figures import (
     NODE_ID,
     OUTCOME,
     REQUESTS,
+    SHADOW_AGREEMENT,
+    SHADOW_DIFFERENCE,
+    SHADOW_LATENCY,
+    SHADOW_RUNS,
+    SHADOW_SERVING_LATENCY,
     UPDATE_OUTCOMES,
     FiguresSource,
+    ShadowFigures,
     VersionFigures,
 )
 from tier2_region.telemetry.admission import ANOMALY, UPDATE_STATE, admit_logs, admit_points
@@ -118,6 +124,7 @@ def send(store: TelemetryStore, node_id: str, received_at: float, *points: Metri
 def test_the_store_is_a_figures_source(store: TelemetryStore) -> None:
     source: FiguresSource = store
     assert source.figures("lm", "1", T0) == VersionFigures("lm", "1")
+    assert source.shadow("lm", "2", T0) == ShadowFigures("lm", "2")
 
 
 def test_cumulative_sums_are_stored_as_their_changes_between_reports(store: TelemetryStore) -> None:
@@ -447,3 +454,102 @@ def test_a_stage_is_never_judged_on_the_window_it_began_in(store: TelemetryStore
     assert store.figures("lm", "1", T0 + 30) == VersionFigures("lm", "1")
     send(store, "d2", T0 + 70, requests(7, at=T0 + 70))
     assert (store.figures("lm", "1", T0 + 30).requests, store.figures("lm", "1", T0 + 30).nodes) == (7, 1)
+
+
+# A rollout's shadow stage
+
+
+def shadow_runs(value: float, outcome: str, *, at: float, version: str = "2") -> SumPoint:
+    return SumPoint(
+        SHADOW_RUNS, _attributes(version, **{OUTCOME: outcome}), int((T0 - 5) * NS), int(at * NS), value, DELTA, True
+    )
+
+
+def shadow_points(
+    at: float,
+    *,
+    ok: int,
+    errors: int = 0,
+    shed: int = 0,
+    agreement: float = 0.95,
+    difference: float = 0.02,
+    latency_ms: float = 15.0,
+    serving_ms: float = 10.0,
+) -> list[MetricPoint]:
+    """What a node reports of ``ok`` compared runs (each at the given agreement, difference and latencies)."""
+    latency_bounds = (5.0, 10.0, 20.0, 50.0)
+
+    def bucket(ms: float) -> tuple[int, ...]:
+        index = next((i for i, b in enumerate(latency_bounds) if ms <= b), len(latency_bounds))
+        return tuple(ok if i == index else 0 for i in range(len(latency_bounds) + 1))
+
+    def per_run(metric: str, value: float, bounds: tuple[float, ...], counts: tuple[int, ...]) -> HistogramPoint:
+        return histogram(
+            counts,
+            bounds,
+            at=at,
+            version="2",
+            metric=metric,
+            total=value * ok,
+            low=value,
+            high=value,
+            temporality=DELTA,
+            start=at - 1,
+        )
+
+    points: list[MetricPoint] = [
+        shadow_runs(ok, "ok", at=at),
+        shadow_runs(errors, "error", at=at),
+        shadow_runs(shed, "shed", at=at),
+        per_run(SHADOW_AGREEMENT, agreement, (0.5, 0.9), (0, 0, ok) if agreement > 0.9 else (0, ok, 0)),
+        per_run(SHADOW_DIFFERENCE, difference, (0.1,), (ok, 0)),
+        per_run(SHADOW_LATENCY, latency_ms, latency_bounds, bucket(latency_ms)),
+        per_run(SHADOW_SERVING_LATENCY, serving_ms, latency_bounds, bucket(serving_ms)),
+    ]
+    return points
+
+
+def test_shadow_metrics_are_kept_and_answer_the_shadow_s_figures(store: TelemetryStore) -> None:
+    send(store, "d1", T0 + 1, *shadow_points(T0 + 1, ok=60, errors=2, shed=5, agreement=1.0, difference=0.01))
+    send(store, "d2", T0 + 2, *shadow_points(T0 + 2, ok=40, shed=1, agreement=0.75, difference=0.04))
+    seen = store.shadow("lm", "2", T0)
+    assert (seen.nodes, seen.ok, seen.errors, seen.shed, seen.compared) == (2, 100, 2, 6, 100)
+    assert seen.agreement == pytest.approx((60 * 1.0 + 40 * 0.75) / 100)
+    assert seen.mean_difference == pytest.approx((60 * 0.01 + 40 * 0.04) / 100)
+    assert seen.error_rate == pytest.approx(2 / 102)  # shed runs did not run
+    assert seen.p99_ms is not None and 10 < seen.p99_ms <= 20  # every shadow run took 15 ms
+    assert seen.serving_p99_ms is not None and 5 < seen.serving_p99_ms <= 10
+    # The cohort filter, the window, and the version: shadow points are filed under the shadow's version.
+    only = store.shadow("lm", "2", T0, ["d2"])
+    assert (only.nodes, only.ok, only.compared) == (1, 40, 40) and only.agreement == pytest.approx(0.75)
+    assert store.shadow("lm", "2", T0, []) == ShadowFigures("lm", "2")
+    assert store.shadow("lm", "2", T0 + 10 * WINDOW) == ShadowFigures("lm", "2")
+    assert store.shadow("lm", "1", T0) == ShadowFigures("lm", "1")
+    # The shadow's runs are not requests the version answered: its serving figures stay empty.
+    assert store.figures("lm", "2", T0).requests == 0 and store.figures("lm", "2", T0).nodes == 0
+
+
+def test_a_shadow_that_only_failed_or_was_shed_compared_nothing(store: TelemetryStore) -> None:
+    send(store, "d1", T0 + 1, shadow_runs(7, "error", at=T0 + 1), shadow_runs(3, "shed", at=T0 + 1))
+    seen = store.shadow("lm", "2", T0)
+    assert (seen.nodes, seen.ok, seen.errors, seen.shed, seen.compared) == (0, 0, 7, 3, 0)
+    assert (seen.agreement, seen.mean_difference, seen.p99_ms, seen.serving_p99_ms) == (None, None, None, None)
+    assert seen.error_rate == 1.0
+
+
+def test_a_shadow_without_a_top_1_is_counted_from_its_differences(store: TelemetryStore) -> None:
+    # A regressor's (or an [N, 1] score's) compared runs record a difference each and no agreement.
+    def no_top1(at: float, ok: int) -> list[MetricPoint]:
+        return [p for p in shadow_points(at, ok=ok, difference=0.05) if p.metric != SHADOW_AGREEMENT]
+
+    send(store, "d1", T0 + 1, *no_top1(T0 + 1, 70))
+    send(store, "d2", T0 + 2, *no_top1(T0 + 2, 50))
+    seen = store.shadow("lm", "2", T0)
+    assert (seen.nodes, seen.ok, seen.compared) == (2, 120, 120)
+    assert seen.agreement is None and seen.mean_difference == pytest.approx(0.05)
+    only = store.shadow("lm", "2", T0, ["d2"])
+    assert (only.nodes, only.compared, only.agreement) == (1, 50, None)
+    # A node whose outputs have a top-1 beside one whose do not: both compared, the agreement is the first's.
+    send(store, "d3", T0 + 3, *shadow_points(T0 + 3, ok=30, agreement=1.0))
+    mixed = store.shadow("lm", "2", T0)
+    assert (mixed.nodes, mixed.compared) == (3, 150) and mixed.agreement == pytest.approx(1.0)

@@ -28,7 +28,10 @@ Desired state
     target path and key id); a model none of whose variants fits is
     unassigned, with the reason. While a rollout of a model is active, a node
     in its cohort and eligible for it gets the rollout's version instead
-    (:mod:`~tier2_region.fleet.rollout`); once it has ended, every node gets
+    (:mod:`~tier2_region.fleet.rollout`) — except in the rollout's shadow
+    phase, when such a node keeps the deployment's version and gets the
+    rollout's version as a second assignment of the model, marked ``shadow``
+    with the plan's ``shadow_share``, to run beside it; once it has ended, every node gets
     what the deployment names again (the new version after completion, the
     old one after a rollback or abort). A deploy of a model with an active
     rollout is refused: the rollout sets the deployment when it completes.
@@ -42,7 +45,7 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -309,16 +312,35 @@ class Fleet:
             if isinstance(choice, str):
                 unassigned.append(Unassigned(name, version, choice))
                 continue
-            key = self.catalog.content_key(choice.key_id)
-            grant = wrap_key(key, agreement_public_key, facts.node_id, choice.target_path, choice.key_id)
-            assignments.append(Assignment(name, version, choice.variant, choice.target_path, grant))
+            assignments.append(self._assign(facts, agreement_public_key, name, version, choice))
+            shadow = self._shadow(facts, deployment, rollouts.get(name))
+            if shadow is not None:
+                rollout, offer = shadow
+                assigned = self._assign(facts, agreement_public_key, name, rollout.version, offer)
+                assignments.append(replace(assigned, shadow=True, shadow_share=rollout.plan.shadow_share))
         return DesiredState(tuple(assignments), tuple(unassigned), self.settings.check_interval_s)
+
+    def _assign(
+        self, facts: NodeFacts, agreement_public_key: bytes, name: str, version: str, offer: VariantOffer
+    ) -> Assignment:
+        key = self.catalog.content_key(offer.key_id)
+        grant = wrap_key(key, agreement_public_key, facts.node_id, offer.target_path, offer.key_id)
+        return Assignment(name, version, offer.variant, offer.target_path, grant)
+
+    def _shadow(
+        self, facts: NodeFacts, deployment: Deployment, rollout: Rollout | None
+    ) -> tuple[Rollout, VariantOffer] | None:
+        """The rollout and variant a node runs as a shadow of a deployed model, if it is in a shadow cohort."""
+        if rollout is None or not rollout.shadow or not rollout.covers(facts.node_id):
+            return None
+        offer = canary_variant(rollout, facts, deployment, self.catalog.offers(rollout.name, rollout.version))
+        return None if offer is None else (rollout, offer)
 
     def _target(
         self, facts: NodeFacts, deployment: Deployment, rollout: Rollout | None
     ) -> tuple[str, list[VariantOffer]]:
-        """The version a node gets of a deployed model, with that version's variants."""
-        if rollout is not None and rollout.covers(facts.node_id):
+        """The version a node serves of a deployed model, with that version's variants."""
+        if rollout is not None and not rollout.shadow and rollout.covers(facts.node_id):
             offers = self.catalog.offers(rollout.name, rollout.version)
             if canary_variant(rollout, facts, deployment, offers) is not None:
                 return rollout.version, offers

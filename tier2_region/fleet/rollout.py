@@ -21,8 +21,19 @@ States::
        ├── gate failed / failed installs ─────┴──▶ rolled_back
        ├── abort ──▶ aborted              promote ──▶ completed
 
+With ``plan.shadow_percent`` > 0 the rollout begins with a *shadow phase*
+(:attr:`Rollout.shadow`) in the same states: the cohort is the first stage's
+(same bound, same widening) and keeps serving the baseline, and each cohort
+node gets VERSION as a second, *shadow* assignment that runs beside the
+serving one on ``shadow_percent`` % of its requests, its answers compared with
+the serving ones and discarded. After ``shadow_interval_s`` the shadow gates
+(agreement, latency, errors, failed installs) are read; when they pass, the
+phase ends and stage 1 starts serving VERSION to the same cohort; when one
+fails, the rollout is rolled back (the shadows are removed: nobody is sent a
+shadow assignment any more). Nobody serves VERSION during the shadow phase.
+
 A rollout is *active* while running, waiting or paused: only then does its
-cohort get VERSION. ``completed`` makes VERSION the deployments' version;
+cohort get VERSION (as a shadow during the shadow phase). ``completed`` makes VERSION the deployments' version;
 ``rolled_back`` and ``aborted`` leave the deployments at the baseline, so the
 cohort gets the baseline again at its next check-in.
 """
@@ -39,7 +50,7 @@ from dataclasses import dataclass
 from services.errors import InvalidArgumentError
 from tier2_region.fleet.assignment import VariantOffer, choose_variant
 from tier2_region.fleet.domain import NodeFacts
-from tier2_region.fleet.figures import VersionFigures
+from tier2_region.fleet.figures import ShadowFigures, VersionFigures
 from tier2_region.fleet.inventory import Deployment
 
 RUNNING = "running"
@@ -78,6 +89,11 @@ def stage_label(plan: RolloutPlan, stage: int) -> str:
     return f"stage {stage + 1} of {len(plan.steps)} ({plan.steps[stage]:g} %)"
 
 
+def shadow_label(plan: RolloutPlan) -> str:
+    """``shadow (5 % of requests)``."""
+    return f"shadow ({plan.shadow_percent:g} % of requests)"
+
+
 @dataclass(frozen=True)
 class RolloutPlan:
     """How a rollout proceeds and what stops it.
@@ -92,6 +108,15 @@ class RolloutPlan:
         max_p99_ratio: Largest allowed p99 latency of the new version as a multiple of the baseline's.
         max_fallback_rate_increase: Largest allowed rise of the share of requests sent upstream.
         max_failed_installs: Cohort nodes whose install of the new version may fail before it is rolled back.
+        shadow_percent: 0 for no shadow phase; else the share of each cohort node's requests (in percent, above 0
+            and at most 100) the new version runs on beside the serving one before it serves any (the shadow
+            phase). Its gates reuse ``min_devices`` and ``min_requests`` (compared runs), ``max_p99_ratio``
+            (against the serving version on the same requests), ``max_error_rate_increase`` (the share of the
+            shadow's runs that fail) and ``max_failed_installs``.
+        shadow_interval_s: How long the shadow phase runs before its gates are read (None: ``interval_s``).
+        min_agreement: The lowest mean top-1 agreement of the shadow with the serving version that passes (0-1).
+        max_mean_difference: The largest mean absolute difference of the shadow's outputs from the serving
+            version's that passes; None leaves it ungated (outputs of different models need not be close).
     """
 
     steps: tuple[float, ...] = DEFAULT_STEPS
@@ -102,6 +127,10 @@ class RolloutPlan:
     max_p99_ratio: float = 1.5
     max_fallback_rate_increase: float = 0.05
     max_failed_installs: int = 0
+    shadow_percent: float = 0.0
+    shadow_interval_s: float | None = None
+    min_agreement: float = 0.9
+    max_mean_difference: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "steps", tuple(float(s) for s in self.steps))
@@ -128,6 +157,52 @@ class RolloutPlan:
             )
         if self.max_failed_installs < 0:
             raise InvalidArgumentError(f"max_failed_installs must be 0 or more, got {self.max_failed_installs}")
+        self._check_shadow()
+
+    def _check_shadow(self) -> None:
+        if not (math.isfinite(self.shadow_percent) and 0 <= self.shadow_percent <= 100):
+            raise InvalidArgumentError(
+                f"shadow_percent is the share of a cohort node's requests the shadow runs on, above 0 and at most "
+                f"100 (0 = no shadow phase), got {self.shadow_percent}"
+            )
+        interval = self.shadow_interval_s
+        if interval is not None and not (math.isfinite(interval) and 0 < interval <= MAX_INTERVAL_S):
+            raise InvalidArgumentError(
+                f"shadow_interval_s must be a positive number of seconds up to {MAX_INTERVAL_S:g}, got {interval}"
+            )
+        if not (math.isfinite(self.min_agreement) and 0 <= self.min_agreement <= 1):
+            raise InvalidArgumentError(
+                f"min_agreement is the share of compared answers with the same top-1 class, between 0 and 1 "
+                f"(0.9 = 90 %), got {self.min_agreement}"
+            )
+        limit = self.max_mean_difference
+        if limit is not None and not (math.isfinite(limit) and limit >= 0):
+            raise InvalidArgumentError(
+                f"max_mean_difference must be 0 or more (the mean absolute difference of the outputs), got {limit}"
+            )
+        if self.shadow_percent == 0 and (interval is not None or limit is not None):
+            given = " and ".join(
+                name
+                for name, value in (("shadow_interval_s", interval), ("max_mean_difference", limit))
+                if value is not None
+            )
+            verb = "apply" if interval is not None and limit is not None else "applies"
+            raise InvalidArgumentError(f"{given} {verb} to a shadow phase; give shadow_percent too")
+
+    @property
+    def has_shadow(self) -> bool:
+        """Whether the rollout begins with a shadow phase."""
+        return self.shadow_percent > 0
+
+    @property
+    def shadow_share(self) -> float:
+        """The share of a cohort node's requests the shadow runs on, in (0, 1] (0 without a shadow phase)."""
+        return self.shadow_percent / 100
+
+    @property
+    def shadow_interval(self) -> float:
+        """How long the shadow phase runs before its gates are read."""
+        return self.interval_s if self.shadow_interval_s is None else self.shadow_interval_s
 
 
 def _check_steps(steps: Sequence[float]) -> None:
@@ -144,11 +219,16 @@ def _check_steps(steps: Sequence[float]) -> None:
 
 @dataclass(frozen=True)
 class GateFigures:
-    """What the last gate reading saw: the new version on the cohort, the baseline beside it."""
+    """What the last gate reading saw: the new version on the cohort, the baseline beside it.
+
+    In the shadow phase ``canary`` and ``baseline`` are empty (nobody serves the new version) and
+    ``shadow`` holds what the shadow did.
+    """
 
     canary: VersionFigures
     baseline: VersionFigures
     failed_installs: int = 0
+    shadow: ShadowFigures | None = None  # in the shadow phase: the shadow's runs on the cohort
 
 
 @dataclass(frozen=True)
@@ -171,6 +251,7 @@ class Rollout:
         figures: The last gate reading, or None before the first.
         id: Its row id (0 before it is stored).
         revision: Bumped at every write: a write based on an older revision is not applied.
+        shadow: In the shadow phase (``stage`` is then 0: the cohort is the first stage's, serving the baseline).
     """
 
     name: str
@@ -188,21 +269,32 @@ class Rollout:
     figures: GateFigures | None = None
     id: int = 0
     revision: int = 0
+    shadow: bool = False
 
     @property
     def active(self) -> bool:
-        """Whether its cohort gets the new version (running, waiting or paused)."""
+        """Whether its cohort gets the new version (running, waiting or paused; as a shadow in the shadow phase)."""
         return self.state in ACTIVE_STATES
 
     @property
+    def shadowing(self) -> bool:
+        """Whether its cohort gets the new version as a shadow now (active, in the shadow phase)."""
+        return self.shadow and self.active
+
+    @property
     def percent(self) -> float:
-        """The current stage's step, in percent."""
+        """The current stage's step, in percent (the shadow phase's cohort is the first stage's)."""
         return self.plan.steps[self.stage]
 
     @property
     def label(self) -> str:
-        """``stage 2 of 4 (10 %)``."""
-        return stage_label(self.plan, self.stage)
+        """``stage 2 of 4 (10 %)``, or ``shadow (5 % of requests)`` in the shadow phase."""
+        return shadow_label(self.plan) if self.shadow else stage_label(self.plan, self.stage)
+
+    @property
+    def interval_s(self) -> float:
+        """How long the current stage (or the shadow phase) runs before its gates are read."""
+        return self.plan.shadow_interval if self.shadow else self.plan.interval_s
 
     def covers(self, node_id: str) -> bool:
         """Whether the node is in the cohort, if it is eligible (its position is below the bound)."""

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from services.engine.model_repository import check_model_name, check_version
 from services.errors import ModelNotFoundError, NotFoundError, PreconditionError, UnavailableError
 from tier2_region.fleet import rollout_policy as policy
-from tier2_region.fleet.figures import FiguresSource, VersionFigures
+from tier2_region.fleet.figures import FiguresSource, ShadowFigures, VersionFigures
 from tier2_region.fleet.fleet import Fleet, applicable
 from tier2_region.fleet.inventory import Deployment
 from tier2_region.fleet.rollout import (
@@ -34,6 +34,7 @@ from tier2_region.fleet.rollout import (
     RolloutPlan,
     canary_variant,
     cohort_position,
+    stage_label,
 )
 from tier2_region.fleet.rollout_policy import Member, Population
 from tier2_region.fleet.rollout_store import RolloutEvent
@@ -60,6 +61,10 @@ class NoFigures:
         """None heard of."""
         return 0
 
+    def shadow(self, name: str, version: str, since: float, node_ids: Collection[str] | None = None) -> ShadowFigures:
+        """No shadow run heard of (no data, which passes no gate)."""
+        return ShadowFigures(name, version)
+
 
 @dataclass(frozen=True)
 class CohortCounts:
@@ -79,7 +84,7 @@ class RolloutStatus:
     Attributes:
         rollout: Its stored state.
         counts: Its nodes now (None once it has ended: its cohort is gone).
-        gate_at: When the current stage's gates are first read (None unless running).
+        gate_at: When the current stage's (or the shadow phase's) gates are first read (None unless running).
         history: What happened, oldest first.
     """
 
@@ -142,7 +147,7 @@ class RolloutController:
             )
         baseline = self._baseline(name, version)
         now = self.clock()
-        draft = Rollout(name, version, baseline, plan, RUNNING, 0, 0.0, now, now, now)
+        draft = Rollout(name, version, baseline, plan, RUNNING, 0, 0.0, now, now, now, shadow=plan.has_shadow)
         population = self.population(draft, now)
         draft = replace(draft, cohort_bound=policy.widen(plan, 0, 0.0, population.members))
         cohort = population.cohort(draft.cohort_bound)
@@ -150,6 +155,11 @@ class RolloutController:
             f"started from version {baseline} at {draft.label}: {len(cohort)} of {len(population.members)} "
             "eligible node(s) in the cohort"
         )
+        if draft.shadow:
+            event += (
+                f", running version {version} beside version {baseline} on {plan.shadow_percent:g} % of their "
+                f"requests (its answers discarded) until {stage_label(plan, 0)} serves it"
+            )
         if population.unfit:
             event += (
                 f"; {population.unfit} node(s) running version {baseline} fit no variant of version {version}: they "
@@ -239,7 +249,7 @@ class RolloutController:
                 sum(m.online for m in cohort),
                 population.unfit,
             )
-        gate_at = rollout.stage_started_at + rollout.plan.interval_s if rollout.state == RUNNING else None
+        gate_at = rollout.stage_started_at + rollout.interval_s if rollout.state == RUNNING else None
         return RolloutStatus(rollout, counts, gate_at, tuple(self.store.history(rollout.id)))
 
     # The region's ticker

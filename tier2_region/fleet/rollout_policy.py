@@ -19,6 +19,17 @@
    (``rolled_back``, naming the gates); a gate without data waits; otherwise
    the next stage starts, or after the last one the rollout is ``completed``.
 
+In the shadow phase (:attr:`~tier2_region.fleet.rollout.Rollout.shadow`) steps 1-3
+are the same (the cohort is the first stage's; a refused shadow install is a
+failed install) and the phase is judged after ``shadow_interval_s`` on the
+shadow's runs over the cohort since the phase began
+(:meth:`~tier2_region.fleet.figures.FiguresSource.shadow`): a shadow whose runs
+fail too often rolls back as soon as ``min_requests`` runs ran (it would never
+be compared); too few compared runs or comparing nodes waits; a failed shadow
+gate (agreement, mean difference, p99 latency against the serving version on
+the same requests, errors) rolls back; otherwise stage 1 starts, serving the
+new version to the same cohort.
+
 The baseline is read over the eligible nodes outside the cohort in the same
 window; when they answered fewer than ``min_requests`` (at 100 % there are
 none), over every eligible node since the rollout began — the baseline as the
@@ -37,7 +48,7 @@ from dataclasses import dataclass, replace
 
 from services.errors import PreconditionError
 from tier2_region.fleet import rollout_gate as gates
-from tier2_region.fleet.figures import FiguresSource, VersionFigures
+from tier2_region.fleet.figures import FiguresSource, ShadowFigures, VersionFigures
 from tier2_region.fleet.rollout import (
     ABORTED,
     COMPLETED,
@@ -160,8 +171,9 @@ def step(rollout: Rollout, population: Population, figures: FiguresSource, now: 
         )
         return _roll_back(rollout, now, (installs,), replace(nothing, failed_installs=failed))
     judged = None
-    if now >= rollout.stage_started_at + rollout.plan.interval_s:
-        judged = _judge(replace(rollout, cohort_bound=bound), population, figures, failed, now)
+    if now >= rollout.stage_started_at + rollout.interval_s:
+        judge = _judge_shadow if rollout.shadow else _judge
+        judged = judge(replace(rollout, cohort_bound=bound), population, figures, failed, now)
     if judged is None and bound != rollout.cohort_bound:
         return Transition(replace(rollout, cohort_bound=bound, updated_at=now))
     return judged
@@ -232,8 +244,60 @@ def _wait(rollout: Rollout, now: float, missing: str, seen: GateFigures) -> Tran
 def _roll_back(rollout: Rollout, now: float, failed: Sequence[gates.GateResult], seen: GateFigures) -> Transition:
     names = ", ".join(r.gate for r in failed)
     details = "; ".join(r.detail for r in failed)
-    reason = f"gate {names} failed at {rollout.label}: {details}; the cohort goes back to version {rollout.baseline}"
+    if rollout.shadow:
+        reason = (
+            f"shadow gate {names} failed at {rollout.label}: {details}; the shadow is removed and the cohort keeps "
+            f"version {rollout.baseline}"
+        )
+    else:
+        reason = (
+            f"gate {names} failed at {rollout.label}: {details}; the cohort goes back to version {rollout.baseline}"
+        )
     return _end(rollout, ROLLED_BACK, now, reason, seen)
+
+
+def _judge_shadow(
+    rollout: Rollout, population: Population, figures: FiguresSource, failed: int, now: float
+) -> Transition | None:
+    plan = rollout.plan
+    cohort = population.cohort(rollout.cohort_bound)
+    if cohort:
+        shadow = figures.shadow(rollout.name, rollout.version, rollout.stage_started_at, _ids(cohort))
+    else:
+        shadow = ShadowFigures(rollout.name, rollout.version)  # asking about no node answers nothing: no data
+    nothing = (VersionFigures(rollout.name, rollout.version), VersionFigures(rollout.name, rollout.baseline))
+    seen = GateFigures(*nothing, failed_installs=failed, shadow=shadow)
+    errors = gates.shadow_errors(plan, shadow)
+    if shadow.ok + shadow.errors >= plan.min_requests and errors.status == gates.FAIL:
+        return _roll_back(rollout, now, (errors,), seen)
+    short = gates.shadow_shortfall(plan, shadow, len(cohort), sum(m.online for m in cohort))
+    if short:
+        return _wait(rollout, now, short, seen)
+    results = gates.judge_shadow(plan, shadow)
+    worse = [r for r in results if r.status == gates.FAIL]
+    if worse:
+        return _roll_back(rollout, now, worse, seen)
+    missing = [r.detail for r in results if r.status == gates.NO_DATA]
+    if missing:
+        return _wait(rollout, now, "; ".join(missing), seen)
+    bound = widen(plan, 0, rollout.cohort_bound, population.members)
+    serving = replace(
+        rollout,
+        shadow=False,
+        state=RUNNING,
+        stage=0,
+        cohort_bound=bound,
+        stage_started_at=now,
+        updated_at=now,
+        reason="",
+        figures=seen,
+    )
+    passed = "; ".join(r.detail for r in results)
+    return Transition(
+        serving,
+        f"{rollout.label} passed its gates ({passed}); {serving.label} started: the cohort serves version "
+        f"{rollout.version}",
+    )
 
 
 def _advance(
@@ -269,7 +333,8 @@ def _describe(rollout: Rollout) -> str:
 
 
 def pause(rollout: Rollout, now: float) -> Transition:
-    """Holds a running or waiting rollout at its stage: its cohort keeps the new version, no gate is read.
+    """Holds a running or waiting rollout at its stage: its cohort keeps the new version (or its shadow), no gate
+    is read.
 
     Raises:
         PreconditionError: It is paused already or has ended.
@@ -300,7 +365,13 @@ def abort(rollout: Rollout, now: float) -> Transition:
     """
     if not rollout.active:
         raise PreconditionError(f"{_describe(rollout)} has ended ({rollout.state}); there is nothing to abort")
-    reason = f"aborted by the operator at {rollout.label}; the cohort goes back to version {rollout.baseline}"
+    if rollout.shadow:
+        reason = (
+            f"aborted by the operator at {rollout.label}; the shadow is removed and the cohort keeps version "
+            f"{rollout.baseline}"
+        )
+    else:
+        reason = f"aborted by the operator at {rollout.label}; the cohort goes back to version {rollout.baseline}"
     return _end(rollout, ABORTED, now, reason)
 
 
@@ -316,4 +387,4 @@ def promote(rollout: Rollout, now: float) -> Transition:
         f"promoted by the operator at {rollout.label}: version {rollout.version} is deployed to every eligible node"
     )
     last = len(rollout.plan.steps) - 1
-    return _end(replace(rollout, stage=last, cohort_bound=100.0), COMPLETED, now, reason)
+    return _end(replace(rollout, stage=last, cohort_bound=100.0, shadow=False), COMPLETED, now, reason)

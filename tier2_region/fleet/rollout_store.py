@@ -3,15 +3,21 @@
 Tables (created if absent, beside the inventory's own)::
 
     rollouts        one row per rollout: model, version, baseline, plan (JSON), state, stage,
-                    cohort bound, stage start, reason, last gate figures (JSON), revision;
-                    a partial unique index allows one active (running, waiting, paused) rollout per model
-    rollout_events  its history: when, state, stage and what happened
+                    cohort bound, stage start, reason, last gate figures (JSON), revision, and
+                    whether it is in its shadow phase; a partial unique index allows one active
+                    (running, waiting, paused) rollout per model
+    rollout_events  its history: when, state, stage (-1 in the shadow phase) and what happened
 
 Every write names the revision it was computed from and bumps it; a write
 whose revision is no longer stored is not applied. The region's ticker and
 the operator's CLI (another process) may both act on a rollout: the later of
 two conflicting writes loses and is recomputed from what won. Completing a
 rollout makes its version the deployments' version in the same transaction.
+
+Columns added since the tables first shipped (:data:`_ADDED_COLUMNS`) are
+added to an older file when it is opened, with defaults that read as what the
+older region meant (``shadow`` 0: no shadow phase); keys the plan's and the
+figures' JSON lack take their defaults.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from services.errors import PreconditionError
-from tier2_region.fleet.figures import VersionFigures
+from tier2_region.fleet.figures import ShadowFigures, VersionFigures
 from tier2_region.fleet.inventory import Inventory
 from tier2_region.fleet.rollout import ACTIVE_STATES, COMPLETED, GateFigures, Rollout, RolloutPlan
 
@@ -43,7 +49,8 @@ _SCHEMA = (
         ended_at REAL,
         reason TEXT NOT NULL DEFAULT '',
         figures_json TEXT,
-        revision INTEGER NOT NULL DEFAULT 0
+        revision INTEGER NOT NULL DEFAULT 0,
+        shadow INTEGER NOT NULL DEFAULT 0
     )""",
     f"CREATE UNIQUE INDEX IF NOT EXISTS rollouts_one_active ON rollouts (name) WHERE state IN ({_ACTIVE_SQL})",
     """CREATE TABLE IF NOT EXISTS rollout_events (
@@ -55,20 +62,34 @@ _SCHEMA = (
     )""",
     "CREATE INDEX IF NOT EXISTS rollout_events_by_rollout ON rollout_events (rollout_id, at)",
 )
+# The stage an event of the shadow phase is stored with.
+_SHADOW_STAGE = -1
+# Columns of `rollouts` a file written by an older region lacks: (name, definition).
+_ADDED_COLUMNS = (("shadow", "INTEGER NOT NULL DEFAULT 0"),)
 _COLUMNS = (
     "id, name, version, baseline, plan_json, state, stage, cohort_bound, stage_started_at, started_at, "
-    "updated_at, ended_at, reason, figures_json, revision"
+    "updated_at, ended_at, reason, figures_json, revision, shadow"
 )
 
 
 @dataclass(frozen=True)
 class RolloutEvent:
-    """One line of a rollout's history."""
+    """One line of a rollout's history.
+
+    Attributes:
+        at: When (Unix seconds).
+        state: The rollout's state after it.
+        stage: Index of the rollout's stage after it (0 in the shadow phase, as :attr:`Rollout.stage`).
+        message: What happened.
+        shadow: Whether the rollout was in its shadow phase after it (stored as stage -1: the table has
+            no column for it, and an older region's writes name none).
+    """
 
     at: float
     state: str
     stage: int
     message: str
+    shadow: bool = False
 
 
 class RolloutStore:
@@ -83,6 +104,10 @@ class RolloutStore:
         with inventory.transaction() as db:
             for statement in _SCHEMA:
                 db.execute(statement)
+            have = {row[1] for row in db.execute("PRAGMA table_info(rollouts)")}
+            for column, definition in _ADDED_COLUMNS:
+                if column not in have:
+                    db.execute(f"ALTER TABLE rollouts ADD COLUMN {column} {definition}")
 
     def active(self, name: str | None = None) -> list[Rollout]:
         """The active rollouts (of one model, if named), by model."""
@@ -109,7 +134,7 @@ class RolloutStore:
             "SELECT at, state, stage, message FROM rollout_events WHERE rollout_id = ? ORDER BY at, rowid",
             (rollout_id,),
         )
-        return [RolloutEvent(float(r[0]), r[1], int(r[2]), r[3]) for r in rows]
+        return [RolloutEvent(float(r[0]), r[1], max(int(r[2]), 0), r[3], int(r[2]) < 0) for r in rows]
 
     def add(self, rollout: Rollout, event: str) -> Rollout:
         """Stores a new rollout with the first line of its history.
@@ -120,8 +145,8 @@ class RolloutStore:
         try:
             with self.inventory.transaction() as db:
                 cursor = db.execute(
-                    f"INSERT INTO rollouts ({_COLUMNS}) VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)",
-                    (rollout.name, rollout.version, rollout.baseline, *_values(rollout)),
+                    f"INSERT INTO rollouts ({_COLUMNS}) VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?)",
+                    (rollout.name, rollout.version, rollout.baseline, *_values(rollout), int(rollout.shadow)),
                 )
                 rollout_id = int(cursor.lastrowid or 0)
                 _note(db, rollout_id, rollout, event)
@@ -143,9 +168,9 @@ class RolloutStore:
         with self.inventory.transaction() as db:
             cursor = db.execute(
                 "UPDATE rollouts SET plan_json = ?, state = ?, stage = ?, cohort_bound = ?, stage_started_at = ?, "
-                "started_at = ?, updated_at = ?, ended_at = ?, reason = ?, figures_json = ?, revision = revision + 1 "
-                "WHERE id = ? AND revision = ?",
-                (*_values(after), before.id, before.revision),
+                "started_at = ?, updated_at = ?, ended_at = ?, reason = ?, figures_json = ?, shadow = ?, "
+                "revision = revision + 1 WHERE id = ? AND revision = ?",
+                (*_values(after), int(after.shadow), before.id, before.revision),
             )
             if cursor.rowcount == 0:
                 return None
@@ -163,7 +188,7 @@ class RolloutStore:
 def _note(db: sqlite3.Connection, rollout_id: int, rollout: Rollout, message: str) -> None:
     db.execute(
         "INSERT INTO rollout_events VALUES (?, ?, ?, ?, ?)",
-        (rollout_id, rollout.updated_at, rollout.state, rollout.stage, message),
+        (rollout_id, rollout.updated_at, rollout.state, _SHADOW_STAGE if rollout.shadow else rollout.stage, message),
     )
 
 
@@ -200,12 +225,22 @@ def _version_figures(data: dict[str, Any]) -> VersionFigures:
     return VersionFigures(**{k: v for k, v in data.items() if k in known})
 
 
+def _shadow_figures(data: dict[str, Any] | None) -> ShadowFigures | None:
+    if data is None:
+        return None
+    known = {f.name for f in fields(ShadowFigures)}
+    return ShadowFigures(**{k: v for k, v in data.items() if k in known})
+
+
 def _figures(text: str | None) -> GateFigures | None:
     if text is None:
         return None
     data = json.loads(text)
     return GateFigures(
-        _version_figures(data["canary"]), _version_figures(data["baseline"]), int(data.get("failed_installs", 0))
+        _version_figures(data["canary"]),
+        _version_figures(data["baseline"]),
+        int(data.get("failed_installs", 0)),
+        _shadow_figures(data.get("shadow")),
     )
 
 
@@ -226,4 +261,5 @@ def _rollout(row: tuple[Any, ...]) -> Rollout:
         reason=row[12],
         figures=_figures(row[13]),
         revision=int(row[14]),
+        shadow=bool(row[15]),
     )

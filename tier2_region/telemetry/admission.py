@@ -4,8 +4,9 @@ A resource must name its node (:data:`~tier2_region.fleet.figures.NODE_ID`), an
 enrolled one. Of its metrics the store keeps those of
 :mod:`tier2_region.fleet.figures` (:data:`KEPT`); any other metric is accepted
 and not stored (a collector that gets a copy may want it). A kept metric must
-have its type (requests and update outcomes are monotonic sums, durations and
-confidences explicit-bucket histograms), a temporality, finite and non-negative
+have its type (requests, update outcomes and shadow runs are monotonic sums;
+durations, confidences and the shadow's agreements and differences
+explicit-bucket histograms), a temporality, finite and non-negative
 values, consistent buckets, and the attributes the store files it under. Each
 refused point or record is counted under one reason of :data:`REASONS`.
 
@@ -36,6 +37,11 @@ from tier2_region.fleet.figures import (
     NODE_ID,
     OUTCOME,
     REQUESTS,
+    SHADOW_AGREEMENT,
+    SHADOW_DIFFERENCE,
+    SHADOW_LATENCY,
+    SHADOW_RUNS,
+    SHADOW_SERVING_LATENCY,
     UPDATE_OUTCOMES,
 )
 from tier2_region.telemetry.points import (
@@ -67,8 +73,25 @@ MAX_VALUE = 2.0**40
 SUM = "sum"
 HISTOGRAM = "histogram"
 # The metrics the store keeps: their OTLP type, and the attribute a sum is counted by.
-KEPT: Mapping[str, str] = {REQUESTS: SUM, UPDATE_OUTCOMES: SUM, LATENCY: HISTOGRAM, CONFIDENCE: HISTOGRAM}
-_LABEL = {REQUESTS: OUTCOME, UPDATE_OUTCOMES: UPDATE_STATE}
+KEPT: Mapping[str, str] = {
+    REQUESTS: SUM,
+    UPDATE_OUTCOMES: SUM,
+    LATENCY: HISTOGRAM,
+    CONFIDENCE: HISTOGRAM,
+    SHADOW_RUNS: SUM,
+    SHADOW_AGREEMENT: HISTOGRAM,
+    SHADOW_DIFFERENCE: HISTOGRAM,
+    SHADOW_LATENCY: HISTOGRAM,
+    SHADOW_SERVING_LATENCY: HISTOGRAM,
+}
+# The attribute a kept sum is counted by (its label in the store).
+_LABEL = {REQUESTS: OUTCOME, UPDATE_OUTCOMES: UPDATE_STATE, SHADOW_RUNS: OUTCOME}
+# Histograms of shares, whose values lie in [0, 1]: their sum lies in [0, count].
+_SHARES = frozenset({CONFIDENCE, SHADOW_AGREEMENT})
+# Histograms whose mean a gate reads: their sum must agree with their count, min and max.
+_MEANS = frozenset({*_SHARES, SHADOW_DIFFERENCE})
+# A sum of floats may drift from count × min or count × max by this share of it (and a little absolutely).
+_SUM_SLACK = 1e-6
 
 REASONS: Mapping[str, str] = {
     "no_node_id": f"the resource has no {NODE_ID} attribute",
@@ -76,14 +99,16 @@ REASONS: Mapping[str, str] = {
     "unknown_node": "the node is not enrolled in this region's fleet",
     "too_many_attributes": "a resource, point or record has more attributes than the region takes",
     "attribute_too_long": "an attribute's key or value is longer than the region takes",
-    "wrong_type": "a metric the region reads has another type (requests and update outcomes are monotonic sums, "
-    "durations and confidences explicit-bucket histograms)",
+    "wrong_type": "a metric the region reads has another type (requests, update outcomes and shadow runs are "
+    "monotonic sums; durations, confidences and shadow agreements and differences explicit-bucket histograms)",
     "bad_temporality": "a sum or histogram has no aggregation temporality (delta or cumulative)",
     "missing_value": "a point carries no value",
     "not_finite": "a value is NaN or infinite",
     "negative": "a count, sum or recorded value is negative",
-    "out_of_range": "a count or value is beyond 2^40, or a confidence outside [0, 1]",
-    "bad_histogram": "a histogram's bucket counts do not match its bounds or its count, or its bounds do not increase",
+    "out_of_range": "a count or value is beyond 2^40, or a confidence or shadow agreement outside [0, 1] "
+    "(its sum beyond its count)",
+    "bad_histogram": "a histogram's bucket counts do not match its bounds or its count, its bounds do not increase, "
+    "or the sum of a confidence, shadow agreement or difference lies outside count × min to count × max",
     "bad_attribute": "a point lacks the model name, version, outcome or update state as a short string",
     "bad_severity": "a record's severity number is outside 0-24",
     "bad_trace_id": "a record's trace id is not 16 bytes or its span id not 8",
@@ -238,11 +263,32 @@ def _check_histogram(point: HistogramPoint) -> str:
             "out_of_range",
             point.count > MAX_VALUE
             or any(v is not None and v > MAX_VALUE for v in recorded)
-            or (point.metric == CONFIDENCE and any(v is not None and v > 1 for v in recorded[1:])),
+            or (point.metric in _SHARES and any(v is not None and v > 1 for v in recorded[1:]))
+            or (point.metric in _SHARES and point.sum is not None and point.sum > point.count * (1 + _SUM_SLACK)),
         ),
-        ("bad_histogram", not _buckets_consistent(point)),
+        ("bad_histogram", not _buckets_consistent(point) or (point.metric in _MEANS and not _sum_consistent(point))),
     )
     return next((reason for reason, found in problems if found), "")
+
+
+def _sum_consistent(point: HistogramPoint) -> bool:
+    """Whether a histogram's sum can be that of its count values between its min and max (where it has them).
+
+    Its verdict counts only once the point passed the finite and non-negative checks (those reasons come
+    first). A gate reads such a histogram's mean (sum / count): a sum its own min, max and count
+    contradict would move that mean where no recorded value puts it.
+    """
+    total = point.sum
+    if total is None:
+        return True
+    if point.count == 0:
+        return total == 0
+    if point.min is not None and point.max is not None and point.min > point.max:
+        return False
+    slack = _SUM_SLACK * (abs(total) + 1e-3)
+    low = point.count * point.min if point.min is not None else 0.0
+    high = point.count * point.max if point.max is not None else math.inf
+    return low - slack <= total <= high + slack
 
 
 def _buckets_consistent(point: HistogramPoint) -> bool:

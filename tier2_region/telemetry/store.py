@@ -3,10 +3,10 @@
 Tables::
 
     counters    per window, model, version, node, variant, metric, label (outcome or update state) and
-                fallback reason: how much the sums grew (requests, update outcomes)
+                fallback reason: how much the sums grew (requests, update outcomes, shadow runs)
     histograms  per window, model, version, node, variant, metric and bucket bounds (JSON): the
-                merged histograms (durations, confidences): count, sum, min, max and bucket counts
-                (packed 64-bit integers)
+                merged histograms (durations, confidences, shadow agreements, differences and
+                durations): count, sum, min, max and bucket counts (packed 64-bit integers)
     series      per series (node, metric, point attributes): the last report folded, so the next
                 cumulative report is stored as its change (:mod:`~tier2_region.telemetry.folding`)
     anomalies   the warnings, errors and marked anomalies nodes logged, the last
@@ -48,7 +48,19 @@ from pathlib import Path
 from typing import Any
 
 from tier2_region.config import TelemetrySection
-from tier2_region.fleet.figures import CONFIDENCE, LATENCY, REQUESTS, UPDATE_OUTCOMES, VersionFigures
+from tier2_region.fleet.figures import (
+    CONFIDENCE,
+    LATENCY,
+    REQUESTS,
+    SHADOW_AGREEMENT,
+    SHADOW_DIFFERENCE,
+    SHADOW_LATENCY,
+    SHADOW_RUNS,
+    SHADOW_SERVING_LATENCY,
+    UPDATE_OUTCOMES,
+    ShadowFigures,
+    VersionFigures,
+)
 from tier2_region.telemetry.folding import Increment, SeriesState, fold
 from tier2_region.telemetry.points import Anomaly, Batch, LogsBatch, MetricsBatch, Sample, SumPoint
 from tier2_region.telemetry.quantiles import BucketHistogram, quantiles
@@ -502,6 +514,67 @@ class TelemetryStore:
             p999_ms=p999,
             mean_confidence=_mean([m for (metric, _), m in histograms.items() if metric == CONFIDENCE]),
             failed_installs=int(failed),
+        )
+
+    def shadow(self, name: str, version: str, since: float, node_ids: Collection[str] | None = None) -> ShadowFigures:
+        """The version's shadow runs from the windows that overlap ``since`` or come after it.
+
+        Args:
+            name: Model name.
+            version: The shadow's version (every shadow point carries it).
+            since: Start of the window (Unix seconds, the region's clock; resolution ``window_s``).
+            node_ids: Only these nodes (a rollout's shadow cohort); None for every node.
+        """
+        if node_ids is not None and not node_ids:
+            return ShadowFigures(name, version)
+        where = "model = ? AND version = ? AND window_start >= ?"
+        args: list[Any] = [name, version, self._since(since)]
+        if node_ids is not None:
+            where += _NODES_IN
+            args.append(json.dumps(sorted(node_ids)))
+        runs = dict(
+            self._rows(
+                f"SELECT label, SUM(value) FROM counters WHERE {where} AND metric = ? GROUP BY label",
+                [*args, SHADOW_RUNS],
+            )
+        )
+        # A node counts once it compared answers: a shadow that only failed or was shed compared nothing.
+        # Every compared run records a difference; only outputs with a top-1 record an agreement too
+        # (a regressor's or a single score's do not), so both histograms name comparing nodes.
+        nodes = self._rows(
+            f"SELECT COUNT(DISTINCT node_id) FROM histograms WHERE {where} AND metric IN (?, ?) AND count > 0",
+            [*args, SHADOW_AGREEMENT, SHADOW_DIFFERENCE],
+        )[0][0]
+        metrics = (SHADOW_AGREEMENT, SHADOW_DIFFERENCE, SHADOW_LATENCY, SHADOW_SERVING_LATENCY)
+        histograms = self._merged(
+            self._rows(
+                f"SELECT metric, bounds, count, sum, min, max, counts FROM histograms WHERE {where} "
+                "AND metric IN (?, ?, ?, ?)",
+                [*args, *metrics],
+            )
+        )
+
+        def parts(metric: str) -> list[_Merged]:
+            return [m for (kind, _), m in histograms.items() if kind == metric]
+
+        def p99(metric: str) -> float | None:
+            found = [m.histogram(bounds) for (kind, bounds), m in histograms.items() if kind == metric]
+            return quantiles(found, (0.99,))[0]
+
+        return ShadowFigures(
+            name=name,
+            version=version,
+            nodes=int(nodes),
+            ok=round(runs.get("ok", 0.0)),
+            errors=round(runs.get("error", 0.0)),
+            shed=round(runs.get("shed", 0.0)),
+            # Counted from the differences (one per compared run, with or without a top-1); the agreements
+            # only if a node reported more of them (one that records no difference).
+            compared=max(sum(m.count for m in parts(SHADOW_DIFFERENCE)), sum(m.count for m in parts(SHADOW_AGREEMENT))),
+            agreement=_mean(parts(SHADOW_AGREEMENT)),
+            mean_difference=_mean(parts(SHADOW_DIFFERENCE)),
+            p99_ms=p99(SHADOW_LATENCY),
+            serving_p99_ms=p99(SHADOW_SERVING_LATENCY),
         )
 
     @staticmethod

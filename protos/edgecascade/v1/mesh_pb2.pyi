@@ -90,7 +90,7 @@ class ArtifactCacheStatus(_message.Message):
     def __init__(self, max_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., blobs: _Optional[int] = ..., in_flight_bytes: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., evicted_bytes: _Optional[int] = ..., too_large: _Optional[int] = ...) -> None: ...
 
 class GetTierInfoResponse(_message.Message):
-    __slots__ = ("tier", "tier_name", "node_id", "version", "upstream", "models", "cache", "artifact_cache", "updates")
+    __slots__ = ("tier", "tier_name", "node_id", "version", "upstream", "models", "cache", "artifact_cache", "updates", "upstream_status")
     TIER_FIELD_NUMBER: _ClassVar[int]
     TIER_NAME_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +100,7 @@ class GetTierInfoResponse(_message.Message):
     CACHE_FIELD_NUMBER: _ClassVar[int]
     ARTIFACT_CACHE_FIELD_NUMBER: _ClassVar[int]
     UPDATES_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_STATUS_FIELD_NUMBER: _ClassVar[int]
     tier: Tier
     tier_name: str
     node_id: str
@@ -109,7 +110,40 @@ class GetTierInfoResponse(_message.Message):
     cache: CacheStatus
     artifact_cache: ArtifactCacheStatus
     updates: UpdateStatus
-    def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., tier_name: _Optional[str] = ..., node_id: _Optional[str] = ..., version: _Optional[str] = ..., upstream: _Optional[str] = ..., models: _Optional[_Iterable[_Union[HeldModel, _Mapping]]] = ..., cache: _Optional[_Union[CacheStatus, _Mapping]] = ..., artifact_cache: _Optional[_Union[ArtifactCacheStatus, _Mapping]] = ..., updates: _Optional[_Union[UpdateStatus, _Mapping]] = ...) -> None: ...
+    upstream_status: UpstreamStatus
+    def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., tier_name: _Optional[str] = ..., node_id: _Optional[str] = ..., version: _Optional[str] = ..., upstream: _Optional[str] = ..., models: _Optional[_Iterable[_Union[HeldModel, _Mapping]]] = ..., cache: _Optional[_Union[CacheStatus, _Mapping]] = ..., artifact_cache: _Optional[_Union[ArtifactCacheStatus, _Mapping]] = ..., updates: _Optional[_Union[UpdateStatus, _Mapping]] = ..., upstream_status: _Optional[_Union[UpstreamStatus, _Mapping]] = ...) -> None: ...
+
+class UpstreamStatus(_message.Message):
+    __slots__ = ("address", "breaker_state", "breaker_opened", "breaker_rejected", "breaker_failures", "breaker_successes", "breaker_retry_in_s", "last_failure", "retries", "retries_refused", "cache_hits", "cache_misses", "cache_bytes", "cache_entries")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    BREAKER_STATE_FIELD_NUMBER: _ClassVar[int]
+    BREAKER_OPENED_FIELD_NUMBER: _ClassVar[int]
+    BREAKER_REJECTED_FIELD_NUMBER: _ClassVar[int]
+    BREAKER_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    BREAKER_SUCCESSES_FIELD_NUMBER: _ClassVar[int]
+    BREAKER_RETRY_IN_S_FIELD_NUMBER: _ClassVar[int]
+    LAST_FAILURE_FIELD_NUMBER: _ClassVar[int]
+    RETRIES_FIELD_NUMBER: _ClassVar[int]
+    RETRIES_REFUSED_FIELD_NUMBER: _ClassVar[int]
+    CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_MISSES_FIELD_NUMBER: _ClassVar[int]
+    CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CACHE_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    breaker_state: str
+    breaker_opened: int
+    breaker_rejected: int
+    breaker_failures: int
+    breaker_successes: int
+    breaker_retry_in_s: float
+    last_failure: str
+    retries: int
+    retries_refused: int
+    cache_hits: int
+    cache_misses: int
+    cache_bytes: int
+    cache_entries: int
+    def __init__(self, address: _Optional[str] = ..., breaker_state: _Optional[str] = ..., breaker_opened: _Optional[int] = ..., breaker_rejected: _Optional[int] = ..., breaker_failures: _Optional[int] = ..., breaker_successes: _Optional[int] = ..., breaker_retry_in_s: _Optional[float] = ..., last_failure: _Optional[str] = ..., retries: _Optional[int] = ..., retries_refused: _Optional[int] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., cache_entries: _Optional[int] = ...) -> None: ...
 
 class UpdateStatus(_message.Message):
     __slots__ = ("enrolled", "installs", "check_ins", "failed_check_ins", "last_check_in_age_s", "installed", "desired", "last_error")
