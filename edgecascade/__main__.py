@@ -13,6 +13,8 @@ Commands::
     edgecascade model resign-targets|rotate-root                  keep the registry's metadata from expiring
     edgecascade fleet [--json] | fleet token | fleet revoke ID    the region's enrolled nodes
     edgecascade deploy NAME VERSION [--tier T] [--hardware-class C]  what the matching nodes should run
+    edgecascade hard-examples export [--format jsonl] [--model M] [--since ISO] [--limit N] [--out FILE]
+    edgecascade hard-examples stats [--json]      escalated inputs the region keeps for retraining
 
 Each verb is bound to its handler where it is declared (``set_defaults(handler=…)``);
 :func:`main` calls that handler, and a verb declared without one is an error.
@@ -29,7 +31,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from edgecascade import client_commands, fleet_commands, model_commands, rollout_commands
+from edgecascade import client_commands, fleet_commands, hard_example_commands, model_commands, rollout_commands
 from edgecascade.demo_models import DEFAULT_MODELS_DIR, DEVICE_MODEL, place_demo_models
 from edgecascade.mesh_launcher import Mesh, run_until_signal
 from services import __version__
@@ -147,6 +149,7 @@ def _parser() -> argparse.ArgumentParser:
     model_commands.add_parser(sub)
     fleet_commands.add_parsers(sub)
     rollout_commands.add_parsers(sub)
+    hard_example_commands.add_parsers(sub)
     return parser
 
 

@@ -8,7 +8,9 @@ request's ``edgecascade.cascade`` parameter, else the node's ``[cascade] mode``
 request's ``edgecascade.threshold``, else ``[cascade] thresholds``, else the
 signed ``edgecascade.confidence_threshold``, else ``[token_cascade] threshold``).
 A model without a pairing generates alone unless the request asks for a
-cascade, which is then refused as an invalid argument.
+cascade, which is then refused as an invalid argument by the node the client
+called (a node the request was forwarded to generates it without the cascade:
+the node below accepted its parameters).
 
 ``confidence``
     At each step the device samples a token from its own distribution and keeps
@@ -32,7 +34,11 @@ Each token says where it came from (``local`` | ``upstream``) and a
 :class:`CascadeTally` adds them up for the final response. When the upstream
 fails (unreachable, breaker open, too slow, refuses), the generation goes on
 with the local model alone and is marked degraded with the reason; no later
-step of that generation waits on the upstream again.
+step of that generation waits on the upstream again. Every upstream call leaves
+enough of the generation's deadline for the steps still to run here (timed on
+the device's own steps, plus the cascade's reserve); when less is left, the
+generation stops asking and is marked degraded with ``deadline``. At threshold 0
+confidence mode never asks the upstream anything.
 
 The upstream is reached through the data plane's ``Upstream`` port (the two
 methods of :class:`GeneratorUpstream`); this module imports no transport.
@@ -50,7 +56,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from services.cascade import Cascade, degraded_reason
+from services.cascade import DEGRADED_DEADLINE, MIN_UPSTREAM_S, Cascade, degraded_reason, reserve
 from services.engine import speculative
 from services.engine.generation import (
     CharTokenizer,
@@ -59,11 +65,12 @@ from services.engine.generation import (
     sampling_distribution,
 )
 from services.errors import (
+    CircuitOpenError,
     DeadlineExceededError,
     EdgecascadeError,
     InvalidArgumentError,
-    RequestCancelledError,
 )
+from services.hard_examples import Escalation
 from services.inference import (
     CASCADE,
     CASCADE_OFF,
@@ -89,6 +96,11 @@ SIGNALS = (SIGNAL_CHOSEN, SIGNAL_MAX)
 # :func:`services.cascade.degraded_reason` (circuit_open, upstream_unavailable, upstream_timeout, ...).
 DEGRADED_NO_UPSTREAM = "no_upstream"  # this node is the top of the chain
 DEGRADED_INCOMPATIBLE = "upstream_incompatible"  # the paired model has another vocabulary, or answered nonsense
+
+# How the time of the device's steps still to run is estimated: a moving average of each step's time
+# (this weight on the newest), times a margin.
+PACE_WEIGHT = 0.3
+LOCAL_MARGIN = 1.5
 
 
 @dataclass(frozen=True)
@@ -193,7 +205,12 @@ class CascadeToken:
 
 @dataclass
 class CascadeTally:
-    """What one cascaded generation did, for its final response."""
+    """What one cascaded generation did, for its final response.
+
+    With ``keep_escalations`` it also keeps each token the upstream decided against the device
+    (:attr:`escalations`: confidence mode's escalated steps, speculative mode's corrected drafts), for a
+    hard example (:mod:`services.hard_examples`).
+    """
 
     tokens_local: int = 0
     tokens_escalated: int = 0
@@ -204,6 +221,13 @@ class CascadeTally:
     finish_reason: str = "length"
     confidences: list[float] = field(default_factory=list)
     probabilities: list[float] = field(default_factory=list)
+    keep_escalations: bool = False
+    escalations: list[Escalation] = field(default_factory=list)
+
+    def escalated(self, escalation: Escalation) -> None:
+        """Keeps one token the upstream decided (when asked to)."""
+        if self.keep_escalations:
+            self.escalations.append(escalation)
 
     @property
     def tokens(self) -> int:
@@ -266,20 +290,32 @@ class TokenCascade:
         return self.settings.pairs.get(model) or properties.get(PAIR_PROPERTY, "")
 
     def plan(
-        self, model: str, properties: Mapping[str, str], parameters: Mapping[str, ParamValue]
+        self,
+        model: str,
+        properties: Mapping[str, str],
+        parameters: Mapping[str, ParamValue],
+        forwarded: bool = False,
     ) -> CascadePlan | None:
         """Decides how one generation of ``model`` cascades (None: it does not).
 
+        Args:
+            model: The generator.
+            properties: Its properties (signed metadata).
+            parameters: The request's parameters.
+            forwarded: The request came from another node (which accepted its cascade parameters):
+                without a pairing here it is generated without the cascade rather than refused.
+
         Raises:
-            InvalidArgumentError: Bad cascade parameters, or a cascade asked of a model with no pairing.
+            InvalidArgumentError: Bad cascade parameters, or a cascade asked of a model with no pairing
+                by the client itself.
         """
         ask = self.policy.ask(parameters)
         upstream_model = self.pairing(model, properties)
         if not ask.on:
             return None
         if not upstream_model:
-            if CASCADE not in parameters:
-                return None  # the node's default mode; this model has nothing to cascade to
+            if CASCADE not in parameters or forwarded:
+                return None  # the node's default mode, or a node below asked: nothing to cascade to here
             raise InvalidArgumentError(
                 f"model '{model}' has no upstream model to cascade to ({CASCADE} = {ask.mode}): declare one in the "
                 f"node's [token_cascade] pairs or its metadata ({PAIR_PROPERTY}), or send {CASCADE} = {CASCADE_OFF}"
@@ -314,7 +350,12 @@ class TokenCascade:
         """
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
         rng = np.random.default_rng(seed)
-        link = await self._link(plan, tokenizer, route, deadline, tally)
+        step = pace = _Pace(step)
+        link: _Link | None = None
+        # At threshold 0 no confidence is below it: confidence mode never escalates, so nothing is asked upward.
+        if plan.mode == CASCADE_SPECULATIVE or plan.threshold > 0:
+            first = tokenizer.window(tokenizer.encode(prompt))
+            link = await self._link(plan, tokenizer, route, deadline, tally, pace, first, params.max_tokens)
         if plan.mode == CASCADE_SPECULATIVE:
             tokens = self._speculative(plan, link, tokenizer, step, prompt, params, rng, tally)
         else:
@@ -348,12 +389,18 @@ class TokenCascade:
             origin, probability = TOKEN_LOCAL, 0.0
             if confidence < plan.threshold and link is not None:
                 try:
-                    p = (await link.distributions([ids]))[0]
+                    p = (await link.distributions([ids], params.max_tokens - index - 1))[0]
                 except _UpstreamFailedError as failed:
                     link = self._give_up(tally, failed.reason)
                 else:
+                    device_token = token if token >= 0 else int(np.argmax(q))
                     token = choose(p, params, rng)
                     origin, probability = TOKEN_UPSTREAM, float(p[token])
+                    tally.escalated(
+                        Escalation(
+                            index, tokenizer.decode(device_token), confidence, tokenizer.decode(token), probability
+                        )
+                    )
             if origin == TOKEN_LOCAL:
                 if token < 0:
                     token = choose(q, params, rng)
@@ -410,7 +457,7 @@ class TokenCascade:
                 draft_dists.append(q_sampled)
                 draft_probs.append(float(q[token]))
             try:
-                p = await link.distributions([ids + drafts[:j] for j in range(k + 1)])
+                p = await link.distributions([ids + drafts[:j] for j in range(k + 1)], remaining - 1)
             except _UpstreamFailedError as failed:
                 link = self._give_up(tally, failed.reason)
                 # The drafts are honest samples of the device's model: keep them as local tokens.
@@ -425,6 +472,17 @@ class TokenCascade:
                     (tok, float(p[j, tok]), TOKEN_LOCAL if j < result.accepted else TOKEN_UPSTREAM)
                     for j, tok in enumerate(result.tokens)
                 ]
+                if result.accepted < min(len(drafts), len(result.tokens), remaining):  # a draft was corrected
+                    j = result.accepted
+                    tally.escalated(
+                        Escalation(
+                            index + j,
+                            tokenizer.decode(drafts[j]),
+                            draft_probs[j],
+                            tokenizer.decode(result.tokens[j]),
+                            float(p[j, result.tokens[j]]),
+                        )
+                    )
             for token, probability, origin in emitted[:remaining]:
                 ids.append(token)
                 piece = tokenizer.decode(token)
@@ -462,20 +520,33 @@ class TokenCascade:
         tally.degraded = tally.degraded or reason
 
     async def _link(
-        self, plan: CascadePlan, tokenizer: CharTokenizer, route: Sequence[str], deadline: float, tally: CascadeTally
+        self,
+        plan: CascadePlan,
+        tokenizer: CharTokenizer,
+        route: Sequence[str],
+        deadline: float,
+        tally: CascadeTally,
+        pace: _Pace,
+        first: Array,
+        steps: int,
     ) -> _Link | None:
-        """Describes the paired upstream model (cached) and checks it fits; None (degraded) if it cannot help."""
+        """Describes the paired upstream model (cached) and checks it fits; None (degraded) if it cannot help.
+
+        Before a description is asked for, the device's first step (``first``, its ids) runs, so that the
+        call leaves time for all ``steps`` steps to run here if the upstream does not answer.
+        """
         if not self.upstream.available():
             return self._give_up(tally, DEGRADED_NO_UPSTREAM)
         loop = asyncio.get_running_loop()
         cached = self._described.get(plan.upstream_model)
         info = cached[1] if cached is not None and loop.time() - cached[0] < self.settings.describe_ttl_s else None
         if info is None:
-            timeout = _call_timeout(deadline, self.settings.call_timeout_s)
+            await pace.warm(first)
             try:
+                timeout = _call_timeout(deadline, self.settings.call_timeout_s, pace.local_s(steps - 1))
                 info = await self.upstream.generator(plan.upstream_model, timeout, route)
-            except RequestCancelledError:
-                raise
+            except _UpstreamFailedError as failed:
+                return self._give_up(tally, failed.reason)
             except EdgecascadeError as exc:
                 log.warning("token cascade: upstream model %s not usable: %s", plan.upstream_model, exc.message)
                 return self._give_up(tally, degraded_reason(exc))
@@ -483,19 +554,57 @@ class TokenCascade:
         if list(info.vocab) != list(tokenizer.vocab):
             log.warning("token cascade: upstream model %s has another vocabulary; generating alone", info.name)
             return self._give_up(tally, DEGRADED_INCOMPATIBLE)
-        return _Link(self.upstream, info, route, deadline, self.settings.call_timeout_s, tally)
+        return _Link(self.upstream, info, route, deadline, self.settings.call_timeout_s, tally, pace)
 
 
-def _call_timeout(deadline: float, cap: float) -> float:
-    """Seconds one upstream call may take: what is left of the generation's deadline, at most ``cap``.
+def _call_timeout(deadline: float, cap: float, local_s: float) -> float:
+    """Seconds one upstream call may take: what is left of the generation's deadline less the time the
+    steps still to run here need (``local_s``) and the cascade's reserve (:func:`services.cascade.reserve`),
+    at most ``cap`` — so that a slow upstream still leaves the generation time to finish here.
 
     Raises:
         DeadlineExceededError: Nothing is left (the generation itself is over, not the upstream).
+        _UpstreamFailedError: Too little is left to ask the upstream and still finish here (``deadline``).
     """
     left = deadline - asyncio.get_running_loop().time()
     if left <= 0:
         raise DeadlineExceededError("generation ran past its deadline")
-    return min(left, cap)
+    timeout = min(left - local_s - reserve(left), cap)
+    if timeout < MIN_UPSTREAM_S:
+        raise _UpstreamFailedError(DEGRADED_DEADLINE)
+    return timeout
+
+
+class _Pace:
+    """The device's step, timed: how long the steps still to run here will take.
+
+    :meth:`warm` runs one step ahead (to time it before the first upstream call); its answer is
+    given again to the first call with the same ids.
+    """
+
+    def __init__(self, step: Callable[[Array], Awaitable[Array]]) -> None:
+        self._step = step
+        self.step_s = 0.0  # moving average of a step's time (0 before the first)
+        self._kept: tuple[Array, Array] | None = None
+
+    async def __call__(self, ids: Array) -> Array:
+        kept, self._kept = self._kept, None
+        if kept is not None and np.array_equal(kept[0], ids):
+            return kept[1]
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        probs = await self._step(ids)
+        took = loop.time() - started
+        self.step_s = took if self.step_s == 0 else (1 - PACE_WEIGHT) * self.step_s + PACE_WEIGHT * took
+        return probs
+
+    async def warm(self, ids: Array) -> None:
+        """Runs (and times) the step on ``ids`` now; the next call with these ids gets its answer."""
+        self._kept = (ids, await self(ids))
+
+    def local_s(self, steps: int) -> float:
+        """Seconds ``steps`` more steps here are expected to take (with a margin)."""
+        return max(steps, 0) * self.step_s * LOCAL_MARGIN
 
 
 class _Link:
@@ -509,6 +618,7 @@ class _Link:
         deadline: float,
         call_timeout_s: float,
         tally: CascadeTally,
+        pace: _Pace,
     ) -> None:
         self.upstream = upstream
         self.info = info
@@ -516,13 +626,18 @@ class _Link:
         self.deadline = deadline
         self.call_timeout_s = call_timeout_s
         self.tally = tally
+        self.pace = pace
         self._windows = CharTokenizer(list(info.vocab), info.context_length)
 
-    async def distributions(self, contexts: Sequence[Sequence[int]]) -> Array:
+    async def distributions(self, contexts: Sequence[Sequence[int]], local_steps: int) -> Array:
         """Returns the upstream model's ``probs`` ``[n, V]`` after each context, ``max_batch_size`` rows per call.
 
+        Each call leaves the time ``local_steps`` more device steps need (the rest of the generation, should
+        it go on here alone).
+
         Raises:
-            _UpstreamFailedError: A call failed or answered something else than ``[rows, V]`` probabilities.
+            _UpstreamFailedError: A call failed or answered something else than ``[rows, V]`` probabilities,
+                or too little time was left to ask (a CANCELLED status from the upstream is a failure too).
             DeadlineExceededError: The generation's deadline passed.
         """
         windows = np.concatenate([self._windows.window(list(c)) for c in contexts])
@@ -530,15 +645,15 @@ class _Link:
         parts: list[Array] = []
         for start in range(0, len(windows), rows):
             chunk = windows[start : start + rows]
-            timeout = _call_timeout(self.deadline, self.call_timeout_s)
-            self.tally.upstream_calls += 1
+            timeout = _call_timeout(self.deadline, self.call_timeout_s, self.pace.local_s(local_steps))
             try:
                 probs = await self.upstream.distribution(self.info.name, "", chunk, timeout, self.route)
-            except RequestCancelledError:
-                raise
             except EdgecascadeError as exc:
+                if not (isinstance(exc, CircuitOpenError) and not exc.from_peer):
+                    self.tally.upstream_calls += 1  # sent (this node's breaker did not refuse it)
                 log.warning("token cascade: upstream model %s failed: %s", self.info.name, exc.message)
                 raise _UpstreamFailedError(degraded_reason(exc)) from None
+            self.tally.upstream_calls += 1
             probs = np.asarray(probs, dtype=np.float64)
             if probs.shape != (len(chunk), len(self.info.vocab)) or not np.all(np.isfinite(probs)):
                 log.warning("token cascade: upstream model %s answered probs of shape %s", self.info.name, probs.shape)

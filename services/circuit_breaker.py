@@ -18,6 +18,12 @@ Only failures that say something about the upstream count (the caller decides:
 unreachable, timed out, internal error); a caller's own mistake — a model the
 upstream does not hold, a bad input — is a success for the breaker.
 
+Every admitted call holds a :class:`Ticket`: the breaker's epoch when it was
+admitted and whether it is a probe. Only a probe of the current half-open epoch
+moves the probe bookkeeping; a call admitted before the breaker opened that ends
+late never closes it, frees a probe slot or reopens it, and its outcome feeds the
+closed state's window only while the breaker is closed.
+
 Domain core: no transport here; the clock is injected so tests drive it.
 """
 
@@ -42,6 +48,14 @@ class BreakerState(StrEnum):
 
 
 @dataclass(frozen=True)
+class Ticket:
+    """An admitted call: the breaker's epoch when it was admitted, and whether it is a half-open probe."""
+
+    epoch: int
+    probe: bool = False
+
+
+@dataclass(frozen=True)
 class BreakerSettings:
     """When a breaker opens and how it probes.
 
@@ -53,6 +67,8 @@ class BreakerSettings:
         open_s: First cool-down before a probe, in seconds.
         max_open_s: Longest cool-down after repeated failed probes.
         probes: Calls allowed at a time while half-open; that many successes close it.
+        min_timeout_s: A call given less time than this that times out says nothing about the upstream
+            (the caller's deadline was too tight): its timeout is not counted as a failure.
     """
 
     consecutive_failures: int = 5
@@ -62,6 +78,7 @@ class BreakerSettings:
     open_s: float = 2.0
     max_open_s: float = 30.0
     probes: int = 1
+    min_timeout_s: float = 0.05
 
     def __post_init__(self) -> None:
         if self.consecutive_failures < 1:
@@ -78,6 +95,8 @@ class BreakerSettings:
             raise ConfigError(f"breaker max_open_s ({self.max_open_s}) must be at least open_s ({self.open_s})")
         if self.probes < 1:
             raise ConfigError(f"breaker probes must be at least 1, got {self.probes}")
+        if not (math.isfinite(self.min_timeout_s) and 0 <= self.min_timeout_s <= 60):
+            raise ConfigError(f"breaker min_timeout_s must be a number of seconds in [0, 60], got {self.min_timeout_s}")
 
 
 @dataclass(frozen=True)
@@ -97,8 +116,9 @@ class BreakerSnapshot:
 class CircuitBreaker:
     """The breaker of one upstream (see the module docstring).
 
-    Use: ``if breaker.allow(): ... breaker.succeeded() / breaker.failed(reason)``; every allowed
-    call must report exactly one outcome (or :meth:`released` when it ended without one, e.g. cancelled).
+    Use: ``ticket = breaker.allow()``; if it is not None, call, then ``breaker.succeeded(ticket)`` or
+    ``breaker.failed(ticket, reason)``; every admitted call must report exactly one outcome with its
+    ticket (or :meth:`released` when it ended without one, e.g. cancelled).
 
     Args:
         name: The upstream it guards (its address), named in messages.
@@ -119,6 +139,7 @@ class CircuitBreaker:
         self._clock = clock
         self._on_change = on_change
         self._state = BreakerState.CLOSED
+        self._epoch = 0  # moves on every transition: a ticket of another epoch was admitted in another state
         self._consecutive = 0
         # (second, calls, failures) buckets of the sliding window, oldest first.
         self._buckets: deque[list[int]] = deque()
@@ -149,50 +170,52 @@ class CircuitBreaker:
         """Seconds until an open breaker lets a probe through (0 when not open)."""
         return max(self._open_until - self._clock(), 0.0) if self.observed_state() is BreakerState.OPEN else 0.0
 
-    def allow(self) -> bool:
-        """Whether a call may go to the upstream now; a refused call is counted."""
+    def allow(self) -> Ticket | None:
+        """A ticket when a call may go to the upstream now, else None (a refused call is counted)."""
         state = self.state
         if state is BreakerState.CLOSED:
-            return True
+            return Ticket(self._epoch)
         if state is BreakerState.HALF_OPEN and self._probes_in_flight < self.settings.probes:
             self._probes_in_flight += 1
-            return True
+            return Ticket(self._epoch, probe=True)
         self.rejected += 1
-        return False
+        return None
 
-    def succeeded(self) -> None:
-        """The allowed call was answered (or failed for a reason that is not the upstream's)."""
+    def succeeded(self, ticket: Ticket) -> None:
+        """The admitted call was answered (or failed for a reason that is not the upstream's)."""
         self.successes += 1
-        self._consecutive = 0
-        if self._state is BreakerState.HALF_OPEN:
+        if self._current_probe(ticket):
             self._probes_in_flight = max(self._probes_in_flight - 1, 0)
             self._probe_successes += 1
             if self._probe_successes >= self.settings.probes:
                 self._cooldown = self.settings.open_s
                 self._move(BreakerState.CLOSED)
             return
-        self._count(failed=False)
+        if self._state is BreakerState.CLOSED and not ticket.probe:
+            self._consecutive = 0
+            self._count(failed=False)
+        # Otherwise a call admitted in an earlier state ended late: it says nothing about the probes.
 
-    def failed(self, reason: str = "") -> None:
-        """The allowed call failed because of the upstream (unreachable, timed out, internal error)."""
+    def failed(self, ticket: Ticket, reason: str = "") -> None:
+        """The admitted call failed because of the upstream (unreachable, timed out, internal error)."""
         self.failures += 1
         self.last_failure = reason
-        if self._state is BreakerState.HALF_OPEN:
+        if self._current_probe(ticket):
             self._probes_in_flight = max(self._probes_in_flight - 1, 0)
             self._cooldown = min(self._cooldown * 2, self.settings.max_open_s)
             self._open()
             return
-        if self._state is BreakerState.OPEN:
-            return  # a call allowed before it opened, ending late: already counted as open
+        if self._state is not BreakerState.CLOSED or ticket.probe:
+            return  # admitted before it opened (or a probe of an earlier epoch), ending late: already judged
         self._consecutive += 1
         calls, failures = self._count(failed=True)
         s = self.settings
         if self._consecutive >= s.consecutive_failures or (calls >= s.min_calls and failures / calls >= s.failure_rate):
             self._open()
 
-    def released(self) -> None:
-        """The allowed call ended without an outcome (cancelled by its caller): frees a probe slot."""
-        if self._state is BreakerState.HALF_OPEN:
+    def released(self, ticket: Ticket) -> None:
+        """The admitted call ended without an outcome (cancelled by its caller): frees its probe slot."""
+        if self._current_probe(ticket):
             self._probes_in_flight = max(self._probes_in_flight - 1, 0)
 
     def snapshot(self) -> BreakerSnapshot:
@@ -219,6 +242,10 @@ class CircuitBreaker:
 
     # -- internals ---------------------------------------------------------------------------------------------
 
+    def _current_probe(self, ticket: Ticket) -> bool:
+        """Whether ``ticket`` is a probe of the half-open state the breaker is in now."""
+        return ticket.probe and ticket.epoch == self._epoch and self._state is BreakerState.HALF_OPEN
+
     def _open(self) -> None:
         self._open_until = self._clock() + self._cooldown
         self._consecutive = 0
@@ -228,6 +255,8 @@ class CircuitBreaker:
 
     def _move(self, new: BreakerState) -> None:
         old, self._state = self._state, new
+        if old is not new:
+            self._epoch += 1
         if new is BreakerState.HALF_OPEN:
             self._probes_in_flight = 0
             self._probe_successes = 0

@@ -63,8 +63,8 @@ from services.errors import (
     ModelNotFoundError,
     ModelNotReadyError,
     QueueFullError,
-    RequestCancelledError,
 )
+from services.hard_examples import HardExampleSink
 from services.inference import (
     CASCADE,
     CASCADE_SPECULATIVE,
@@ -251,6 +251,8 @@ class Dataplane:
         shadows: Runs a rollout's shadow versions on a sample of the requests answered here (None: never).
         cascade: The confidence cascade's policy (:mod:`services.cascade`; default: its default settings).
         token_cascade: How generators cascade token by token (:mod:`services.cascade_generation`; default: no pairs).
+        hard_examples: Where escalations answered upstream are offered as hard examples for retraining
+            (:mod:`services.hard_examples`; None: nowhere, the default).
     """
 
     def __init__(
@@ -262,6 +264,7 @@ class Dataplane:
         shadows: ShadowRunner | None = None,
         cascade: Cascade | None = None,
         token_cascade: TokenCascadeSettings | None = None,
+        hard_examples: HardExampleSink | None = None,
     ) -> None:
         self.identity = identity
         self.cache = cache
@@ -270,6 +273,7 @@ class Dataplane:
         self.shadows = shadows
         self.cascade = cascade or Cascade()
         self.token_cascade = TokenCascade(token_cascade or TokenCascadeSettings(), upstream, self.cascade)
+        self.hard_examples = hard_examples
 
     # --- entry points -----------------------------------------------------------------------------
 
@@ -303,7 +307,7 @@ class Dataplane:
             if self.upstream.available():
                 return await self._second_chance(call, served, request, deadline, route, full)
             raise
-        return await self._cascade(call, served, result, ask, deadline, route)
+        return await self._cascade(call, served, request, result, ask, deadline, route)
 
     async def stream(self, call: InferCall) -> AsyncIterator[InferResult | Relayed]:
         """Answers one call of a stream: a generation token by token, or one inference, here or upward.
@@ -337,7 +341,7 @@ class Dataplane:
                 raise
             yield await self._second_chance(call, served, request, deadline, route, full)
             return
-        yield await self._cascade(call, served, result, ask, deadline, route)
+        yield await self._cascade(call, served, request, result, ask, deadline, route)
 
     async def describe(
         self, query: ModelQuery, name: str, version: str, wire: Any, grpc_remaining: float | None, route: Sequence[str]
@@ -412,6 +416,7 @@ class Dataplane:
         self,
         call: InferCall,
         model: LoadedModel,
+        request: InferRequest,
         result: InferResult,
         ask: CascadeAsk,
         deadline: float,
@@ -423,12 +428,18 @@ class Dataplane:
         (unreachable, breaker open, too slow, overloaded …), the local answer is
         returned marked ``edgecascade.degraded`` with the reason. An upstream that
         does not hold the model leaves the local answer as it is (nothing better exists).
+        An answer from upstream is offered as a hard example (inputs, local and upstream answers).
         """
         result, confidence = self._labelled(model, result)
-        if confidence is None or not self._escalates(model, confidence, ask):
+        threshold = None if confidence is None else self._escalation_threshold(model, confidence, ask)
+        if confidence is None or threshold is None:
             return result
         answer = await self._ask_upward(call, FallbackReason.LOW_CONFIDENCE, deadline, route)
         if isinstance(answer, Relayed):
+            if self.hard_examples is not None:
+                self.hard_examples.request(
+                    (model.name, model.version), request.inputs, result.outputs, confidence, threshold, answer
+                )
             return answer
         call.routed(model.name, model.version, "")  # answered here after all
         return result if answer.not_held else _with(result, {DEGRADED: answer.reason})
@@ -439,12 +450,15 @@ class Dataplane:
         confidence = self.cascade.confidence(entry.name, entry.properties, model.signature.outputs, result.outputs)
         return (result, None) if confidence is None else (_with(result, {CONFIDENCE: confidence}), confidence)
 
-    def _escalates(self, model: LoadedModel, confidence: float, ask: CascadeAsk) -> bool:
-        """Whether a local answer of this confidence goes upward (cascade on, an upstream, under the threshold)."""
+    def _escalation_threshold(self, model: LoadedModel, confidence: float, ask: CascadeAsk) -> float | None:
+        """The threshold a local answer of this confidence is under, if it goes upward (cascade on, an upstream).
+
+        None: it stays here.
+        """
         if not ask.on or not self.upstream.available():
-            return False
+            return None
         threshold = self.cascade.threshold(model.name, model.entry.properties, ask)
-        return threshold is not None and confidence < threshold
+        return threshold if threshold is not None and confidence < threshold else None
 
     async def _second_chance(
         self,
@@ -482,10 +496,8 @@ class Dataplane:
 
         A little of the time left is kept back (:func:`~services.cascade.reserve`), so that a
         slow upstream still leaves time to answer here. An upstream that does not hold the
-        model is remembered for a while and not asked again about it.
-
-        Raises:
-            RequestCancelledError: The caller left.
+        model is remembered for a while and not asked again about it. A CANCELLED status from the
+        upstream is its failure like any other (this node's caller leaving is :class:`asyncio.CancelledError`).
         """
         if self.cascade.upstream_lacks(call.model_name, call.model_version):
             return _Declined(DEGRADED_ERROR, "it does not hold the model", not_held=True)
@@ -496,8 +508,6 @@ class Dataplane:
         call.routed(call.model_name, call.model_version, reason)
         try:
             return await self.upstream.infer(call, reason, timeout, route)
-        except RequestCancelledError:
-            raise
         except EdgecascadeError as exc:
             held = not self.cascade.not_held(call.model_name, call.model_version, exc)
             return _Declined(degraded_reason(exc), exc.message, not_held=not held)
@@ -505,8 +515,14 @@ class Dataplane:
     @staticmethod
     def _remaining(deadline: float) -> float:
         remaining = deadline - asyncio.get_running_loop().time()
-        if remaining <= 0:
-            raise DeadlineExceededError("deadline passed before the request could be forwarded")
+        if remaining < MIN_UPSTREAM_S:
+            # Not worth sending: the upstream could not answer in time, and a timeout it cannot help would
+            # count against it.
+            raise DeadlineExceededError(
+                "deadline passed before the request could be forwarded"
+                if remaining <= 0
+                else f"too little of the deadline was left to forward the request ({remaining * 1000:.1f} ms)"
+            )
         return remaining
 
     def budget(self, parameters: Mapping[str, ParamValue], grpc_remaining: float | None) -> TimeBudget:
@@ -643,7 +659,7 @@ class Dataplane:
             raise InvalidArgumentError(f"generation takes exactly one input, '{TEXT_INPUT}' (BYTES, shape [1])")
         prompt = self._prompt(request.inputs[TEXT_INPUT])
         params = GenerationParams.from_parameters(request.parameters)
-        plan = self.token_cascade.plan(model.name, model.entry.properties, request.parameters)
+        plan = self.token_cascade.plan(model.name, model.entry.properties, request.parameters, len(route) > 1)
         loop = asyncio.get_running_loop()
 
         priority = _priority(request)
@@ -708,10 +724,12 @@ class Dataplane:
         """
         assert model.tokenizer is not None
         loop = asyncio.get_running_loop()
-        tally = CascadeTally()
+        tally = CascadeTally(keep_escalations=self.hard_examples is not None)
+        text: list[str] = []
         async with self.cache.use(model):
             tokens = self.token_cascade.generate(plan, model.tokenizer, step, prompt, params, route, deadline, tally)
             async for token in tokens:
+                text.append(token.text)
                 parameters: dict[str, ParamValue] = {
                     TOKEN_PROBABILITY: token.probability,
                     TOKEN_ORIGIN: token.origin,
@@ -740,6 +758,17 @@ class Dataplane:
             final[DRAFTS_ACCEPTED] = tally.accepted
         if tally.degraded:
             final[DEGRADED] = tally.degraded
+        if self.hard_examples is not None and tally.escalations:
+            self.hard_examples.generation(
+                (model.name, model.version),
+                plan.upstream_model,
+                plan.mode,
+                plan.threshold,
+                tally.mean_confidence,
+                prompt,
+                "".join(text),
+                tally.escalations,
+            )
         yield self._result(model, request, {}, final)
 
     def _result(

@@ -18,12 +18,18 @@ class EdgecascadeError(Exception):
         message: For the person who gets it.
         from_peer: True when a peer of ours raised it and sent it over gRPC (it answered, with this
             error); False when it was raised here — including a call that failed in transport.
+        relayed: True when this node's own call to its upstream failed with it (set by the guarded
+            upstream): a node that sends it on marks it as coming from beyond itself.
+        beyond: True when the peer that sent it said it came from *its* upstream call, not from the
+            peer itself: it says nothing about that peer's health.
     """
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
         self.from_peer = False
+        self.relayed = False
+        self.beyond = False
 
 
 class NotFoundError(EdgecascadeError):

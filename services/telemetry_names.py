@@ -63,6 +63,20 @@ ANOMALY_SLOW = "slow"  # a local answer slower than [telemetry] slow_factor × i
 ANOMALY_UPDATE = "update_failed"  # an update refused or failed unexpectedly
 ANOMALY_KINDS = (ANOMALY_ERROR, ANOMALY_FALLBACK, ANOMALY_SLOW, ANOMALY_UPDATE)
 
+# Hard examples (issue 11 item 5): escalated inputs with the device's and the upstream's answers, sampled at
+# [telemetry] hard_examples_rate (default 0: inputs leave the node only when an operator turns it on). An INFO
+# log record whose body is the example as JSON (:mod:`services.hard_examples`); the region keeps it in a
+# bounded table of its own (``tier2_region.telemetry.hard_examples`` states the same names).
+HARD_EXAMPLE = "edgecascade.hard_example"  # bool true on a hard-example record
+HARD_EXAMPLE_KIND = "edgecascade.hard_example.kind"  # one of HARD_EXAMPLE_KINDS
+HARD_EXAMPLE_REQUEST = "request"  # a request-level escalation (low_confidence, answered upstream)
+HARD_EXAMPLE_GENERATION = "generation"  # a generation with tokens escalated (the positions in its body)
+HARD_EXAMPLE_KINDS = (HARD_EXAMPLE_REQUEST, HARD_EXAMPLE_GENERATION)
+UPSTREAM_MODEL = "edgecascade.upstream.model.name"  # the model that answered upstream
+UPSTREAM_VERSION = "edgecascade.upstream.model.version"  # its version ("" when the upstream does not say)
+HARD_EXAMPLE_CONFIDENCE = "edgecascade.hard_example.confidence"  # the device's confidence (a generation: its mean)
+HARD_EXAMPLE_THRESHOLD = "edgecascade.hard_example.threshold"  # the threshold it was judged against
+
 # Values of OUTCOME.
 OK = "ok"  # answered here
 ERROR = "error"  # the caller got an error (here, or from upstream after forwarding)

@@ -14,7 +14,8 @@ Sections and their environment variables (``EDGECASCADE_<SECTION>__<KEY>``):
     call to it is guarded (:mod:`services.rpc.guarded_upstream`): the circuit
     breaker (``breaker_failures`` in a row, or a ``breaker_failure_rate`` over
     ``breaker_window_s`` with at least ``breaker_min_calls``, open it for
-    ``breaker_open_s``, doubling up to ``breaker_max_open_s`` while probes fail),
+    ``breaker_open_s``, doubling up to ``breaker_max_open_s`` while probes fail;
+    a timeout of a call given less than ``breaker_min_timeout_s`` is not counted),
     retries of UNAVAILABLE (``retry_attempts``, backoff from
     ``retry_initial_backoff_s`` to ``retry_max_backoff_s``, within a budget of
     ``retry_budget_tokens`` refilled by ``retry_token_ratio`` per answered call),
@@ -82,7 +83,12 @@ Sections and their environment variables (``EDGECASCADE_<SECTION>__<KEY>``):
     version's running p99 (0 = off) and failed updates, at most ``anomalies_per_s``
     on average and ``anomaly_burst`` at once; ordinary requests are logged at
     ``routine_sample_rate``, raised to ``elevated_sample_rate`` for ``elevated_s``
-    after each anomaly.
+    after each anomaly. ``hard_examples_rate`` (default 0 = off) is a **privacy
+    switch**: above 0, that share of escalated requests and generations — their
+    *inputs* (tensors, prompts), the node's answer and the upstream's — leave the
+    node as OTLP log records for retraining (:mod:`services.hard_examples`); an
+    example over ``hard_examples_max_bytes`` of JSON is dropped and counted; at
+    most ``hard_examples_per_s`` (``hard_examples_burst`` at once) are sent.
 
 A tier adds its own sections in its own package (``[registry]`` in
 ``tier2_region.config``, ``[artifacts]`` in ``tier1_edge.config``); a section
@@ -107,6 +113,10 @@ from services.result_cache import ResultCacheSettings
 from services.retry_budget import RetrySettings
 
 MIN_CHUNK_BYTES = 1024
+# Bounds of [telemetry] hard_examples_max_bytes: an example is one log record's body, held in the node's export
+# queue and in the region's store, so it stays well under a message.
+MIN_HARD_EXAMPLE_BYTES = 1024
+MAX_HARD_EXAMPLE_BYTES = 1024 * 1024
 MAX_CHUNK_BYTES = 16 * 1024 * 1024
 # Node ids travel in gRPC metadata (the forwarding route) and file names: plain ASCII, no separators.
 _NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -167,6 +177,7 @@ class UpstreamSection:
     breaker_window_s: float = 10.0
     breaker_open_s: float = 2.0
     breaker_max_open_s: float = 30.0
+    breaker_min_timeout_s: float = 0.05
     retry_attempts: int = 3
     retry_initial_backoff_s: float = 0.02
     retry_max_backoff_s: float = 0.5
@@ -194,6 +205,7 @@ class UpstreamSection:
             window_s=self.breaker_window_s,
             open_s=self.breaker_open_s,
             max_open_s=self.breaker_max_open_s,
+            min_timeout_s=self.breaker_min_timeout_s,
         )
 
     def retry(self) -> RetrySettings:
@@ -426,6 +438,12 @@ class TelemetrySection:
         elevated_sample_rate: That share while the detail is raised after an anomaly (routine_sample_rate to 1;
             each record sent costs the loop some 40 µs in the SDK, so 1.0 on a busy node costs it a share of its CPU).
         elevated_s: How long the detail stays raised after the latest anomaly.
+        hard_examples_rate: Share of escalations (requests answered upstream for low confidence, generations
+            with escalated tokens) sent as hard examples for retraining (0 to 1; default 0 = off). A privacy
+            switch: above 0 the escalated *inputs* leave the node, with its answer and the upstream's.
+        hard_examples_max_bytes: The largest example (its JSON body) sent; larger ones are dropped and counted.
+        hard_examples_per_s: Hard examples sent per second on average (their own token bucket); beyond, dropped.
+        hard_examples_burst: Hard examples sent at once after a quiet spell.
     """
 
     export: bool = False
@@ -439,9 +457,14 @@ class TelemetrySection:
     routine_sample_rate: float = 0.0
     elevated_sample_rate: float = 0.1
     elevated_s: float = 60.0
+    hard_examples_rate: float = 0.0
+    hard_examples_max_bytes: int = 64 * 1024
+    hard_examples_per_s: float = 1.0
+    hard_examples_burst: int = 10
 
     def __post_init__(self) -> None:
         self._check_logs()
+        self._check_hard_examples()
         if not 0.1 <= self.interval_s <= 86_400:
             raise ConfigError(f"[telemetry] interval_s must be from 0.1 to 86400, got {self.interval_s}")
         if not 0.1 <= self.timeout_s <= 600:
@@ -469,6 +492,28 @@ class TelemetrySection:
             )
         if not 0 < self.elevated_s <= 86_400:
             raise ConfigError(f"[telemetry] elevated_s must be above 0 and at most 86400, got {self.elevated_s}")
+
+    def _check_hard_examples(self) -> None:
+        if not 0 <= self.hard_examples_rate <= 1:
+            raise ConfigError(f"[telemetry] hard_examples_rate must be from 0 to 1, got {self.hard_examples_rate}")
+        if not MIN_HARD_EXAMPLE_BYTES <= self.hard_examples_max_bytes <= MAX_HARD_EXAMPLE_BYTES:
+            raise ConfigError(
+                f"[telemetry] hard_examples_max_bytes must be from {MIN_HARD_EXAMPLE_BYTES} to "
+                f"{MAX_HARD_EXAMPLE_BYTES}, got {self.hard_examples_max_bytes}"
+            )
+        if not 0 < self.hard_examples_per_s <= 1000:
+            raise ConfigError(
+                f"[telemetry] hard_examples_per_s must be above 0 and at most 1000, got {self.hard_examples_per_s}"
+            )
+        if not 1 <= self.hard_examples_burst <= 10_000:
+            raise ConfigError(
+                f"[telemetry] hard_examples_burst must be from 1 to 10000, got {self.hard_examples_burst}"
+            )
+
+    @property
+    def sends_hard_examples(self) -> bool:
+        """Whether the node sends hard examples: it sends logs and ``hard_examples_rate`` is above 0."""
+        return self.sends_logs and self.hard_examples_rate > 0
 
     @property
     def sends_logs(self) -> bool:

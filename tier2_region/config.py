@@ -32,7 +32,10 @@
     refused with RESOURCE_EXHAUSTED), ``max_anomalies_per_node``, and
     ``forward_endpoint`` (``host:port`` of an OTLP/gRPC collector that gets a copy
     of what was accepted; empty: none) with ``forward_queue`` (requests waiting
-    to be forwarded; more are dropped and counted).
+    to be forwarded; more are dropped and counted), ``hard_examples_max_rows``
+    (hard examples kept for retraining, default 10,000; the oldest are pruned
+    and counted) and ``hard_examples_max_bytes`` (the largest hard example's
+    body taken, default 64 KiB; a larger one is refused, never cut).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from services.errors import ConfigError
-from services.tier_config import TierConfig, check_chunk_bytes
+from services.tier_config import MAX_HARD_EXAMPLE_BYTES, MIN_HARD_EXAMPLE_BYTES, TierConfig, check_chunk_bytes
 from tier2_region.registry.tuf_repository import ExpiryPolicy
 
 
@@ -155,8 +158,15 @@ class TelemetrySection:
     max_anomalies_per_node: int = 100
     forward_endpoint: str = ""
     forward_queue: int = 256
+    hard_examples_max_rows: int = 10_000
+    hard_examples_max_bytes: int = 64 * 1024
 
     def __post_init__(self) -> None:
+        if not MIN_HARD_EXAMPLE_BYTES <= self.hard_examples_max_bytes <= MAX_HARD_EXAMPLE_BYTES:
+            raise ConfigError(
+                f"[telemetry] hard_examples_max_bytes must be from {MIN_HARD_EXAMPLE_BYTES} to "
+                f"{MAX_HARD_EXAMPLE_BYTES}, got {self.hard_examples_max_bytes}"
+            )
         positive = (
             "window_s",
             "max_rows",
@@ -165,6 +175,7 @@ class TelemetrySection:
             "max_attributes",
             "max_anomalies_per_node",
             "forward_queue",
+            "hard_examples_max_rows",
         )
         for name in positive:
             if getattr(self, name) <= 0:

@@ -19,6 +19,14 @@ What is sent (the decisions are :mod:`services.adaptive_logging`'s):
   ``routine_sample_rate``, raised to ``elevated_sample_rate`` for ``elevated_s`` after
   each anomaly (each raise and lowering is logged and counted once).
 
+A **hard example** (:meth:`AnomalyLog.hard_example`, sampled and built by
+:mod:`services.rpc.hard_example_log`) is an INFO record marked
+``edgecascade.hard_example = true`` whose body is the example as JSON. It takes
+this same export path with bounds of its own: its token bucket
+(``hard_examples_per_s``, ``hard_examples_burst``), a share of the queue
+(:data:`HARD_EXAMPLE_SHARE`) and of its bytes (:data:`HARD_EXAMPLE_QUEUE_BYTES`,
+so an export request stays a few MiB), and its drop counts.
+
 Nothing blocks serving: deciding is a few attribute reads (about 1 µs for an ordinary
 answer, see ``bench/anomaly_log_overhead.py``) and, for the rare record sent, the
 SDK's ``emit`` (some 40 µs, then a queue append); export runs in the processor's own
@@ -59,6 +67,7 @@ from services.telemetry_names import (
     ERROR_TYPE,
     FALLBACK_REASON,
     FORWARDED,
+    HARD_EXAMPLE,
     LATENCY_MS,
     MODEL_NAME,
     MODEL_VARIANT,
@@ -80,6 +89,9 @@ DROP_REASON = "edgecascade.drop.reason"  # attribute of edgecascade.telemetry.lo
 RECORD_KIND = "edgecascade.record.kind"  # attribute of edgecascade.telemetry.logs.records: an anomaly kind or routine
 ROUTINE = "routine"
 DIRECTION = "edgecascade.detail.direction"  # attribute of edgecascade.telemetry.logs.detail: raised or lowered
+HARD_EXAMPLE_RECORD = "hard_example"  # the RECORD_KIND of a hard example
+HARD_EXAMPLE_SHARE = 0.25  # of the queue hard examples may fill (anomalies keep the rest)
+HARD_EXAMPLE_QUEUE_BYTES = 4 * 1024 * 1024  # of hard-example bodies queued at once (bounds an export's size)
 
 
 @dataclass
@@ -91,6 +103,9 @@ class LogStats:
         rate_limited: Anomalies over ``anomalies_per_s`` (dropped).
         queue_full: Records dropped because the export queue was full (routine ones: half full).
         exported, export_failed: Records the receiver took, and records in exports that failed.
+        hard_examples_rate_limited: Sampled hard examples over ``hard_examples_per_s`` (dropped).
+        hard_examples_queue_full: Sampled hard examples dropped for the queue's share (count or bytes).
+        hard_examples_too_large: Sampled hard examples larger than ``hard_examples_max_bytes`` (dropped).
     """
 
     emitted: dict[str, int] = field(default_factory=dict)
@@ -98,11 +113,19 @@ class LogStats:
     queue_full: int = 0
     exported: int = 0
     export_failed: int = 0
+    hard_examples_rate_limited: int = 0
+    hard_examples_queue_full: int = 0
+    hard_examples_too_large: int = 0
 
     @property
     def dropped(self) -> int:
         """Records dropped on this node, for any reason."""
-        return self.rate_limited + self.queue_full
+        return self.rate_limited + self.queue_full + self.hard_examples_dropped
+
+    @property
+    def hard_examples_dropped(self) -> int:
+        """Sampled hard examples dropped on this node, for any reason."""
+        return self.hard_examples_rate_limited + self.hard_examples_queue_full + self.hard_examples_too_large
 
 
 class CountedLogExporter(OTLPLogExporter):
@@ -112,12 +135,14 @@ class CountedLogExporter(OTLPLogExporter):
         super().__init__(endpoint=f"http://{endpoint}", insecure=True, timeout=timeout_s)
         self.target = endpoint
         self.handed = 0  # records taken out of the processor's queue (read on the loop to know its length)
+        self.handed_bytes = 0  # of hard-example bodies among them
         self._stats = stats
         self._failing = False
 
     def export(self, batch: Sequence[ReadableLogRecord]) -> LogRecordExportResult:
         """Exports one batch; a failure is counted and logged once per streak."""
         self.handed += len(batch)
+        self.handed_bytes += sum(_hard_example_size(r) for r in batch)
         try:
             result = super().export(batch)
         except Exception:
@@ -135,6 +160,12 @@ class CountedLogExporter(OTLPLogExporter):
                 log.warning("log export to %s failed; counting failures until it works again", self.target)
             self._failing = True
         return result
+
+
+def _hard_example_size(record: ReadableLogRecord) -> int:
+    """The body's length of a hard-example record, else 0."""
+    body, attributes = record.log_record.body, record.log_record.attributes
+    return len(body) if attributes and attributes.get(HARD_EXAMPLE) and isinstance(body, str) else 0
 
 
 class AnomalyLog:
@@ -180,6 +211,8 @@ class AnomalyLog:
         self._slow_factor = settings.slow_factor
         self._slow: dict[tuple[str, str], SlowOutliers] = {}
         self._emitted = 0
+        self._hard_bytes = 0  # of hard-example bodies emitted
+        self.hard_bucket = TokenBucket(settings.hard_examples_per_s, settings.hard_examples_burst, clock())
         self._settling: asyncio.TimerHandle | None = None
         self._random = random.random
         if meter_provider is not None:
@@ -240,6 +273,33 @@ class AnomalyLog:
             f"update of {name} to version {version} ({variant}) {kind.replace('_', ' ')}: {reason}",
             {MODEL_NAME: name, MODEL_VERSION: version, MODEL_VARIANT: variant, ERROR_TYPE: kind},
         )
+
+    def hard_example(self, attributes: dict[str, Any], build: Callable[[], str | None]) -> bool:
+        """Sends a sampled hard example unless a bound says no (each no is counted); True if it was emitted.
+
+        Args:
+            attributes: The record's attributes (the hard-example mark is added here).
+            build: Builds the body (JSON), or None when it is larger than ``hard_examples_max_bytes``;
+                called only once the rate and the queue allow the record, so a dropped example costs nothing.
+        """
+        if not self.hard_bucket.take(self._clock()):
+            self.stats.hard_examples_rate_limited += 1
+            return False
+        queued_bytes = self._hard_bytes - self.exporter.handed_bytes
+        if self._queued() >= self._max_queue * HARD_EXAMPLE_SHARE or queued_bytes >= HARD_EXAMPLE_QUEUE_BYTES:
+            self.stats.hard_examples_queue_full += 1
+            return False
+        body = build()
+        if body is None:
+            self.stats.hard_examples_too_large += 1
+            return False
+        if queued_bytes + len(body) > HARD_EXAMPLE_QUEUE_BYTES:
+            self.stats.hard_examples_queue_full += 1
+            return False
+        attributes[HARD_EXAMPLE] = True
+        self._emit(HARD_EXAMPLE_RECORD, SeverityNumber.INFO, body, attributes)
+        self._hard_bytes += len(body)
+        return True
 
     def _anomaly(self, kind: str, severity: SeverityNumber, body: str, attributes: dict[str, Any]) -> None:
         now = self._clock()
@@ -323,6 +383,9 @@ class AnomalyLog:
                 Observation(stats.rate_limited, {DROP_REASON: "rate_limited"}),
                 Observation(stats.queue_full, {DROP_REASON: "queue_full"}),
                 Observation(stats.export_failed, {DROP_REASON: "export_failed"}),
+                Observation(stats.hard_examples_rate_limited, {DROP_REASON: "hard_example_rate_limited"}),
+                Observation(stats.hard_examples_queue_full, {DROP_REASON: "hard_example_queue_full"}),
+                Observation(stats.hard_examples_too_large, {DROP_REASON: "hard_example_too_large"}),
             ]
 
         def transitions(options: CallbackOptions) -> list[Observation]:

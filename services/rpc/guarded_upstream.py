@@ -7,7 +7,11 @@ behind the same :class:`~services.dataplane.Upstream` port:
   once with :class:`~services.errors.UpstreamUnavailableError` naming the
   upstream and when it is probed next — no request waits for an upstream timeout.
   Failures that count: unreachable (UNAVAILABLE), timed out, overloaded, internal
-  errors. A caller's own mistake (not found, bad input) counts as an answer.
+  errors, cancelled by the upstream, and a stream whose first message is an error.
+  A caller's own mistake (not found, bad input) counts as an answer; so does an
+  error the upstream relayed from *its* upstream (:func:`beyond_upstream`). A
+  timeout of an attempt given less than the breaker's ``min_timeout_s`` is not
+  counted either way (the caller's deadline was too tight to judge the upstream).
 * **Retries** (``tenacity``): only UNAVAILABLE, only idempotent calls (inference,
   readiness, metadata and configuration are; a stream is retried only before its
   first message), exponential backoff with jitter, never past the request's
@@ -16,7 +20,11 @@ behind the same :class:`~services.dataplane.Upstream` port:
 * **Result cache** (:mod:`services.result_cache`): ModelInfer answers, keyed by the
   model, the version asked for, and a digest of the request without its id and the
   parameters that do not change the answer (:data:`TRANSPORT_PARAMETERS`). A hit
-  is answered with the caller's request id and ``edgecascade.cached = true``.
+  is answered with the caller's request id, this call's fallback reason and
+  ``edgecascade.cached = true``. A degraded answer (``edgecascade.degraded``) is never stored.
+
+Every error a call through here ends with is marked ``relayed``: a node that sends it on
+to its own caller flags it as coming from beyond itself (:mod:`services.rpc.status_table`).
 """
 
 from __future__ import annotations
@@ -39,8 +47,9 @@ from tenacity import (
 from tenacity.stop import stop_base
 
 from protos.inference import grpc_service_pb2 as pb
+from services.cascade import MIN_UPSTREAM_S
 from services.cascade_generation import UpstreamGenerator
-from services.circuit_breaker import BreakerState, CircuitBreaker
+from services.circuit_breaker import BreakerState, CircuitBreaker, Ticket
 from services.dataplane import InferCall, ModelQuery, Relayed, Upstream
 from services.errors import (
     CapacityError,
@@ -52,7 +61,7 @@ from services.errors import (
     UnavailableError,
     UpstreamUnavailableError,
 )
-from services.inference import FallbackReason
+from services.inference import DEGRADED, FALLBACK_REASON, FallbackReason
 from services.result_cache import ResultCache
 from services.retry_budget import RetryBudget, RetrySettings
 
@@ -63,8 +72,8 @@ log = logging.getLogger("edgecascade.upstream")
 CACHED = "edgecascade.cached"  # response parameter: true on an answer served from this node's result cache
 # Request parameters that change when or how an answer is delivered, never what it is.
 TRANSPORT_PARAMETERS = frozenset({"priority", "timeout", "triton_enable_empty_final_response"})
-# An attempt with less time than this left is not worth sending.
-MIN_ATTEMPT_S = 0.005
+# An attempt with less time than this left is not worth sending (the cascade's own floor).
+MIN_ATTEMPT_S = MIN_UPSTREAM_S
 
 
 @dataclass(frozen=True)
@@ -108,19 +117,28 @@ def log_transition(address: str, old: BreakerState, new: BreakerState, last_fail
 
 
 def beyond_upstream(exc: BaseException) -> bool:
-    """Whether the upstream answered that *its* upstream is unreachable (its own breaker open, say).
+    """Whether the upstream answered with an error of *its* upstream call (flagged ``beyond``), or that its
+    upstream is unreachable (its own breaker open, say).
 
     Such an error says nothing about the upstream itself: it neither counts against its breaker nor is
     retried here (the upstream retried already; retrying at every tier would multiply the calls).
     """
-    return isinstance(exc, UpstreamUnavailableError) and exc.from_peer
+    if not isinstance(exc, EdgecascadeError):
+        return False
+    return exc.beyond or (isinstance(exc, UpstreamUnavailableError) and exc.from_peer)
 
 
 def upstream_failure(exc: BaseException) -> bool:
-    """Whether an error says the upstream is unwell (and so counts against its breaker)."""
+    """Whether an error says the upstream is unwell (and so counts against its breaker).
+
+    A CANCELLED status is the upstream's doing (this node's caller leaving arrives as
+    :class:`asyncio.CancelledError` instead), so it counts.
+    """
     if beyond_upstream(exc):
         return False
-    return isinstance(exc, UnavailableError | DeadlineExceededError | CapacityError | InternalError)
+    return isinstance(
+        exc, UnavailableError | DeadlineExceededError | CapacityError | InternalError | RequestCancelledError
+    )
 
 
 def retryable(exc: BaseException) -> bool:
@@ -177,45 +195,66 @@ class GuardedUpstream:
             if stored is not None:
                 response = pb.ModelInferResponse.FromString(stored)
                 response.id = call.wire.id
+                response.parameters[FALLBACK_REASON].string_param = reason  # this call's reason, not the first's
                 response.parameters[CACHED].bool_param = True
                 return Relayed(response, reason)
         relayed = await self._guarded(lambda left: self.inner.infer(call, reason, left, route), timeout)
         message = relayed.message
-        if key is not None and isinstance(message, pb.ModelInferResponse):
+        if key is not None and isinstance(message, pb.ModelInferResponse) and DEGRADED not in message.parameters:
+            # A degraded answer stands in for a better one the upstream could not give this time: not kept.
             self.cache.put(key, message.SerializeToString(), message.model_name, message.model_version)
         return relayed
 
     async def stream(
         self, call: InferCall, reason: FallbackReason, timeout: float, route: Sequence[str]
     ) -> AsyncIterator[Relayed]:
-        """ModelStreamInfer upward: guarded by the breaker; retried only if it fails before its first message."""
+        """ModelStreamInfer upward: guarded by the breaker; retried only if it fails before its first message.
+
+        A first message that is an error (``error_message``, answered in-band with status OK) is neither an
+        answer nor a failure for the breaker: it carries no error class, so it may well be the caller's own
+        mistake (a bad input), and counting it would let any client open the breaker for everyone. The
+        probe slot is released; a half-open breaker waits for the next probe.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         attempt = 0
         while True:
             attempt += 1
-            self._admit()
-            started = False
+            left = deadline - loop.time()
             try:
-                async for relayed in self.inner.stream(call, reason, max(deadline - loop.time(), 0.0), route):
+                ticket = self._admit(left)
+            except EdgecascadeError as exc:
+                _relayed(exc)
+                raise
+            started = False
+            reported = False  # whether the breaker heard this attempt's outcome
+            try:
+                async for relayed in self.inner.stream(call, reason, left, route):
                     if not started:
                         started = True
-                        self._answered()
+                        if getattr(relayed.message, "error_message", ""):
+                            self.breaker.released(ticket)
+                        else:
+                            self._answered(ticket)
+                        reported = True
                     yield relayed
                 if not started:
-                    self._answered()
+                    self._answered(ticket)
+                    reported = True
                 return
-            except (asyncio.CancelledError, GeneratorExit, RequestCancelledError):
-                if not started:
-                    self.breaker.released()
-                raise
             except EdgecascadeError as exc:
                 if started:
+                    _relayed(exc)
                     raise  # part of the answer went out: the caller sees the failure
-                self._failed(exc)
+                self._failed(ticket, exc, left)
+                reported = True
                 if not self._may_retry(exc, attempt, deadline - loop.time()):
+                    _relayed(exc)
                     raise
-                await asyncio.sleep(self._backoff(attempt))
+            finally:
+                if not reported:
+                    self.breaker.released(ticket)  # cancelled, or an unexpected error: no outcome
+            await asyncio.sleep(self._backoff(attempt))
 
     async def query(self, query: ModelQuery, wire: Any, timeout: float, route: Sequence[str]) -> Any:
         """ModelReady, ModelMetadata or ModelConfig upward (idempotent: retried like inference)."""
@@ -268,8 +307,9 @@ class GuardedUpstream:
         deadline = loop.time() + timeout
 
         retrying = AsyncRetrying(
-            retry=retry_if_exception(lambda exc: retryable(exc) and self.budget.allow_retry()),
-            stop=stop_after_attempt(self.retry.attempts) | _PastDeadline(loop, deadline),
+            retry=retry_if_exception(retryable),
+            # The budget is asked last, once nothing else stops the retry: it counts only retries sent.
+            stop=stop_after_attempt(self.retry.attempts) | _PastDeadline(loop, deadline) | _OverBudget(self.budget),
             wait=wait_exponential_jitter(
                 multiplier=self.retry.initial_backoff_s,
                 max=self.retry.max_backoff_s,
@@ -277,37 +317,58 @@ class GuardedUpstream:
             ),
             reraise=True,
         )
-        async for trial in retrying:
-            with trial:
-                return await self._once(attempt, max(deadline - loop.time(), 0.0))
+        try:
+            async for trial in retrying:
+                with trial:
+                    return await self._once(attempt, max(deadline - loop.time(), 0.0))
+        except EdgecascadeError as exc:
+            _relayed(exc)
+            raise
         raise AssertionError("unreachable: tenacity re-raises the last failure")  # pragma: no cover
 
     async def _once(self, attempt: Callable[[float], Awaitable[R]], left: float) -> R:
-        self._admit()
+        ticket = self._admit(left)
+        reported = False  # whether the breaker heard this attempt's outcome
         try:
             result = await attempt(left)
-        except (asyncio.CancelledError, RequestCancelledError):
-            self.breaker.released()
-            raise
+            self._answered(ticket)
+            reported = True
+            return result
         except EdgecascadeError as exc:
-            self._failed(exc)
+            self._failed(ticket, exc, left)
+            reported = True
             raise
-        self._answered()
-        return result
+        finally:
+            if not reported:
+                self.breaker.released(ticket)  # cancelled by this node's caller, or an unexpected error
 
-    def _admit(self) -> None:
-        if not self.breaker.allow():
+    def _admit(self, left: float) -> Ticket:
+        """The breaker's ticket for one attempt with ``left`` seconds.
+
+        Raises:
+            DeadlineExceededError: Too little time is left to send it (nothing is sent).
+            CircuitOpenError: The breaker refuses it.
+        """
+        if left < MIN_ATTEMPT_S:
+            raise DeadlineExceededError(
+                f"too little of the deadline was left to call upstream {self.breaker.name} ({left * 1000:.1f} ms)"
+            )
+        ticket = self.breaker.allow()
+        if ticket is None:
             raise CircuitOpenError(self.breaker.refusal())
+        return ticket
 
-    def _answered(self) -> None:
-        self.breaker.succeeded()
+    def _answered(self, ticket: Ticket) -> None:
+        self.breaker.succeeded(ticket)
         self.budget.succeeded()
 
-    def _failed(self, exc: EdgecascadeError) -> None:
-        if upstream_failure(exc):
-            self.breaker.failed(exc.message)
+    def _failed(self, ticket: Ticket, exc: EdgecascadeError, timeout: float) -> None:
+        if isinstance(exc, DeadlineExceededError) and timeout < self.breaker.settings.min_timeout_s:
+            self.breaker.released(ticket)  # the caller's deadline was too tight to say anything about the upstream
+        elif upstream_failure(exc):
+            self.breaker.failed(ticket, exc.message)
         else:
-            self.breaker.succeeded()  # the upstream answered; the question was wrong
+            self.breaker.succeeded(ticket)  # the upstream answered; the question was wrong
         if retryable(exc):
             self.budget.failed()
 
@@ -321,6 +382,21 @@ class GuardedUpstream:
 
     def _backoff(self, attempt: int) -> float:
         return min(self.retry.initial_backoff_s * 2.0 ** (attempt - 1), self.retry.max_backoff_s)
+
+
+def _relayed(exc: EdgecascadeError) -> None:
+    """Marks an error of this node's upstream call, for the node's own caller (see the module docstring)."""
+    exc.relayed = True
+
+
+class _OverBudget(stop_base):
+    """Stops retrying when the retry budget refuses one more retry (asked only for a retry about to be sent)."""
+
+    def __init__(self, budget: RetryBudget) -> None:
+        self.budget = budget
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return not self.budget.allow_retry()
 
 
 class _PastDeadline(stop_base):

@@ -52,6 +52,7 @@ from services.rpc.anomaly_log import AnomalyLog
 from services.rpc.components import Component, ComponentFactory, NodeContext
 from services.rpc.fleet_metrics import FleetMetrics
 from services.rpc.guarded_upstream import GuardedUpstream, log_transition
+from services.rpc.hard_example_log import HardExampleLog
 from services.rpc.inference_client import InferenceClient
 from services.rpc.inference_servicer import InferenceServicer
 from services.rpc.mesh_servicer import MeshServicer
@@ -152,6 +153,17 @@ class Node:
         if isinstance(telemetry, TelemetrySection) and telemetry.sends_logs:
             self.anomaly_log = AnomalyLog(telemetry, target, resource, self._meter_provider)
             self.fleet_metrics.use_log(self.anomaly_log)
+        self.hard_examples: HardExampleLog | None = None  # None: hard_examples_rate is 0 (the default) or logs are off
+        if isinstance(telemetry, TelemetrySection) and self.anomaly_log is not None and telemetry.sends_hard_examples:
+            self.hard_examples = HardExampleLog(telemetry, self.anomaly_log)
+            log.warning(
+                "[telemetry] hard_examples_rate is %g: that share of escalated inputs, with this node's and the "
+                "upstream's answers, is sent to %s for retraining",
+                telemetry.hard_examples_rate,
+                target,
+            )
+        elif isinstance(telemetry, TelemetrySection) and telemetry.hard_examples_rate > 0:
+            log.warning("[telemetry] hard_examples_rate is set but export or logs is off: no hard example is sent")
         self.address = ""
 
     async def flush_metrics(self, timeout_s: float = 10.0) -> None:
@@ -245,6 +257,7 @@ class Node:
             shadows,
             Cascade(cascade.settings() if isinstance(cascade, CascadeSection) else None),
             _token_cascade(cfg),
+            self.hard_examples,
         )
         inference = InferenceServicer(dataplane, lambda: self._ready, self.fleet_metrics)
         mesh = MeshServicer(dataplane, cfg.upstream.address, self._components)  # its parts may add to GetTierInfo

@@ -27,6 +27,9 @@ log = logging.getLogger("edgecascade.rpc")
 # Trailing metadata key naming the domain error class a node raised, so that a
 # client one tier down can tell a peer's own UNAVAILABLE from a broken connection.
 ERROR_CLASS_KEY = "edgecascade-error"
+# Trailing metadata flag ("1") on an error a node relays from its own upstream call: the error says
+# nothing about the node that sent it, so its caller neither retries it nor counts it against that node.
+BEYOND_KEY = "edgecascade-beyond"
 
 # Most specific first: the first matching row wins. A subclass that shares its
 # parent's code has no row of its own (ArtifactNotFoundError is NOT_FOUND through
@@ -88,11 +91,13 @@ def error_from_status(
             peer sent no message of its own and for transport failures.
     """
     cls = _ERROR_FOR_CODE.get(code, errors.InternalError)
+    trailing = tuple(trailing or ())
     sent = _sent_error_class(trailing)
     if sent is not None and issubclass(sent, cls):
         # Our own peer named the exact class; its message is already meant for people.
         error = sent(details)
         error.from_peer = True
+        error.beyond = (BEYOND_KEY, "1") in trailing
         return error
     if code == grpc.StatusCode.UNAVAILABLE:
         # Transport failures carry gRPC's own wording; say what was unreachable instead.
@@ -133,9 +138,10 @@ async def _abort(context: aio.ServicerContext[Any, Any], exc: BaseException, met
         # is nobody to send a status to, and trying would fail inside gRPC.
         return
     if isinstance(exc, errors.EdgecascadeError):
-        await _send_status(
-            context, status_for(exc), exc.message, trailing_metadata=((ERROR_CLASS_KEY, type(exc).__name__),)
-        )
+        trailing: tuple[tuple[str, str], ...] = ((ERROR_CLASS_KEY, type(exc).__name__),)
+        if exc.relayed:
+            trailing += ((BEYOND_KEY, "1"),)
+        await _send_status(context, status_for(exc), exc.message, trailing_metadata=trailing)
         return
     trace_id = current_trace_id()
     log.error("unexpected error in %s (trace id %s)", method, trace_id, exc_info=exc)

@@ -274,6 +274,17 @@ async def test_a_model_the_device_does_not_hold_still_fails_when_the_edge_is_gon
     assert answer[SERVED_BY] == ON_DEVICE and answer[DEGRADED] in (DEGRADED_UNAVAILABLE, DEGRADED_CIRCUIT_OPEN)
 
 
+async def test_a_cancelled_status_from_the_edge_gives_a_degraded_answer_not_an_error(mesh: Mesh) -> None:
+    m = mesh
+    m.proxy.refuse(grpc.StatusCode.CANCELLED)
+    answer = await _ask(m, INPUTS[0], {THRESHOLD: 1.0})
+    assert answer[SERVED_BY] == ON_DEVICE and answer[DEGRADED] == "upstream_error"
+    # It counts against the edge: three of them (GUARD's breaker_failures) open the breaker.
+    for _ in range(2):
+        await _ask(m, INPUTS[0], {THRESHOLD: 1.0})
+    assert (await _upstream(m)).breaker_state == "open"
+
+
 async def test_the_result_cache_never_answers_for_another_model_or_version(tmp_path: Path) -> None:
     files = tmp_path / "files"
     ModelRepository(tmp_path / "device").add(

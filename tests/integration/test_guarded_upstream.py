@@ -5,28 +5,36 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
 import pytest
 
+from protos.edgecascade.v1 import mesh_pb2, mesh_pb2_grpc
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from services.circuit_breaker import BreakerSettings, BreakerState, CircuitBreaker
+from services.config import load_config
 from services.dataplane import InferCall
+from services.engine.model_repository import ModelRepository
 from services.errors import CircuitOpenError, ModelNotFoundError, UnavailableError
 from services.inference import FallbackReason, NodeIdentity
 from services.result_cache import ResultCache, ResultCacheSettings
 from services.retry_budget import RetryBudget, RetrySettings
 from services.rpc.guarded_upstream import CACHED, GuardedUpstream
 from services.rpc.inference_client import InferenceClient
-from services.rpc.node import Node
+from services.rpc.node import Node, TierSpec
 from services.rpc.upstream import GrpcUpstream
 from tests.integration.conftest import populate, start_node
+from tests.support.flaky_edge import FlakyEdge
+from tests.support.onnx_models import linear_model
 from tests.support.requests import infer_request, params
 from tier0_device.app import SPEC as DEVICE
+from tier1_edge.app import SPEC as EDGE
+from tier2_region.app import SPEC as REGION
 
 REASON = FallbackReason.MODEL_NOT_HELD
 ME = NodeIdentity("tier0", "device-9")
@@ -158,3 +166,67 @@ async def test_the_breaker_closes_again_once_the_upstream_is_back(tmp_path: Path
         await guarded.close()
         if node is not None:
             await node.stop()
+
+
+async def _chain_node(spec: TierSpec, repository: Path, node_id: str, **sections: Mapping[str, Any]) -> Node:
+    overrides: dict[str, Mapping[str, Any]] = {
+        "server": {"node_id": node_id, "grace_seconds": 0.2},
+        "repository": {"path": str(repository), "preload": False},
+        **sections,
+    }
+    node = Node(spec, load_config(spec.config_type, env={}, overrides=overrides))
+    await node.start()
+    return node
+
+
+@pytest.mark.parametrize("refusal", ["unavailable", "exhausted"])
+async def test_a_regions_refusal_relayed_by_the_edge_is_neither_retried_nor_counted_at_the_device(
+    tmp_path: Path, refusal: str
+) -> None:
+    """device → edge → (counting proxy) → region; only the region holds ``far``, and refuses it:
+    UNAVAILABLE (it cannot load it) or RESOURCE_EXHAUSTED (it does not fit in its memory)."""
+    region_repo = tmp_path / "region"
+    region_sections: dict[str, Mapping[str, Any]] = {}
+    if refusal == "unavailable":
+        (region_repo / "far" / "1").mkdir(parents=True)
+        (region_repo / "far" / "1" / "model.onnx").write_bytes(b"\x08\x07garbage that is not a model")
+        (region_repo / "far" / "1" / "metadata.json").write_text('{"task": ""}')
+    else:
+        ModelRepository(region_repo).add("far", linear_model(tmp_path / "far.onnx", seed=2))
+        region_sections["cache"] = {"memory_budget_bytes": 1}
+    (tmp_path / "edge").mkdir()
+    (tmp_path / "device").mkdir()
+    region = await _chain_node(REGION, region_repo, "region-b", **region_sections)
+    proxy = FlakyEdge(region.address)
+    await proxy.start()
+    # (The edge's own breaker to the region is kept closed, so every request reaches the region.)
+    edge = await _chain_node(
+        EDGE, tmp_path / "edge", "edge-b", upstream={"address": proxy.address, "breaker_failures": 100}
+    )
+    device = await _chain_node(
+        DEVICE,
+        tmp_path / "device",
+        "device-b",
+        upstream={"address": edge.address, "breaker_failures": 2, "cache_max_bytes": 0},
+    )
+    expected = grpc.StatusCode.UNAVAILABLE if refusal == "unavailable" else grpc.StatusCode.RESOURCE_EXHAUSTED
+    requests = 3  # (within the edge's retry budget: each is tried three times there)
+    try:
+        async with grpc.aio.insecure_channel(device.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            for _ in range(requests):
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await stub.ModelInfer(infer_request("far", {"x": np.zeros((1, 4), np.float32)}), timeout=5)
+                assert caught.value.code() == expected, caught.value.details()
+            info = await mesh_pb2_grpc.MeshServiceStub(channel).GetTierInfo(mesh_pb2.GetTierInfoRequest(), timeout=5)
+        status = info.upstream_status
+        assert status.breaker_state == "closed", "the edge relayed the region's refusal: the edge is healthy"
+        assert (status.breaker_failures, status.breaker_opened, status.retries) == (0, 0, 0)
+        # The edge retried an UNAVAILABLE region (its own upstream) as it should; the device did not retry again.
+        per_request = 3 if refusal == "unavailable" else 1
+        assert proxy.seen == requests * per_request
+    finally:
+        await device.stop()
+        await edge.stop()
+        await proxy.stop()
+        await region.stop()

@@ -188,7 +188,7 @@ def _roll_out_version_2(state: Path) -> None:
     )  # fmt: skip
     assert published.returncode == 0, published.stdout + published.stderr
     started = _cli(
-        "rollout", "start", DEVICE_MODEL, "2", "--steps", "50,100", "--interval-s", "5", "--min-requests", "5",
+        "rollout", "start", DEVICE_MODEL, "2", "--steps", "100", "--interval-s", "5", "--min-requests", "5",
         "--max-p99-ratio", "5", "--max-fallback-rate-increase", "0.5", "--shadow-percent", "100",
         "--shadow-interval-s", "5", "--state-dir", str(state),
     )  # fmt: skip

@@ -40,6 +40,7 @@ from services.inference import (
 )
 from services.rpc.node import Node
 from tests.integration.conftest import populate, start_node
+from tests.support.flaky_edge import FlakyEdge
 from tests.support.onnx_models import tiny_char_lm
 from tests.support.requests import infer_request, output, params, text_request
 from tier0_device.app import SPEC as DEVICE
@@ -254,3 +255,54 @@ async def test_bad_cascade_parameters_are_invalid_arguments(paired: Paired) -> N
         r async for r in paired.stub.ModelStreamInfer(_requests(text_request("lm2", "abc", **cascade("speculative"))))
     ]
     assert len(replies) == 1 and "no upstream model to cascade to" in replies[0].error_message
+
+
+async def test_a_forwarded_generation_of_an_unpaired_model_is_generated_without_the_cascade(paired: Paired) -> None:
+    # The device does not hold edge-lm (the edge does, with no pairing): the device accepted the cascade
+    # parameters and forwarded the request, so the edge generates without the cascade instead of refusing.
+    tokens, final = await generation(paired.stub, model="edge-lm", max_tokens=5, seed=1, **cascade("speculative"))
+    assert final[TOKENS] == 5 and len(tokens) == 5
+    assert TOKENS_LOCAL not in final and all(TOKEN_ORIGIN not in p for _, p in tokens)
+    # Asked of the edge directly, the same request is the client's own mistake.
+    request = text_request("edge-lm", "abc", **cascade("speculative"))
+    replies = [r async for r in paired.edge_stub.ModelStreamInfer(_requests(request))]
+    assert len(replies) == 1 and "no upstream model to cascade to" in replies[0].error_message
+
+
+async def test_an_edge_slowed_beyond_the_deadline_leaves_the_stream_to_finish_locally(tmp_path: Path) -> None:
+    """device → a proxy that holds every call 30 s → edge: each generation (1 s deadline) still completes here."""
+    files = populate(tmp_path)
+    ModelRepository(tmp_path / "edge").add(
+        EDGE_MODEL, tiny_char_lm(files / "edge-lm-long.onnx", context=EDGE_CONTEXT, seed=5)
+    )
+    edge = await start_node(EDGE, tmp_path / "edge", "edge-1")
+    proxy = FlakyEdge(edge.address)
+    await proxy.start()
+    device = await start_node(
+        DEVICE, tmp_path / "device", "device-1", upstream=proxy.address, token_cascade={"pairs": [f"lm={EDGE_MODEL}"]}
+    )
+    deadline_us = 1_000_000
+    try:
+        async with grpc.aio.insecure_channel(device.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            # The edge is slow from the start: the description of its model times out.
+            proxy.delay(30.0)
+            for mode in ("confidence", "speculative"):
+                tokens, final = await generation(stub, max_tokens=15, seed=6, timeout=deadline_us, **cascade(mode, 1.0))
+                assert check_tallies(tokens, final) == (15, 0)
+                assert final[DEGRADED] == "upstream_timeout"
+            # The edge answers (its model's description is kept), then slows down: an escalation times out.
+            proxy.honest()
+            tokens, final = await generation(
+                stub, max_tokens=15, seed=6, timeout=deadline_us, **cascade("confidence", 1.0)
+            )
+            assert check_tallies(tokens, final) == (0, 15) and DEGRADED not in final
+            proxy.delay(30.0)
+            for mode in ("confidence", "speculative"):
+                tokens, final = await generation(stub, max_tokens=15, seed=6, timeout=deadline_us, **cascade(mode, 1.0))
+                assert check_tallies(tokens, final) == (15, 0)
+                assert final[DEGRADED] == "upstream_timeout" and final[UPSTREAM_CALLS] == 1
+    finally:
+        await device.stop()
+        await proxy.stop()
+        await edge.stop()

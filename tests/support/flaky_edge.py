@@ -4,7 +4,7 @@ Every call (inference, health …) passes through to the real edge as raw bytes,
 untouched, unless the test says otherwise:
 
 * :meth:`FlakyEdge.drop`: every call fails at once with UNAVAILABLE (an edge
-  that refuses work);
+  that refuses work); :meth:`FlakyEdge.refuse` with the status code given;
 * :meth:`FlakyEdge.delay`: every call waits ``seconds`` before it is forwarded
   (an edge slower than the callers' deadlines);
 * :meth:`FlakyEdge.flap`: calls fail with UNAVAILABLE during every other
@@ -52,6 +52,7 @@ class FlakyEdge:
         self.dropped = 0
         self._delay_s = 0.0
         self._drop = False
+        self._code = grpc.StatusCode.UNAVAILABLE
         self._flap_s = 0.0
         self._channel: aio.Channel | None = None
         self._server: aio.Server | None = None
@@ -90,11 +91,17 @@ class FlakyEdge:
     def honest(self) -> None:
         """Passes every call through at once."""
         self._drop, self._delay_s, self._flap_s = False, 0.0, 0.0
+        self._code = grpc.StatusCode.UNAVAILABLE
 
     def drop(self) -> None:
         """Fails every call at once with UNAVAILABLE."""
         self.honest()
         self._drop = True
+
+    def refuse(self, code: grpc.StatusCode) -> None:
+        """Fails every call at once with ``code`` (and no error class of ours)."""
+        self.drop()
+        self._code = code
 
     def delay(self, seconds: float) -> None:
         """Holds every call ``seconds`` before forwarding it."""
@@ -120,7 +127,7 @@ class FlakyEdge:
         self.seen += 1
         if self._dropping():
             self.dropped += 1
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the flaky edge dropped the call")
+            await context.abort(self._code, "the flaky edge dropped the call")
         if self._delay_s:
             await asyncio.sleep(self._delay_s)
         assert self._channel is not None

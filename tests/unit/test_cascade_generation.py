@@ -23,7 +23,7 @@ from services.cascade_generation import (
     UpstreamGenerator,
 )
 from services.engine.generation import CharTokenizer, GenerationParams
-from services.errors import CircuitOpenError, InvalidArgumentError
+from services.errors import CircuitOpenError, DeadlineExceededError, InvalidArgumentError, RequestCancelledError
 from services.inference import CASCADE, THRESHOLD, TOKEN_LOCAL, TOKEN_UPSTREAM
 
 VOCAB = ["", "", *"abcd"]
@@ -40,17 +40,27 @@ class FakeUpstream:
     max_batch_size: int = 64
     fail: Exception | None = None
     calls: list[Array] = field(default_factory=list)
+    described: int = 0
+    delay_s: float = 0.0  # each distribution call takes this long (or fails with DEADLINE_EXCEEDED at its timeout)
+    timeouts: list[float] = field(default_factory=list)
 
     def available(self) -> bool:
         return True
 
     async def generator(self, model: str, timeout: float, route: Sequence[str]) -> UpstreamGenerator:
+        self.described += 1
         return UpstreamGenerator(model, self.vocab, self.context_length, self.max_batch_size)
 
     async def distribution(
         self, model: str, version: str, input_ids: Array, timeout: float, route: Sequence[str]
     ) -> Array:
         self.calls.append(input_ids)
+        self.timeouts.append(timeout)
+        if self.delay_s:
+            try:
+                await asyncio.wait_for(asyncio.sleep(self.delay_s), timeout)
+            except TimeoutError:
+                raise DeadlineExceededError("upstream took too long") from None
         if self.fail is not None:
             raise self.fail
         return np.tile(self.probs, (len(input_ids), 1))
@@ -94,6 +104,8 @@ def test_plan_pairing_mode_and_threshold() -> None:
     assert cascade.plan("other", {}, {}) is None  # no pairing: the node's default mode does not apply
     with pytest.raises(InvalidArgumentError, match="no upstream model"):
         cascade.plan("other", {}, {CASCADE: "confidence"})
+    # Forwarded by a node that accepted the parameters: generated here without the cascade, not refused.
+    assert cascade.plan("other", {}, {CASCADE: "confidence"}, forwarded=True) is None
     assert cascade.plan("lm", {}, {CASCADE: "off"}) is None
     assert cascade.plan("lm", {}, {}) == CascadePlan("confidence", "big", 0.4, "chosen_prob")
     assert cascade.plan("lm", {}, {CASCADE: "speculative", THRESHOLD: 0.9}) == CascadePlan(
@@ -142,6 +154,7 @@ async def test_a_failing_upstream_degrades_once_and_the_rest_is_local() -> None:
         tokens, tally = await run(cascade, CascadePlan(mode, "big", 1.0, "chosen_prob"), max_tokens=12)
         assert tally.degraded == "circuit_open"
         assert len(upstream.calls) == 1 and all(t.origin == TOKEN_LOCAL for t in tokens) and len(tokens) == 12
+        assert tally.upstream_calls == 0, "a call this node's breaker refused was never sent"
 
 
 async def test_an_upstream_model_with_another_vocabulary_is_not_used() -> None:
@@ -149,3 +162,65 @@ async def test_an_upstream_model_with_another_vocabulary_is_not_used() -> None:
     cascade = TokenCascade(TokenCascadeSettings(), upstream, Cascade())
     _, tally = await run(cascade, CascadePlan("confidence", "big", 1.0, "chosen_prob"), max_tokens=5)
     assert tally.degraded == DEGRADED_INCOMPATIBLE and not upstream.calls and tally.tokens_local == 5
+
+
+async def _timed_run(
+    cascade: TokenCascade, plan: CascadePlan, seconds: float, step_s: float, max_tokens: int
+) -> tuple[list[CascadeToken], CascadeTally, float]:
+    """A generation whose device steps take ``step_s`` and whose deadline is ``seconds`` away; also the
+    seconds left of the deadline when it ended."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+
+    async def step(ids: Array) -> Array:
+        await asyncio.sleep(step_s)
+        return DEVICE[None, :]
+
+    tally = CascadeTally()
+    params = GenerationParams(seed=0, max_tokens=max_tokens)
+    tokens = [
+        t
+        async for t in cascade.generate(
+            plan, CharTokenizer(VOCAB, 4), step, "ab", params, ("tier0:d",), deadline, tally
+        )
+    ]
+    return tokens, tally, deadline - loop.time()
+
+
+async def test_a_slow_upstream_leaves_the_generation_time_to_finish_locally() -> None:
+    upstream = FakeUpstream(EDGE, delay_s=30.0)
+    cascade = TokenCascade(TokenCascadeSettings(), upstream, Cascade())
+    for mode in ("confidence", "speculative"):
+        upstream.calls.clear()
+        tokens, tally, left = await _timed_run(cascade, CascadePlan(mode, "big", 1.0, "chosen_prob"), 1.0, 0.01, 20)
+        assert len(tokens) == 20 and all(t.origin == TOKEN_LOCAL for t in tokens)
+        assert tally.degraded == "upstream_timeout" and len(upstream.calls) == 1
+        assert left > 0, "the generation must end before its deadline"
+        # The call's timeout left the 19 remaining steps (and the reserve) out of the second it had.
+        assert upstream.timeouts[-1] < 1.0 - 19 * 0.01
+
+
+async def test_too_little_time_for_the_rest_of_the_generation_stops_the_escalations() -> None:
+    upstream = FakeUpstream(EDGE)
+    cascade = TokenCascade(TokenCascadeSettings(describe_ttl_s=0), upstream, Cascade())
+    # 40 steps of 10 ms need 0.4 s here (with its margin, 0.6 s): a deadline of 0.3 s leaves no time to ask.
+    tokens, tally, _ = await _timed_run(cascade, CascadePlan("confidence", "big", 1.0, "chosen_prob"), 0.3, 0.01, 40)
+    assert tally.degraded == "deadline" and not upstream.calls and upstream.described == 0
+    assert len(tokens) == 40 and all(t.origin == TOKEN_LOCAL for t in tokens)
+
+
+async def test_threshold_zero_never_asks_the_upstream_anything() -> None:
+    upstream = FakeUpstream(EDGE, fail=CircuitOpenError("breaker open"))
+    cascade = TokenCascade(TokenCascadeSettings(), upstream, Cascade())
+    _, tally = await run(cascade, CascadePlan("confidence", "big", 0.0, "chosen_prob"), max_tokens=8)
+    assert upstream.described == 0 and not upstream.calls
+    assert tally.degraded == "" and tally.tokens_local == 8
+
+
+async def test_a_cancelled_status_from_the_upstream_degrades_the_generation() -> None:
+    cancelled = RequestCancelledError("the upstream cancelled the call")
+    cancelled.from_peer = True
+    upstream = FakeUpstream(EDGE, fail=cancelled)
+    cascade = TokenCascade(TokenCascadeSettings(), upstream, Cascade())
+    tokens, tally = await run(cascade, CascadePlan("confidence", "big", 1.0, "chosen_prob"), max_tokens=6)
+    assert tally.degraded == "upstream_error" and len(tokens) == 6 and tally.upstream_calls == 1

@@ -118,3 +118,36 @@ async def test_a_caller_that_leaves_while_its_error_is_sent_is_not_a_servicer_fa
     await _abort(_LeavingContext(left=True), errors.DeadlineExceededError("late"), "/m")  # type: ignore[arg-type]
     with pytest.raises(RuntimeError):  # a send that fails while the caller is still there is a real failure
         await _abort(_LeavingContext(left=False), errors.DeadlineExceededError("late"), "/m")  # type: ignore[arg-type]
+
+
+class _RecordingContext:
+    """A servicer context that records the status it was asked to send."""
+
+    def __init__(self) -> None:
+        self.sent: tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]] | None = None
+
+    def done(self) -> bool:
+        return False
+
+    async def abort(
+        self, code: grpc.StatusCode, details: str = "", trailing_metadata: tuple[tuple[str, str], ...] = ()
+    ) -> None:
+        self.sent = (code, details, tuple(trailing_metadata))
+
+
+async def test_an_error_relayed_from_the_upstream_call_is_flagged_as_beyond_the_sender() -> None:
+    from services.rpc.status_table import BEYOND_KEY, _abort
+
+    own = _RecordingContext()
+    await _abort(own, errors.ModelNotReadyError("model 'm' failed to load"), "/m")  # type: ignore[arg-type]
+    assert own.sent is not None
+    back = error_from_status(own.sent[0], own.sent[1], own.sent[2], "upstream")
+    assert type(back) is errors.ModelNotReadyError and back.from_peer and not back.beyond
+
+    relayed = errors.QueueFullError("the region's queue of 'm' is full")
+    relayed.relayed = True  # what the guarded upstream marks on an error of its call
+    through = _RecordingContext()
+    await _abort(through, relayed, "/m")  # type: ignore[arg-type]
+    assert through.sent is not None and (BEYOND_KEY, "1") in through.sent[2]
+    back = error_from_status(through.sent[0], through.sent[1], through.sent[2], "upstream")
+    assert type(back) is errors.QueueFullError and back.from_peer and back.beyond

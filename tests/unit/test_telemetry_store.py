@@ -32,6 +32,7 @@ from tier2_region.fleet.figures import (
 )
 from tier2_region.telemetry.admission import ANOMALY, UPDATE_STATE, admit_logs, admit_points
 from tier2_region.telemetry.points import (
+    Anomaly,
     HistogramPoint,
     LogEntry,
     LogsBatch,
@@ -377,7 +378,7 @@ def _log(
     record = LogEntry(attributes, int(received_at * NS), severity, "", body, trace_id, b"")
     kept, rejected, _ = admit_logs(node_id, ResourceLogs(((NODE_ID, node_id),), (record,)), received_at)
     assert not rejected
-    store.write([LogsBatch(received_at, tuple(kept))])
+    store.write([LogsBatch(received_at, tuple(k for k in kept if isinstance(k, Anomaly)))])
     return len(kept)
 
 

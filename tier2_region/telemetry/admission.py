@@ -44,10 +44,12 @@ from tier2_region.fleet.figures import (
     SHADOW_SERVING_LATENCY,
     UPDATE_OUTCOMES,
 )
+from tier2_region.telemetry import hard_examples
 from tier2_region.telemetry.points import (
     Anomaly,
     Attributes,
     AttributeValue,
+    HardExample,
     HistogramPoint,
     LogEntry,
     MetricPoint,
@@ -112,6 +114,8 @@ REASONS: Mapping[str, str] = {
     "bad_attribute": "a point lacks the model name, version, outcome or update state as a short string",
     "bad_severity": "a record's severity number is outside 0-24",
     "bad_trace_id": "a record's trace id is not 16 bytes or its span id not 8",
+    hard_examples.TOO_LARGE: "a hard example's body is larger than the region's [telemetry] hard_examples_max_bytes",
+    hard_examples.BAD: "a hard example lacks its kind or model, or its body is not a JSON object of its kind",
 }
 
 
@@ -125,6 +129,7 @@ class Limits:
     max_value_chars: int = 4096
     max_buckets: int = 512
     max_body_chars: int = 1024
+    max_hard_example_bytes: int = 64 * 1024  # a hard example's body is taken whole up to this, else refused
 
 
 @dataclass(frozen=True)
@@ -329,10 +334,13 @@ def _sample(node_id: str, point: MetricPoint, resource: Mapping[str, AttributeVa
     return Sample(node_id, model, version, variant, label, reason, series, point)
 
 
-def admit_logs(node_id: str, resource: ResourceLogs, received_at: float) -> tuple[list[Anomaly], Counter[str], int]:
-    """The anomalies of an enrolled node's log records: (kept, refused by reason, routine ones ignored)."""
+def admit_logs(
+    node_id: str, resource: ResourceLogs, received_at: float
+) -> tuple[list[Anomaly | HardExample], Counter[str], int]:
+    """The anomalies and hard examples of an enrolled node's log records: (kept, refused by reason, routine
+    ones ignored)."""
     resource_attributes = dict(resource.attributes)
-    kept: list[Anomaly] = []
+    kept: list[Anomaly | HardExample] = []
     rejected: Counter[str] = Counter(resource.rejected)
     ignored = 0
     for record in resource.records:
@@ -341,6 +349,13 @@ def admit_logs(node_id: str, resource: ResourceLogs, received_at: float) -> tupl
             rejected[reason] += 1
             continue
         attributes = dict(record.attributes)
+        if hard_examples.is_hard_example(attributes):
+            example = hard_examples.admit(node_id, record, attributes, resource_attributes, received_at)
+            if example is None:
+                rejected[hard_examples.BAD] += 1
+            else:
+                kept.append(example)
+            continue
         flagged = attributes.get(ANOMALY)
         if record.severity_number < SEVERITY_WARN and flagged is not True and flagged != "true":
             ignored += 1

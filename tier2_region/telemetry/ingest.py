@@ -7,7 +7,12 @@ its points or records go through :mod:`~tier2_region.telemetry.admission`; what
 is accepted goes to the :class:`~tier2_region.telemetry.write_queue.WriteQueue`
 as one batch, and the request waits until it is written. Every point or record
 is counted once in :attr:`Ingest.counts`: accepted, ignored, rejected (by
-reason) or dropped (the queue was full, or the write failed).
+reason) or dropped (the queue was full, or the write failed). Hard examples are
+counted with the log records (``logs.*``) and on their own
+(``logs.hard_examples.stored``); in the queue each weighs a point per
+:data:`HARD_EXAMPLE_POINT_BYTES` of body, so the queue bounds their bytes too,
+and a request holding many of their bytes is admitted on a worker thread (their
+bodies are parsed).
 """
 
 from __future__ import annotations
@@ -21,7 +26,15 @@ from typing import TypeVar
 from services.errors import CapacityError, InvalidArgumentError, UnavailableError
 from tier2_region.telemetry import admission
 from tier2_region.telemetry.admission import Limits, Receipt
-from tier2_region.telemetry.points import Batch, LogsBatch, MetricsBatch, ResourceLogs, ResourceMetrics
+from tier2_region.telemetry.points import (
+    Anomaly,
+    Batch,
+    HardExample,
+    LogsBatch,
+    MetricsBatch,
+    ResourceLogs,
+    ResourceMetrics,
+)
 from tier2_region.telemetry.write_queue import WriteQueue
 
 _Resource = TypeVar("_Resource", ResourceMetrics, ResourceLogs)
@@ -31,6 +44,8 @@ KNOWN_TTL_S = 60.0
 UNKNOWN_TTL_S = 5.0
 # Enough for the largest fleet the region holds; beyond it the memory is simply started afresh.
 MAX_REMEMBERED_NODES = 100_000
+HARD_EXAMPLE_POINT_BYTES = 1024  # a hard example weighs one queue point per this many bytes of body (at least one)
+INLINE_BODY_BYTES = 256 * 1024  # log bodies beyond this in one request are admitted on a worker thread
 
 
 class KnownNodes:
@@ -148,13 +163,23 @@ class Ingest:
         """
         self.counts["logs.requests"] += 1
         received_at = self._clock()
-        anomalies, receipt = await self._admit(
-            "log records", resources, lambda node_id, resource: admission.admit_logs(node_id, resource, received_at)
+        body_bytes = sum(len(record.body) for resource in resources for record in resource.records)
+        kept, receipt = await self._admit(
+            "log records",
+            resources,
+            lambda node_id, resource: admission.admit_logs(node_id, resource, received_at),
+            offload=body_bytes > INLINE_BODY_BYTES,
         )
         self._tally("logs", receipt)
         admission.settle(receipt)
-        if anomalies:
-            await self._store("logs", LogsBatch(received_at, tuple(anomalies)), len(anomalies))
+        anomalies = tuple(k for k in kept if isinstance(k, Anomaly))
+        examples = tuple(k for k in kept if isinstance(k, HardExample))
+        if kept:
+            weight = len(anomalies) + sum(1 + len(e.body) // HARD_EXAMPLE_POINT_BYTES for e in examples)
+            # Never more than a request may hold: the queue (at least that large) can always take it.
+            weight = min(weight, self.limits.max_points_per_request)
+            await self._store("logs", LogsBatch(received_at, anomalies, examples), len(kept), weight)
+            self.counts["logs.hard_examples.stored"] += len(examples)
         return receipt
 
     async def _admit(
@@ -162,10 +187,24 @@ class Ingest:
         what: str,
         resources: Sequence[_Resource],
         admit: Callable[[str, _Resource], tuple[Sequence[_Kept], Mapping[str, int], int]],
+        offload: bool = False,
     ) -> tuple[list[_Kept], Receipt]:
-        """Admits each resource of a request from an enrolled node; the rest are rejected whole, by reason."""
+        """Admits each resource of a request from an enrolled node (on a worker thread if ``offload``); the
+        rest are rejected whole, by reason."""
         nodes = [admission.node_of(r) for r in resources]
         known = await self._known.check({node for node, _ in nodes if node})
+        if offload:
+            return await asyncio.to_thread(self._admit_known, what, resources, nodes, known, admit)
+        return self._admit_known(what, resources, nodes, known, admit)
+
+    @staticmethod
+    def _admit_known(
+        what: str,
+        resources: Sequence[_Resource],
+        nodes: Sequence[tuple[str, str]],
+        known: Mapping[str, bool],
+        admit: Callable[[str, _Resource], tuple[Sequence[_Kept], Mapping[str, int], int]],
+    ) -> tuple[list[_Kept], Receipt]:
         rejected: Counter[str] = Counter()
         kept: list[_Kept] = []
         ignored = 0
@@ -187,9 +226,11 @@ class Ingest:
         for reason, count in receipt.rejected.items():
             self.counts[f"{signal}.rejected.{reason}"] += count
 
-    async def _store(self, signal: str, batch: Batch, points: int) -> None:
+    async def _store(self, signal: str, batch: Batch, points: int, weight: int | None = None) -> None:
+        """Queues a batch of ``points`` accepted points or records, weighing ``weight`` queue points (default:
+        as many)."""
         try:
-            await self._queue.submit(batch, points)
+            await self._queue.submit(batch, points if weight is None else weight)
         except CapacityError:
             self._dropped(signal, "queue_full", points)
             raise

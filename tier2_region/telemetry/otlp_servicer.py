@@ -40,6 +40,7 @@ from opentelemetry.proto.metrics.v1 import metrics_pb2
 from services.errors import CapacityError, InvalidArgumentError
 from services.rpc.server import ServiceBinding
 from services.rpc.status_table import ERROR_CLASS_KEY, status_for
+from tier2_region.telemetry import hard_examples
 from tier2_region.telemetry.admission import KEPT, Limits
 from tier2_region.telemetry.ingest import Ingest
 from tier2_region.telemetry.points import (
@@ -241,6 +242,14 @@ def resource_logs(resource: logs_pb2.ResourceLogs, limits: Limits) -> ResourceLo
     for scope in resource.scope_logs:
         for record in scope.log_records:
             own, problem = _attributes(record.attributes, limits)
+            body_limit = limits.max_body_chars
+            if not problem and hard_examples.is_hard_example(dict(own)):
+                # Taken whole or not at all: a training job cannot read half an example.
+                body_limit = limits.max_hard_example_bytes
+                if record.body.WhichOneof("value") != "string_value":
+                    problem = hard_examples.BAD
+                elif len(record.body.string_value.encode("utf-8")) > body_limit:
+                    problem = hard_examples.TOO_LARGE
             if problem:
                 rejected[problem] += 1
                 continue
@@ -250,7 +259,7 @@ def resource_logs(resource: logs_pb2.ResourceLogs, limits: Limits) -> ResourceLo
                     time_ns=record.time_unix_nano or record.observed_time_unix_nano,
                     severity_number=record.severity_number,
                     severity_text=record.severity_text[: limits.max_key_chars],
-                    body=_body(record.body, limits.max_body_chars),
+                    body=_body(record.body, body_limit),
                     trace_id=record.trace_id,
                     span_id=record.span_id,
                 )
@@ -329,9 +338,9 @@ class LogsServicer(logs_grpc.LogsServiceServicer):
         limits = self.ingest.limits
         records, containers = logs_items(request, limits.max_points_per_request)
         self.ingest.check_size("logs", records, containers)
-        resources = await _convert(
-            records + containers, lambda: [resource_logs(r, limits) for r in request.resource_logs]
-        )
+        # Hard examples make few records large: a request of many bytes is converted off the loop too.
+        items = records + containers if request.ByteSize() <= INLINE_BYTES else INLINE_ITEMS + 1
+        resources = await _convert(items, lambda: [resource_logs(r, limits) for r in request.resource_logs])
         try:
             receipt = await self.ingest.logs(resources)
         except CapacityError as exc:

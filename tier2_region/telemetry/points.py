@@ -2,7 +2,7 @@
 
 The receiver converts OTLP into these (:class:`ResourceMetrics`,
 :class:`ResourceLogs`); :mod:`~tier2_region.telemetry.admission` turns what it
-accepts into :class:`Sample` and :class:`Anomaly` records filed under their
+accepts into :class:`Sample`, :class:`Anomaly` and :class:`HardExample` records filed under their
 node, model, version and variant, which the store writes in batches
 (:class:`MetricsBatch`, :class:`LogsBatch`) stamped with the time they were
 received.
@@ -152,6 +152,31 @@ class Anomaly:
     version: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class HardExample:
+    """A hard example a node sent for retraining (:mod:`~tier2_region.telemetry.hard_examples`).
+
+    Attributes:
+        kind: ``request`` or ``generation``.
+        confidence, threshold: The node's confidence and the threshold it was under (None if not sent).
+        body: The example as the node built it (a JSON object).
+    """
+
+    node_id: str
+    received_at: float
+    time_ns: int
+    trace_id: str  # hex, "" if none
+    span_id: str
+    kind: str
+    model: str
+    version: str
+    upstream_model: str
+    upstream_version: str
+    confidence: float | None
+    threshold: float | None
+    body: str
+
+
 @dataclass(frozen=True)
 class MetricsBatch:
     """Samples received together, at ``received_at`` (Unix seconds): they fall in that time's window."""
@@ -162,10 +187,11 @@ class MetricsBatch:
 
 @dataclass(frozen=True)
 class LogsBatch:
-    """Anomalies received together."""
+    """Anomalies (and hard examples) received together."""
 
     received_at: float
     anomalies: tuple[Anomaly, ...]
+    hard_examples: tuple[HardExample, ...] = ()
 
 
 Batch = MetricsBatch | LogsBatch

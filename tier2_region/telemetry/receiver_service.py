@@ -74,7 +74,11 @@ class TelemetryReceiver:
             raise ConfigError(f"[telemetry] path {settings.path} or [fleet] path is not usable: {exc}") from None
         store = self.store
         self._queue = WriteQueue("telemetry store", store.write, settings.queue_points)
-        limits = Limits(max_points_per_request=settings.max_points_per_request, max_attributes=settings.max_attributes)
+        limits = Limits(
+            max_points_per_request=settings.max_points_per_request,
+            max_attributes=settings.max_attributes,
+            max_hard_example_bytes=settings.hard_examples_max_bytes,
+        )
         self.ingest = Ingest(self._queue, KnownNodes(known), limits)
         if settings.forward_endpoint:
             self._forwarder = OtlpForwarder(

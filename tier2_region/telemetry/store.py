@@ -11,6 +11,9 @@ Tables::
                 cumulative report is stored as its change (:mod:`~tier2_region.telemetry.folding`)
     anomalies   the warnings, errors and marked anomalies nodes logged, the last
                 ``max_anomalies_per_node`` received per node
+    hard_examples, hard_example_counts
+                the newest ``hard_examples_max_rows`` hard examples nodes sent for retraining,
+                and how many arrived and were pruned (:mod:`~tier2_region.telemetry.hard_example_table`)
 
 A window is ``window_s`` wide and holds what the region *received* in it (the
 region's clock, not the nodes'). A query from ``since`` reads every window that
@@ -61,8 +64,10 @@ from tier2_region.fleet.figures import (
     ShadowFigures,
     VersionFigures,
 )
+from tier2_region.telemetry import hard_example_table
 from tier2_region.telemetry.folding import Increment, SeriesState, fold
-from tier2_region.telemetry.points import Anomaly, Batch, LogsBatch, MetricsBatch, Sample, SumPoint
+from tier2_region.telemetry.hard_example_table import HardExampleStats
+from tier2_region.telemetry.points import Anomaly, Batch, HardExample, LogsBatch, MetricsBatch, Sample, SumPoint
 from tier2_region.telemetry.quantiles import BucketHistogram, quantiles
 
 BUSY_TIMEOUT_S = 10.0
@@ -261,6 +266,7 @@ class TelemetryStore:
         self._db = _connect(path)
         self._db.create_function("add_counts", 2, _add_counts, deterministic=True)
         self._db.executescript(_SCHEMA)
+        self._db.executescript(hard_example_table.SCHEMA)
         self._reader = _connect(path)
 
     def close(self) -> None:
@@ -273,7 +279,7 @@ class TelemetryStore:
     @property
     def stats(self) -> dict[str, int]:
         """What folding made of the points written so far (counted, first, baseline, reset, stale) and
-        how many anomalies and pruned rows there were."""
+        how many anomalies, hard examples (stored, and pruned beyond their bound) and pruned rows there were."""
         with self._stats_lock:
             return dict(self._stats)
 
@@ -302,11 +308,18 @@ class TelemetryStore:
         """Folds the batches' samples into their windows and keeps their anomalies, in one transaction."""
         samples = [(b.received_at, s) for b in batches if isinstance(b, MetricsBatch) for s in b.samples]
         anomalies = [a for b in batches if isinstance(b, LogsBatch) for a in b.anomalies]
+        examples = [e for b in batches if isinstance(b, LogsBatch) for e in b.hard_examples]
+        pruned = 0
         with self._transaction() as db:
             outcomes = self._fold(db, samples) if samples else Counter()
             if anomalies:
                 self._keep_anomalies(db, anomalies)
+            if examples:
+                pruned = hard_example_table.keep(db, examples, self._settings.hard_examples_max_rows)
         outcomes["anomalies"] += len(anomalies)
+        if examples:
+            outcomes["hard_examples"] += len(examples)
+            outcomes["hard_examples_pruned"] += pruned
         self._count(outcomes)
 
     def _fold(self, db: sqlite3.Connection, samples: list[tuple[float, Sample]]) -> Counter[str]:
@@ -676,6 +689,19 @@ class TelemetryStore:
         """The node's newest anomaly, or None."""
         found = self.anomalies(node_id, 1)
         return found[0] if found else None
+
+    def hard_examples(
+        self, model: str = "", since: float | None = None, limit: int | None = None, after: int = 0
+    ) -> list[tuple[int, HardExample]]:
+        """Held hard examples with their ids, oldest first: of ``model`` ("" = all), received from ``since`` on,
+        with ids above ``after``."""
+        with self._read_lock:
+            return hard_example_table.read(self._reader, model, since, limit, after)
+
+    def hard_example_stats(self) -> HardExampleStats:
+        """What the hard-example table holds, and how many arrived and were pruned since the file was made."""
+        with self._read_lock:
+            return hard_example_table.stats(self._reader)
 
 
 def _mean(parts: Sequence[_Merged]) -> float | None:
