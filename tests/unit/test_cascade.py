@@ -124,7 +124,7 @@ def test_degraded_reasons_and_the_reserve() -> None:
     assert degraded_reason(DeadlineExceededError("x")) == DEGRADED_TIMEOUT
     assert degraded_reason(QueueFullError("x")) == DEGRADED_OVERLOADED
     assert degraded_reason(InternalError("x")) == DEGRADED_ERROR
-    assert reserve(5.0) == 0.1 and reserve(0.2) == pytest.approx(0.02) and reserve(0.01) == 0.005
+    assert reserve(5.0) == 0.5 and reserve(0.2) == pytest.approx(0.04) and reserve(0.01) == 0.005
 
 
 def test_an_upstream_without_the_model_is_not_asked_again_for_a_while() -> None:
