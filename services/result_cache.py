@@ -11,9 +11,12 @@ Invariants:
   parameter that changes the answer); each entry also remembers the model and the
   version that *answered*. When an answer for a model arrives from a version other
   than the one its cached answers came from (the upstream was updated), every
-  cached answer of that model is dropped before the new one is stored, so a request
-  that named no version never gets an answer of the old version after the
-  upstream moved on.
+  cached answer of that model is dropped before the new one is stored. A request
+  that named no version may still get an answer of the *previous* version after the
+  upstream moved on, until either a miss for that model brings the new version's
+  answer (which drops the old ones) or ``ttl_s`` passes: the staleness is bounded by
+  the TTL, not zero. (Knowing at once would take asking the upstream which version
+  it serves, which is the call the cache saves.)
 
 Domain core: keys and values are bytes; what they encode is the adapter's.
 """
