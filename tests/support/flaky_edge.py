@@ -26,14 +26,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
-
-def _forwarded(context: aio.ServicerContext[Any, Any]) -> tuple[tuple[str, str | bytes], ...]:
-    # gRPC sets its own transport headers on the next hop.
-    return tuple(
-        (key, value)
-        for key, value in context.invocation_metadata() or ()
-        if not key.startswith((":", "grpc-")) and key != "user-agent"
-    )
+from tests.support.hostile_edge import relay_raw
 
 
 class FlakyEdge:
@@ -132,15 +125,8 @@ class FlakyEdge:
             await asyncio.sleep(self._delay_s)
         assert self._channel is not None
         self.forwarded += 1
-        method_call: aio.StreamStreamMultiCallable[bytes, bytes] = self._channel.stream_stream(method)
-        call = method_call(requests, metadata=_forwarded(context), timeout=context.time_remaining())
-        try:
-            async for response in call:
-                yield response
-        except aio.AioRpcError as exc:
-            await context.abort(exc.code(), exc.details() or "", tuple(exc.trailing_metadata() or ()))
-        finally:
-            call.cancel()
+        async for response in relay_raw(self._channel, method, requests, context):
+            yield response
 
 
 class _Handlers(grpc.GenericRpcHandler):

@@ -177,6 +177,22 @@ def _forwarded(context: aio.ServicerContext[Any, Any]) -> tuple[tuple[str, str |
     )
 
 
+async def relay_raw(
+    channel: aio.Channel, method: str, requests: AsyncIterator[bytes], context: aio.ServicerContext[Any, Any]
+) -> AsyncIterator[bytes]:
+    """Passes one call of any kind through to ``channel`` as raw messages, with the caller's metadata and deadline;
+    the real edge's failure reaches the caller with its status, details and trailing metadata (test proxies' core)."""
+    method_call: aio.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(method)
+    call = method_call(requests, metadata=_forwarded(context), timeout=context.time_remaining())
+    try:
+        async for response in call:
+            yield response
+    except aio.AioRpcError as exc:
+        await context.abort(exc.code(), exc.details() or "", tuple(exc.trailing_metadata() or ()))
+    finally:
+        call.cancel()
+
+
 class HostileEdge:
     """The man in the middle (see the module docstring).
 
@@ -288,13 +304,8 @@ class HostileEdge:
     ) -> AsyncIterator[bytes]:
         """Any other call, as raw messages in both directions (the same bytes on the wire whatever its kind)."""
         assert self._channel is not None
-        method_call: aio.StreamStreamMultiCallable[bytes, bytes] = self._channel.stream_stream(method)
-        call = method_call(requests, metadata=_forwarded(context), timeout=context.time_remaining())
-        try:
-            async for response in call:
-                yield response
-        except aio.AioRpcError as exc:
-            await context.abort(exc.code(), exc.details() or "", tuple(exc.trailing_metadata() or ()))
+        async for response in relay_raw(self._channel, method, requests, context):
+            yield response
 
 
 class _Handlers(grpc.GenericRpcHandler):
