@@ -5,8 +5,9 @@ Sections and their environment variables (``EDGECASCADE_<SECTION>__<KEY>``):
 ``[server]``
     ``host`` (default ``127.0.0.1``: loopback unless told otherwise), ``port``
     (0 = any free port), ``node_id`` (default ``<tier>-<hostname>``),
-    ``max_message_bytes``, ``grace_seconds`` for graceful shutdown, and
-    ``port_file``: a JSON file written once the node serves, saying where.
+    ``max_message_bytes``, ``grace_seconds`` for graceful shutdown,
+    ``port_file``: a JSON file written once the node serves, saying where, and
+    ``event_loop``: ``auto`` (uvloop where installed), ``uvloop`` or ``asyncio``.
 ``[repository]``
     ``path`` of the model repository and ``preload`` (load every model at start).
 ``[upstream]``
@@ -30,8 +31,9 @@ Sections and their environment variables (``EDGECASCADE_<SECTION>__<KEY>``):
     refuses it as a loop (FAILED_PRECONDITION naming the route).
 ``[batching]``
     ``max_batch_size`` (1 turns batching off), ``max_queue_delay_us``,
-    ``max_queue_size``, ``priority_levels`` and ``default_timeout_us`` (the
-    deadline of a request that brings none); a model's metadata may override
+    ``max_queue_size``, ``priority_levels``, ``default_timeout_us`` (the
+    deadline of a request that brings none) and ``inline_run_us`` (batches
+    predicted to run within it run on the event loop); a model's metadata may override
     them with ``edgecascade.batching.<key>`` properties.
 ``[cache]``
     ``memory_budget_bytes`` for loaded models (0 = half of the cgroup limit or
@@ -109,6 +111,7 @@ from services.circuit_breaker import BreakerSettings
 from services.engine.batcher import BatchingConfig
 from services.engine.memory import default_budget
 from services.errors import ConfigError
+from services.event_loops import EVENT_LOOPS
 from services.result_cache import ResultCacheSettings
 from services.retry_budget import RetrySettings
 
@@ -146,8 +149,11 @@ class ServerSection:
     max_message_bytes: int = 64 * 1024 * 1024
     grace_seconds: float = 5.0
     port_file: str = ""
+    event_loop: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.event_loop not in EVENT_LOOPS:
+            raise ConfigError(f"[server] event_loop must be one of {', '.join(EVENT_LOOPS)}, got {self.event_loop!r}")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"[server] port must be between 0 and 65535, got {self.port}")
         if self.max_message_bytes < 1024:

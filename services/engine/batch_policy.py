@@ -22,6 +22,12 @@ Rules (times are in seconds on the caller's monotonic clock):
   earlier of ``head.enqueued + max_queue_delay`` and the tightest deadline in
   the batch minus the predicted run of a full batch; it waits only if the
   window is still open and the recent inter-arrival time fits in what is left.
+* **Inline runs.** A batch whose predicted run is at most ``inline_run_us``
+  runs on the event loop when no other run is in flight; a model never timed
+  (or an input shape never seen) goes to a thread first. The prediction is the
+  fastest recent run of that many rows of that input signature, timed where it
+  ran (:class:`FastestRuns`): the loop's backlog and the wait for the GIL are not
+  the model's cost.
 * **Estimates** are exponentially weighted moving averages (weight
   :data:`EWMA`): run time per row count (a count never seen is predicted from
   the nearest one seen, scaled up by the row ratio, never down), and the time
@@ -31,7 +37,7 @@ Rules (times are in seconds on the caller's monotonic clock):
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
 from typing import Any, Protocol
@@ -40,6 +46,10 @@ from services.errors import ConfigError
 
 # Smoothing of the run-time and inter-arrival estimates.
 EWMA = 0.2
+# How fast the fastest-run estimate follows slower runs.
+DRIFT = 0.01
+# Input signatures whose run times a batcher keeps for the inline decision.
+MAX_SIGNATURES = 64
 
 
 @dataclass(frozen=True)
@@ -54,6 +64,9 @@ class BatchingConfig:
             most urgent, 0 (or none) means the least urgent level.
         default_timeout_us: Deadline of a request that brings none; a client's
             ``timeout`` parameter or gRPC deadline may shorten it, never lengthen it.
+        inline_run_us: A batch whose predicted run is at most this long runs on the
+            event loop itself when no other run is in flight: handing a model of a few
+            microseconds to a thread costs more than running it. 0 never runs inline.
 
     Raises:
         ConfigError: A value is not an integer within its limits.
@@ -64,6 +77,7 @@ class BatchingConfig:
     max_queue_size: int = 512
     priority_levels: int = 2
     default_timeout_us: int = 60_000_000
+    inline_run_us: int = 200
 
     def __post_init__(self) -> None:
         limits = {
@@ -72,6 +86,7 @@ class BatchingConfig:
             "max_queue_size": (1, 1_000_000),
             "priority_levels": (1, 16),
             "default_timeout_us": (1_000, 24 * 3600 * 1_000_000),
+            "inline_run_us": (0, 10_000),
         }
         for f in fields(self):
             value = getattr(self, f.name)
@@ -140,6 +155,22 @@ class RunTimes:
 
 
 @dataclass
+class FastestRuns(RunTimes):
+    """The fastest recent run per row count, following slower runs only slowly (:data:`DRIFT` per run).
+
+    Waiting for a core or for the GIL only ever adds to a run's time, so the
+    fastest run is the model's own cost; the drift lets a model that really got
+    slower (a hot device, a busier machine) be followed.
+    """
+
+    def observe(self, rows: int, seconds: float) -> None:
+        """Folds a run of ``rows`` that took ``seconds`` into the estimate for that row count."""
+        previous = self.by_rows.get(rows)
+        faster = previous is None or seconds < previous
+        self.by_rows[rows] = seconds if faster else previous + DRIFT * (seconds - previous)  # type: ignore[operator]
+
+
+@dataclass
 class Arrivals:
     """Estimates the time between admitted requests.
 
@@ -172,12 +203,36 @@ class BatchPolicy:
         self.slots = slots
         self.per_batch = config.max_batch_size if batchable else 1
         self.delay = config.max_queue_delay_us / 1e6
-        self.run_times = RunTimes()
+        self.inline = config.inline_run_us / 1e6
+        self.run_times = RunTimes()  # start to answer, as the loop sees it: what waits are predicted from
+        # The model's own time per input signature, measured where it ran: what decides inline runs.
+        self.compute_times: dict[Hashable, FastestRuns] = {}
         self.arrivals = Arrivals()
 
     def hopeless(self, request: Queued, now: float) -> bool:
         """Whether ``request`` can no longer be answered by its deadline if it ran now."""
         return now + self.run_times.predict(request.rows) >= request.deadline
+
+    def runs_inline(self, signature: Hashable, rows: int, others_running: bool) -> bool:
+        """Whether a batch of ``rows`` rows of one input ``signature`` runs on the event loop.
+
+        Only when nothing else runs and runs of that signature were timed (a model, or a
+        shape of it, never seen goes to a thread first), within ``inline_run_us``.
+        """
+        if others_running or not self.inline:
+            return False
+        times = self.compute_times.get(signature)
+        return times is not None and times.predict(rows) <= self.inline
+
+    def computed(self, signature: Hashable, rows: int, seconds: float) -> None:
+        """Counts a run's own time (measured where it ran) for the inline decision."""
+        times = self.compute_times.get(signature)
+        if times is None:
+            if len(self.compute_times) >= MAX_SIGNATURES:
+                # Shapes can vary without end (text lengths): keep the most recently new ones.
+                del self.compute_times[next(iter(self.compute_times))]
+            times = self.compute_times[signature] = FastestRuns()
+        times.observe(rows, seconds)
 
     def predicted_wait(self, rows_ahead: int) -> float:
         """Seconds until a new request would start behind ``rows_ahead`` queued rows (0 when unknown)."""

@@ -5,7 +5,10 @@ urgent). A dispatcher loop takes an execution slot from the process-wide
 :class:`~services.engine.run_pool.RunPool` *first* and only then forms a batch, so
 while every slot is busy requests pile up and the next free slot takes them
 together; with a free slot and nothing queued, a request runs at once from its
-caller (the fast path, no hand-over to the dispatcher).
+caller (the fast path, no hand-over to the dispatcher). A model whose runs are
+timed within ``inline_run_us`` runs on the event loop itself instead: what
+arrives during one loop turn is run as one batch at the end of it, with no
+thread hand-off and no task per run (:meth:`DynamicBatcher._drain`).
 
 Who decides what:
 
@@ -44,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -182,6 +186,7 @@ class DynamicBatcher:
         self._runs: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._closing = False
+        self._drain_pending = False  # a call of _drain is scheduled (inline runs)
 
     @property
     def queue_depth(self) -> int:
@@ -261,12 +266,18 @@ class DynamicBatcher:
         else:
             rows, key = 1, ()
         request = _Request(inputs, outputs, rows, key, deadline, level, now, loop.create_future())
-        if not self._size and not self._pool.busy:
-            return await self._run_now(request)
+        if not self._drain_pending:
+            if self._size or self._pool.busy:
+                self._arrived.set()  # the dispatcher's: it batches what queues while the slots are busy
+            elif self._policy.runs_inline(key, rows, others_running=False):
+                # Run on the loop at the end of this turn, with whatever else arrives in it.
+                self._drain_pending = True
+                loop.call_soon(self._drain)
+            else:
+                return await self._run_now(request)
         self._queues[level].append(request)
         self._size += 1
         self._rows[level] += rows
-        self._arrived.set()
         return await request.future
 
     def _observe(self, event: Callable[[BatchEvents], None]) -> None:
@@ -342,9 +353,28 @@ class DynamicBatcher:
             if not batch:
                 self._pool.release()
                 continue
+            rows = sum(r.rows for r in batch)
+            if self._policy.runs_inline(batch[0].signature, rows, others_running=self._pool.busy > 1):
+                self._run_here(batch)
+                continue
             task = asyncio.create_task(self._run(batch))
             self._runs.add(task)
             task.add_done_callback(self._run_done)
+
+    def _run_here(self, batch: list[_Request]) -> None:
+        """Runs a formed batch on the loop (its slot held) instead of in a thread: it is predicted to be tiny."""
+        loop = asyncio.get_running_loop()
+        try:
+            now = loop.time()
+            live = [r for r in batch if not self._dead(r, now)]
+            if live:
+                self._run_inline(live)
+        except Exception:
+            log.exception("model %s failed to run a batch on the loop", self.name)
+            self._fail(batch, InternalError(f"model {self.name} failed to run"), loop.time())
+        finally:
+            self._pool.release()
+            self._progress.set()
 
     def _run_done(self, task: asyncio.Task[None]) -> None:
         self._runs.discard(task)
@@ -440,8 +470,15 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         started = loop.time()
         inputs = merge_inputs(batch)
+
+        def timed() -> tuple[Arrays, float]:
+            # Timed in the thread: the loop's view adds the hand-off and its own backlog.
+            begun = time.perf_counter()
+            answer = self._execute(inputs)
+            return answer, time.perf_counter() - begun
+
         try:
-            outputs = await self._pool.run(lambda: self._execute(inputs))
+            outputs, compute = await self._pool.run(timed)
         except InvalidArgumentError as exc:
             if len(batch) > 1:
                 for request in batch:  # isolate the request whose values the model rejects
@@ -458,7 +495,65 @@ class DynamicBatcher:
             log.exception("model %s failed to run a batch of %d", self.name, len(batch))
             self._fail(batch, InternalError(f"model {self.name} failed to run"), started)
             return
-        finished = loop.time()
+        self._policy.computed(batch[0].signature, sum(r.rows for r in batch), compute)
+        self._answer(batch, outputs, started, loop.time())
+
+    def _drain(self) -> None:
+        """Runs what queued during one loop turn on the loop itself, as batches, while runs stay tiny.
+
+        Scheduled by :meth:`submit` for a model whose runs are predicted within
+        ``inline_run_us``. Once a batch would be too long, or a run is in flight
+        elsewhere, the rest goes to the dispatcher (and the threads).
+        """
+        self._drain_pending = False
+        loop = asyncio.get_running_loop()
+        batch: list[_Request] = []
+        try:
+            while self._size:
+                now = loop.time()
+                head = self._head(now)
+                if head is None:
+                    return
+                rows = min(sum(self._rows), self.config.max_batch_size)
+                if self._pool.busy or not self._policy.runs_inline(head.signature, rows, others_running=False):
+                    self._arrived.set()
+                    return
+                batch = []
+                self._take(head.signature, self.config.max_batch_size, batch, now)
+                if batch:
+                    self._run_inline(batch)
+                    batch = []
+        except Exception:
+            # A bug here must not leave callers waiting for ever.
+            log.exception("model %s failed to run a batch on the loop", self.name)
+            self._fail(batch, InternalError(f"model {self.name} failed to run"), loop.time())
+            self._arrived.set()
+        finally:
+            self._progress.set()
+
+    def _run_inline(self, batch: list[_Request]) -> None:
+        """Runs a batch on the event loop (it is predicted to take a few microseconds) and answers it."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        begun = time.perf_counter()
+        try:
+            outputs = self._execute(merge_inputs(batch))
+        except InvalidArgumentError as exc:
+            if len(batch) > 1:
+                for request in batch:  # isolate the request whose values the model rejects
+                    if not self._dead(request, loop.time()):
+                        self._run_inline([request])
+                return
+            self._fail(batch, exc, started)
+            return
+        except EdgecascadeError as exc:
+            self._fail(batch, exc, started)
+            return
+        self._policy.computed(batch[0].signature, sum(r.rows for r in batch), time.perf_counter() - begun)
+        self._answer(batch, outputs, started, loop.time())
+
+    def _answer(self, batch: list[_Request], outputs: Arrays, started: float, finished: float) -> None:
+        """Answers each request of a batch that ran from ``started`` to ``finished``, then tells the observers."""
         observers = self._observers
         rows = sum(r.rows for r in batch)
         self._policy.run_times.observe(rows, finished - started)

@@ -45,6 +45,7 @@ from services.engine.model_repository import ModelRepository
 from services.engine.run_pool import RunPool
 from services.engine.shadow import ShadowRunner
 from services.errors import ConfigError
+from services.event_loops import loop_factory, loop_name
 from services.inference import NodeIdentity
 from services.result_cache import ResultCache
 from services.retry_budget import RetryBudget
@@ -57,6 +58,7 @@ from services.rpc.inference_client import InferenceClient
 from services.rpc.inference_servicer import InferenceServicer
 from services.rpc.mesh_servicer import MeshServicer
 from services.rpc.metric_export import CountedMetricExporter, observe_exports, upstream_reader
+from services.rpc.served_methods import Tracing
 from services.rpc.server import GrpcServer, ServiceBinding
 from services.rpc.telemetry import (
     NodeMetrics,
@@ -64,6 +66,7 @@ from services.rpc.telemetry import (
     build_tracer_provider,
     node_hardware_class,
     node_resource,
+    traces_recorded,
 )
 from services.rpc.upstream import GrpcUpstream
 from services.tier_config import (
@@ -282,7 +285,7 @@ class Node:
             ],
             cfg.server.max_message_bytes,
             cfg.server.grace_seconds,
-            self._tracer_provider,
+            Tracing(self._tracer_provider.get_tracer("edgecascade.rpc"), every_call=traces_recorded()),
         )
         port = await server.start()
         stack.push_async_callback(server.stop)
@@ -298,11 +301,12 @@ class Node:
         if cfg.server.port_file:
             _write_port_file(Path(cfg.server.port_file), self._port_record())
         log.info(
-            "%s %s serving on %s (upstream: %s)",
+            "%s %s serving on %s (upstream: %s; event loop: %s)",
             self.spec.role,
             self.identity.node_id,
             self.address,
             cfg.upstream.address or "none",
+            loop_name(asyncio.get_running_loop()),
         )
         return self.address
 
@@ -359,10 +363,9 @@ def main(spec: TierSpec, defaults: Mapping[str, Mapping[str, Any]], argv: Sequen
     logging.basicConfig(
         level=config.log.level.upper(), format=f"%(asctime)s {spec.tier} %(levelname)s %(name)s: %(message)s"
     )
-    # The gRPC instrumentation warns once per call whose peer already left; that is routine under load.
-    logging.getLogger("opentelemetry.instrumentation.grpc._server").setLevel(logging.ERROR)
     try:
-        asyncio.run(_run_until_signal(spec, config))
+        with asyncio.Runner(loop_factory=loop_factory(config.server.event_loop)) as runner:
+            runner.run(_run_until_signal(spec, config))
     except ConfigError as exc:
         print(f"configuration error: {exc.message}", file=sys.stderr)
         return 2

@@ -2,7 +2,8 @@
 
 One builder for all tiers: ``grpc.aio``, the standard health service (every
 registered service and the overall ``""`` status), server reflection,
-message-size limits, OpenTelemetry server spans and the error interceptor.
+message-size limits, and each handler of the node's services wrapped once with
+the status table and OpenTelemetry server spans (:mod:`services.rpc.served_methods`).
 Shutdown is graceful: health turns NOT_SERVING first so load balancers stop
 sending, then calls in flight get ``grace_seconds`` to finish.
 """
@@ -15,12 +16,9 @@ from dataclasses import dataclass
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from opentelemetry.instrumentation.grpc import aio_server_interceptor
-from opentelemetry.instrumentation.grpc.filters import negate, service_prefix
-from opentelemetry.sdk.trace import TracerProvider
 
 from services.errors import ConfigError
-from services.rpc.status_table import ErrorInterceptor
+from services.rpc.served_methods import Tracing, WrappingServer, wrap_handler
 
 
 @dataclass(frozen=True)
@@ -40,7 +38,7 @@ class GrpcServer:
         bindings: The services to serve.
         max_message_bytes: Largest message received or sent.
         grace_seconds: Time calls in flight get to finish on :meth:`stop`.
-        tracer_provider: The node's tracer provider, or None for no server spans.
+        tracing: How calls are traced (None: no server spans).
     """
 
     def __init__(
@@ -50,20 +48,15 @@ class GrpcServer:
         bindings: Sequence[ServiceBinding],
         max_message_bytes: int,
         grace_seconds: float,
-        tracer_provider: TracerProvider | None,
+        tracing: Tracing | None,
     ) -> None:
         self._address = f"{host}:{port}"
         self._bindings = bindings
         self._grace = grace_seconds
-        interceptors: list[aio.ServerInterceptor] = []
-        if tracer_provider is not None:
-            # Health probes every few seconds would bury the traces that matter.
-            interceptors.append(
-                aio_server_interceptor(tracer_provider=tracer_provider, filter_=negate(service_prefix("grpc.health")))
-            )
-        interceptors.append(ErrorInterceptor())
+        # No interceptors: gRPC would run them in Python on every call. Each handler of the
+        # node's services is wrapped once instead, at registration (see served_methods).
+        self._wrap = wrap_handler(tracing or Tracing(None, every_call=False))
         self._server = aio.server(
-            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes),
@@ -83,7 +76,7 @@ class GrpcServer:
             ConfigError: The address cannot be bound.
         """
         for binding in self._bindings:
-            binding.register(self._server)
+            binding.register(WrappingServer(self._server, self._wrap))  # type: ignore[arg-type]
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         names = [b.name for b in self._bindings]
         reflection.enable_server_reflection(

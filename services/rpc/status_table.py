@@ -1,8 +1,9 @@
-"""The one table between domain errors and gRPC status codes, and the interceptor that applies it.
+"""The one table between domain errors and gRPC status codes, and how a failed handler ends its call.
 
-Servers: :class:`ErrorInterceptor` wraps every handler; a domain error becomes
-its status code with its message; anything else becomes INTERNAL with a fixed
-message that carries only the trace id, and the traceback goes to the log.
+Servers: every handler is wrapped (:mod:`services.rpc.served_methods`) so that
+:func:`abort_for` ends a failed call: a domain error becomes its status code with
+its message; anything else becomes INTERNAL with a fixed message that carries
+only the trace id, and the traceback goes to the log.
 Clients: :func:`error_from_status` turns a failed call's status code, details
 and trailers back into the domain error (:func:`error_from_rpc` reads them off
 either gRPC API's error), so cores never see ``grpc`` types.
@@ -10,10 +11,9 @@ either gRPC API's error), so cores never see ``grpc`` types.
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+import secrets
+from collections.abc import Iterable
 from typing import Any
 
 import grpc
@@ -78,6 +78,11 @@ def status_for(exc: errors.EdgecascadeError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def status_code_of(exc: BaseException) -> grpc.StatusCode:
+    """The status a handler's exception ends its call with: a domain error's own, INTERNAL for anything else."""
+    return status_for(exc) if isinstance(exc, errors.EdgecascadeError) else grpc.StatusCode.INTERNAL
+
+
 def error_from_status(
     code: grpc.StatusCode, details: str, trailing: Iterable[tuple[str, str | bytes]] | None, what: str
 ) -> errors.EdgecascadeError:
@@ -127,12 +132,16 @@ def _sent_error_class(trailing: Iterable[tuple[str, str | bytes]] | None) -> typ
 
 
 def current_trace_id() -> str:
-    """The trace id of the current span, for error messages that send people to the log ("none" if unsampled)."""
+    """The trace id of the current span, for error messages that send people to the log.
+
+    A call that is not traced here (no exporter, no caller's ``traceparent``) has no span; it gets
+    a fresh random id of the same form, which the log line carries too.
+    """
     context = trace.get_current_span().get_span_context()
-    return f"{context.trace_id:032x}" if context.is_valid else "none"
+    return f"{context.trace_id:032x}" if context.is_valid else secrets.token_hex(16)
 
 
-async def _abort(context: aio.ServicerContext[Any, Any], exc: BaseException, method: str) -> None:
+async def abort_for(context: aio.ServicerContext[Any, Any], exc: BaseException, method: str) -> None:
     if context.done():
         # The caller already left (its deadline passed or it cancelled): there
         # is nobody to send a status to, and trying would fail inside gRPC.
@@ -164,71 +173,3 @@ async def _send_status(
     except Exception:
         if not context.done():
             raise
-
-
-class ErrorInterceptor(aio.ServerInterceptor):
-    """Maps exceptions raised by any handler to gRPC statuses through :data:`STATUS_TABLE`."""
-
-    def __init__(self) -> None:
-        # The wrapped handler of each method is built once, not on every call.
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        method = handler_call_details.method
-        known = self._wrapped.get(method)
-        if known is not None and known[0] is handler:
-            return known[1]
-        wrapped = _wrap_handler(handler, method)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
-
-
-def _wrap_handler(handler: grpc.RpcMethodHandler[Any, Any], method: str) -> grpc.RpcMethodHandler[Any, Any]:
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(
-            _wrap(handler.unary_unary, method), handler.request_deserializer, handler.response_serializer
-        )
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(
-            _wrap(handler.unary_stream, method), handler.request_deserializer, handler.response_serializer
-        )
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(
-            _wrap(handler.stream_unary, method), handler.request_deserializer, handler.response_serializer
-        )
-    assert handler.stream_stream is not None
-    return grpc.stream_stream_rpc_method_handler(
-        _wrap(handler.stream_stream, method), handler.request_deserializer, handler.response_serializer
-    )
-
-
-def _wrap(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
-    if inspect.isasyncgenfunction(behavior):
-
-        async def stream(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            try:
-                async for response in behavior(request, context):
-                    yield response
-            except (aio.AbortError, asyncio.CancelledError):
-                raise
-            except Exception as exc:
-                await _abort(context, exc, method)
-
-        return stream
-
-    async def call(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
-        try:
-            return await behavior(request, context)
-        except (aio.AbortError, asyncio.CancelledError):
-            raise
-        except Exception as exc:
-            await _abort(context, exc, method)
-
-    return call

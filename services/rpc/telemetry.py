@@ -72,6 +72,16 @@ def node_resource(identity: NodeIdentity, service_name: str, version: str, hardw
     return Resource.create(attributes)
 
 
+def traces_recorded(env: Mapping[str, str] | None = None) -> bool:
+    """Whether this process records spans of its own accord: an exporter or a sampler is configured.
+
+    Otherwise a call gets a span only when its caller sent trace context (see
+    :mod:`services.rpc.served_methods`).
+    """
+    env = os.environ if env is None else env
+    return export_enabled(env) or bool(env.get("OTEL_TRACES_SAMPLER"))
+
+
 def build_tracer_provider(resource: Resource, env: Mapping[str, str] | None = None) -> TracerProvider:
     """Returns a tracer provider for one node, exporting by OTLP when configured.
 
@@ -82,7 +92,7 @@ def build_tracer_provider(resource: Resource, env: Mapping[str, str] | None = No
     """
     env = os.environ if env is None else env
     exporting = export_enabled(env)
-    sampler = None if exporting or env.get("OTEL_TRACES_SAMPLER") else ParentBased(ALWAYS_OFF)
+    sampler = None if traces_recorded(env) else ParentBased(ALWAYS_OFF)
     provider = TracerProvider(resource=resource, sampler=sampler)
     if exporting:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter

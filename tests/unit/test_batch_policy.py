@@ -6,7 +6,18 @@ from dataclasses import dataclass
 
 import pytest
 
-from services.engine.batch_policy import EWMA, Arrivals, BatchingConfig, BatchPolicy, Refusal, RunTimes
+from services.engine.batch_policy import (
+    DRIFT,
+    EWMA,
+    MAX_SIGNATURES,
+    Arrivals,
+    BatchingConfig,
+    BatchPolicy,
+    FastestRuns,
+    Refusal,
+    RunTimes,
+)
+from services.errors import ConfigError
 
 EPS = 1e-9
 
@@ -127,3 +138,41 @@ def test_run_times_smooth_per_row_count_and_scale_up_from_the_nearest() -> None:
     assert times.predict(4) == pytest.approx(1.0 + EWMA)
     assert times.predict(8) == pytest.approx(2 * (1.0 + EWMA))  # twice the rows of the nearest
     assert times.predict(1) == pytest.approx(1.0 + EWMA)  # never scaled down
+
+
+def test_the_inline_estimate_is_the_fastest_run_and_follows_slower_runs_only_slowly() -> None:
+    runs = FastestRuns()
+    runs.observe(1, 0.004)  # a run that waited for the GIL
+    runs.observe(1, 0.00003)
+    assert runs.predict(1) == pytest.approx(0.00003)
+    runs.observe(1, 0.01)  # one slow run moves it by DRIFT of the difference, not to it
+    assert runs.predict(1) == pytest.approx(0.00003 + DRIFT * (0.01 - 0.00003))
+    for _ in range(1000):  # a model that really got slower is followed
+        runs.observe(1, 0.01)
+    assert runs.predict(1) == pytest.approx(0.01, rel=1e-3)
+
+
+def test_only_timed_signatures_within_the_limit_run_inline_and_only_when_nothing_else_runs() -> None:
+    p = policy(inline_run_us=200)
+    small, wide = ("x", (8,)), ("x", (4096,))
+    assert not p.runs_inline(small, 1, others_running=False)  # never timed: a thread first
+    p.computed(small, 1, 50e-6)
+    p.computed(wide, 1, 2e-3)
+    assert p.runs_inline(small, 1, others_running=False)
+    assert not p.runs_inline(small, 1, others_running=True)
+    assert not p.runs_inline(wide, 1, others_running=False)  # same rows, another shape: its own time
+    assert not p.runs_inline(small, 8, others_running=False)  # predicted from 1 row, scaled up: 400 µs
+    assert not policy(inline_run_us=0).runs_inline(small, 1, others_running=False)
+
+
+def test_the_inline_estimates_keep_a_bounded_number_of_signatures() -> None:
+    p = policy()
+    for width in range(MAX_SIGNATURES + 10):
+        p.computed(("x", (width,)), 1, 1e-5)
+    assert len(p.compute_times) == MAX_SIGNATURES
+    assert ("x", (MAX_SIGNATURES + 9,)) in p.compute_times and ("x", (0,)) not in p.compute_times
+
+
+def test_inline_run_us_is_bounded() -> None:
+    with pytest.raises(ConfigError, match="inline_run_us"):
+        BatchingConfig(inline_run_us=20_000)

@@ -16,7 +16,13 @@ from services.engine.batcher import BatchingConfig, DynamicBatcher
 from services.engine.model_stats import ModelStats
 from services.engine.onnx_session import OnnxSession
 from services.engine.run_pool import RunPool
-from services.errors import ConfigError, DeadlineExceededError, InvalidArgumentError, QueueFullError
+from services.errors import (
+    ConfigError,
+    DeadlineExceededError,
+    InternalError,
+    InvalidArgumentError,
+    QueueFullError,
+)
 from tests.support.onnx_models import linear_model
 
 
@@ -390,3 +396,91 @@ async def test_an_observer_that_raises_never_leaves_a_caller_waiting(
         await batcher.close()
         pool.close()
     assert "an observer of model m failed" in caplog.text
+
+
+class Traced(Model):
+    """Also records which thread ran each execution; ``fail`` makes the next run raise a bug."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: list[int] = []
+        self.fail = False
+
+    def __call__(self, inputs: Mapping[str, np.ndarray[Any, Any]]) -> dict[str, np.ndarray[Any, Any]]:
+        self.threads.append(threading.get_ident())
+        if self.fail:
+            self.fail = False
+            raise RuntimeError("a bug in the model wrapper")
+        return super().__call__(inputs)
+
+
+async def warm(batcher: DynamicBatcher, model: Traced, rows: int) -> None:
+    """Runs lone requests of ``rows`` rows until one ran on the loop (a first run is slow: numpy warms up too)."""
+    for _ in range(50):
+        await batcher.submit(x(1, rows=rows), (), far())
+        if model.threads[-1] == threading.get_ident():
+            model.threads.clear()
+            model.executions.clear()
+            return
+    raise AssertionError("a 2-row numpy model never ran inline")
+
+
+async def test_a_tiny_model_runs_on_the_loop_once_timed_and_a_loop_turn_forms_one_batch(pool: RunPool) -> None:
+    model = Traced()
+    batcher = make(pool, model, max_batch_size=16)
+    await batcher.submit(x(1), (), far())  # never timed: a thread
+    assert model.threads[0] != threading.get_ident()
+    await warm(batcher, model, rows=10)
+    counted = batcher.stats.execution_count
+    results = await asyncio.gather(*(batcher.submit(x(i), (), far()) for i in range(10)))
+    assert [float(r["y"][0, 0]) for r in results] == [2.0 * i for i in range(10)]
+    assert model.threads == [threading.get_ident()]  # one run, on the loop's own thread
+    assert [len(e) for e in model.executions] == [10]
+    assert batcher.stats.execution_count == counted + 1
+    await batcher.close()
+
+
+async def test_a_model_slower_than_inline_run_us_stays_in_the_threads(pool: RunPool) -> None:
+    model = Traced()
+    model.delay = 0.002  # 2 ms > the default 200 µs
+    batcher = make(pool, model, max_batch_size=16)
+    for i in range(3):
+        await batcher.submit(x(i), (), far())
+    assert threading.get_ident() not in model.threads
+    await batcher.close()
+
+
+async def test_inline_run_us_zero_never_runs_on_the_loop(pool: RunPool) -> None:
+    model = Traced()
+    batcher = make(pool, model, max_batch_size=16, inline_run_us=0)
+    for i in range(3):
+        await asyncio.gather(*(batcher.submit(x(i), (), far()) for _ in range(4)))
+    assert threading.get_ident() not in model.threads
+    await batcher.close()
+
+
+async def test_an_inline_batch_isolates_the_request_the_model_rejects(pool: RunPool) -> None:
+    model = Traced()
+    batcher = make(pool, model, max_batch_size=16)
+    await warm(batcher, model, rows=3)
+    results = await asyncio.gather(
+        batcher.submit(x(2), (), far()),
+        batcher.submit(x(-1), (), far()),
+        batcher.submit(x(3), (), far()),
+        return_exceptions=True,
+    )
+    assert float(results[0]["y"][0, 0]) == 4.0 and float(results[2]["y"][0, 0]) == 6.0  # type: ignore[index]
+    assert isinstance(results[1], InvalidArgumentError)
+    assert set(model.threads) == {threading.get_ident()}
+    await batcher.close()
+
+
+async def test_a_bug_in_an_inline_run_fails_its_batch_and_the_next_requests_are_served(pool: RunPool) -> None:
+    model = Traced()
+    batcher = make(pool, model, max_batch_size=16)
+    await warm(batcher, model, rows=3)
+    model.fail = True
+    results = await asyncio.gather(*(batcher.submit(x(i), (), far()) for i in range(3)), return_exceptions=True)
+    assert all(isinstance(r, InternalError) for r in results) and model.threads == [threading.get_ident()]
+    assert float((await batcher.submit(x(5), (), far()))["y"][0, 0]) == 10.0
+    await batcher.close()

@@ -111,13 +111,13 @@ class _LeavingContext:
 
 
 async def test_a_caller_that_leaves_while_its_error_is_sent_is_not_a_servicer_failure() -> None:
-    from services.rpc.status_table import _abort
+    from services.rpc.status_table import abort_for
 
     # Under overload a caller's 50 ms deadline passes between the done() check and the send: before the fix,
     # gRPC's send failure escaped and was logged with a traceback per call (and a bench node blocked on its log).
-    await _abort(_LeavingContext(left=True), errors.DeadlineExceededError("late"), "/m")  # type: ignore[arg-type]
+    await abort_for(_LeavingContext(left=True), errors.DeadlineExceededError("late"), "/m")  # type: ignore[arg-type]
     with pytest.raises(RuntimeError):  # a send that fails while the caller is still there is a real failure
-        await _abort(_LeavingContext(left=False), errors.DeadlineExceededError("late"), "/m")  # type: ignore[arg-type]
+        await abort_for(_LeavingContext(left=False), errors.DeadlineExceededError("late"), "/m")  # type: ignore[arg-type]
 
 
 class _RecordingContext:
@@ -136,10 +136,10 @@ class _RecordingContext:
 
 
 async def test_an_error_relayed_from_the_upstream_call_is_flagged_as_beyond_the_sender() -> None:
-    from services.rpc.status_table import BEYOND_KEY, _abort
+    from services.rpc.status_table import BEYOND_KEY, abort_for
 
     own = _RecordingContext()
-    await _abort(own, errors.ModelNotReadyError("model 'm' failed to load"), "/m")  # type: ignore[arg-type]
+    await abort_for(own, errors.ModelNotReadyError("model 'm' failed to load"), "/m")  # type: ignore[arg-type]
     assert own.sent is not None
     back = error_from_status(own.sent[0], own.sent[1], own.sent[2], "upstream")
     assert type(back) is errors.ModelNotReadyError and back.from_peer and not back.beyond
@@ -147,7 +147,7 @@ async def test_an_error_relayed_from_the_upstream_call_is_flagged_as_beyond_the_
     relayed = errors.QueueFullError("the region's queue of 'm' is full")
     relayed.relayed = True  # what the guarded upstream marks on an error of its call
     through = _RecordingContext()
-    await _abort(through, relayed, "/m")  # type: ignore[arg-type]
+    await abort_for(through, relayed, "/m")  # type: ignore[arg-type]
     assert through.sent is not None and (BEYOND_KEY, "1") in through.sent[2]
     back = error_from_status(through.sent[0], through.sent[1], through.sent[2], "upstream")
     assert type(back) is errors.QueueFullError and back.from_peer and back.beyond
