@@ -154,8 +154,9 @@ def parse_request(parameters: Mapping[str, ParamValue], default_mode: str = CASC
     return CascadeAsk(mode, float(threshold))
 
 
-# How far from 1 a row's sum may be for the row to count as probabilities already.
-PROBABILITY_SUM_TOLERANCE = 1.001e-3
+# How far from 1 a row's sum may be for the row to count as probabilities already
+# (numpy's allclose at atol 1e-3 with its default rtol 1e-5, as this was first written).
+PROBABILITY_SUM_TOLERANCE = 1e-3 + 1e-5
 
 
 def row_confidence(array: Array) -> float | None:

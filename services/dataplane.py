@@ -294,6 +294,9 @@ class Dataplane:
         route = self.check_route(call.route)
         budget = self.budget(call.parameters, call.grpc_remaining)
         ask = self.cascade.ask(call.parameters)
+        throttled = await self._throttled(call, budget, route)
+        if isinstance(throttled, Relayed):
+            return throttled
         served = await self._local_model(call.model_name, call.model_version)
         if isinstance(served, FallbackReason):
             return await self._relay(call, served, self.deadline(budget), route)
@@ -307,7 +310,21 @@ class Dataplane:
             if self.upstream.available():
                 return await self._second_chance(call, served, request, deadline, route, full)
             raise
-        return await self._cascade(call, served, request, result, ask, deadline, route)
+        answer = await self._cascade(call, served, request, result, ask, deadline, route)
+        if throttled is not None and not throttled.not_held and isinstance(answer, InferResult):
+            answer = _with(answer, {DEGRADED: throttled.reason})  # served here only because the upstream failed
+        return answer
+
+    async def _throttled(self, call: InferCall, budget: TimeBudget, route: Sequence[str]) -> Relayed | _Declined | None:
+        """Sends new work upward while the engine's throttle says so (a critical device), if an upstream is there.
+
+        Returns the upstream's answer; or why it gave none (the call is then served here,
+        marked degraded); or None when the call is not throttled.
+        """
+        reason = self.cache.throttle.forward
+        if reason is None or not self.upstream.available():
+            return None
+        return await self._ask_upward(call, reason, self.deadline(budget), route)
 
     async def stream(self, call: InferCall) -> AsyncIterator[InferResult | Relayed]:
         """Answers one call of a stream: a generation token by token, or one inference, here or upward.

@@ -58,6 +58,7 @@ class FallbackReason(StrEnum):
     MEMORY = "memory"
     QUEUE_FULL = "queue_full"
     LOW_CONFIDENCE = "low_confidence"  # the local answer's confidence was under the threshold (the cascade)
+    THERMAL = "thermal"  # the device is too hot to take new work (its thermal policy)
 
 
 @dataclass(frozen=True)

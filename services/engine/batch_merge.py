@@ -56,6 +56,11 @@ def signature_of(inputs: Mapping[str, np.ndarray[Any, Any]]) -> tuple[Any, ...]:
     return tuple(sorted((k, v.dtype.str, v.shape[1:]) for k, v in inputs.items()))
 
 
+def whole_signature_of(inputs: Mapping[str, np.ndarray[Any, Any]]) -> tuple[Any, ...]:
+    """Names, dtypes and whole shapes: what a run of one request that is never merged depends on."""
+    return tuple(sorted((k, v.dtype.str, v.shape) for k, v in inputs.items()))
+
+
 def merge_inputs(batch: Sequence[Part]) -> Mapping[str, np.ndarray[Any, Any]]:
     """The inputs of one run: each input concatenated over ``batch`` in order (a lone request's as they are)."""
     if len(batch) == 1:

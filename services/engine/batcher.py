@@ -55,10 +55,11 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from services.engine.batch_merge import merge_inputs, rows_of, signature_of, split_outputs
+from services.engine.batch_merge import merge_inputs, rows_of, signature_of, split_outputs, whole_signature_of
 from services.engine.batch_policy import BatchingConfig, BatchPolicy, Refusal
 from services.engine.model_stats import ModelStats, StatsObserver
 from services.engine.run_pool import RunPool
+from services.engine.throttle import Throttle
 from services.errors import (
     DeadlineExceededError,
     EdgecascadeError,
@@ -74,6 +75,9 @@ Arrays = dict[str, np.ndarray[Any, Any]]
 
 log = logging.getLogger("edgecascade.batcher")
 
+# How many inline runs' worth of time one drain may hold the loop before it yields for a turn.
+INLINE_TURNS = 4
+
 _CANCELLED = "cancelled"
 _EXPIRED = "expired"
 
@@ -85,7 +89,7 @@ class BatchObserver(Protocol):
         """A request waited ``seconds`` before its batch started."""
 
     def ran(self, rows: int, seconds: float) -> None:
-        """A batch of ``rows`` rows ran for ``seconds``."""
+        """A batch of ``rows`` rows ran for ``seconds`` (the model's own time, timed where it ran)."""
 
 
 @runtime_checkable
@@ -155,6 +159,7 @@ class DynamicBatcher:
         stats: Where the statistics observer counts (a new one when None); ``self.stats``.
         observers: Also told every event (in order, after the statistics); one
             that implements only :class:`BatchObserver` receives the timings.
+        throttle: Limits in force now (a hot device's smaller batches); none when None.
     """
 
     def __init__(
@@ -166,6 +171,7 @@ class DynamicBatcher:
         batchable: bool,
         stats: ModelStats | None = None,
         observers: Sequence[BatchObserver] = (),
+        throttle: Throttle | None = None,
     ) -> None:
         self.name = name
         self.config = config
@@ -186,7 +192,13 @@ class DynamicBatcher:
         self._runs: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._closing = False
+        self._throttle = throttle or Throttle()
         self._drain_pending = False  # a call of _drain is scheduled (inline runs)
+
+    @property
+    def max_rows(self) -> int:
+        """The most rows a batch takes now: ``max_batch_size``, or less while the node is throttled."""
+        return self._throttle.rows(self.config.max_batch_size)
 
     @property
     def queue_depth(self) -> int:
@@ -264,7 +276,8 @@ class DynamicBatcher:
             rows = rows_of(inputs)
             key = signature_of(inputs)
         else:
-            rows, key = 1, ()
+            # Never merged: each request is a run of its own, so its whole shape is what its run time depends on.
+            rows, key = 1, whole_signature_of(inputs)
         request = _Request(inputs, outputs, rows, key, deadline, level, now, loop.create_future())
         if not self._drain_pending:
             if self._size or self._pool.busy:
@@ -439,11 +452,12 @@ class DynamicBatcher:
         head = self._head(now)
         if head is None:
             return
-        rows = self._take(head.signature, self.config.max_batch_size, batch, now)
+        cap = self.max_rows
+        rows = self._take(head.signature, cap, batch, now)
         self._forming = len(batch)
         if not batch or not self._batchable:
             return
-        while not self._closing:
+        while not self._closing and rows < cap:
             now = loop.time()
             wait = self._policy.company_wait(head, batch, rows, self._pool.busy > 1, now)
             if wait <= 0:
@@ -453,7 +467,7 @@ class DynamicBatcher:
                 await asyncio.wait_for(self._arrived.wait(), wait)
             except TimeoutError:
                 break
-            rows += self._take(head.signature, self.config.max_batch_size - rows, batch, loop.time())
+            rows += self._take(head.signature, cap - rows, batch, loop.time())
             self._forming = len(batch)
 
     async def _run(self, batch: list[_Request]) -> None:
@@ -495,31 +509,46 @@ class DynamicBatcher:
             log.exception("model %s failed to run a batch of %d", self.name, len(batch))
             self._fail(batch, InternalError(f"model {self.name} failed to run"), started)
             return
-        self._policy.computed(batch[0].signature, sum(r.rows for r in batch), compute)
-        self._answer(batch, outputs, started, loop.time())
+        self._answer(batch, outputs, started, loop.time(), compute)
 
     def _drain(self) -> None:
         """Runs what queued during one loop turn on the loop itself, as batches, while runs stay tiny.
 
         Scheduled by :meth:`submit` for a model whose runs are predicted within
         ``inline_run_us``. Once a batch would be too long, or a run is in flight
-        elsewhere, the rest goes to the dispatcher (and the threads).
+        elsewhere, the rest goes to the dispatcher (and the threads). After
+        :data:`INLINE_TURNS` × ``inline_run_us`` on the loop it yields (the answers
+        ready so far go out) and goes on in the next turn.
         """
         self._drain_pending = False
         loop = asyncio.get_running_loop()
         batch: list[_Request] = []
+        begun = time.perf_counter()
+        budget = INLINE_TURNS * self._policy.inline
         try:
             while self._size:
                 now = loop.time()
                 head = self._head(now)
                 if head is None:
                     return
-                rows = min(sum(self._rows), self.config.max_batch_size)
+                if time.perf_counter() - begun > budget:
+                    # Long enough on the loop: let the answers go out, then go on.
+                    self._drain_pending = True
+                    loop.call_soon(self._drain)
+                    return
+                cap = self.max_rows
+                # What the batch will hold at most: a request larger than the cap runs alone, whole.
+                if not self._batchable:
+                    rows = 1  # one request per run; its whole shape is in its signature
+                elif head.rows >= cap:
+                    rows = head.rows
+                else:
+                    rows = min(sum(self._rows), cap)
                 if self._pool.busy or not self._policy.runs_inline(head.signature, rows, others_running=False):
                     self._arrived.set()
                     return
                 batch = []
-                self._take(head.signature, self.config.max_batch_size, batch, now)
+                self._take(head.signature, cap, batch, now)
                 if batch:
                     self._run_inline(batch)
                     batch = []
@@ -549,21 +578,26 @@ class DynamicBatcher:
         except EdgecascadeError as exc:
             self._fail(batch, exc, started)
             return
-        self._policy.computed(batch[0].signature, sum(r.rows for r in batch), time.perf_counter() - begun)
-        self._answer(batch, outputs, started, loop.time())
+        self._answer(batch, outputs, started, loop.time(), time.perf_counter() - begun)
 
-    def _answer(self, batch: list[_Request], outputs: Arrays, started: float, finished: float) -> None:
-        """Answers each request of a batch that ran from ``started`` to ``finished``, then tells the observers."""
+    def _answer(self, batch: list[_Request], outputs: Arrays, started: float, finished: float, compute: float) -> None:
+        """Answers each request of a batch, then tells the observers.
+
+        The batch was handed over at ``started`` and back at ``finished`` (loop time: what
+        waits are predicted from); the model itself took ``compute`` seconds where it ran
+        (what observers are told, and what decides inline runs).
+        """
         observers = self._observers
         rows = sum(r.rows for r in batch)
         self._policy.run_times.observe(rows, finished - started)
+        self._policy.computed(batch[0].signature, rows, compute)
         # Answers first: an observer that raises must not leave a caller waiting.
         for request, answer in zip(batch, split_outputs(outputs, batch), strict=True):
             if not request.future.done():
                 request.future.set_result(answer)
         try:
             for observer in observers:
-                observer.ran(rows, finished - started)
+                observer.ran(rows, compute)
             for request in batch:
                 for observer in observers:
                     observer.queued(started - request.enqueued)

@@ -44,6 +44,7 @@ from services.engine.model_repository import ModelEntry, ModelRepository
 from services.engine.model_stats import ModelStats
 from services.engine.onnx_session import OnnxSession
 from services.engine.run_pool import RunPool
+from services.engine.throttle import VARIANT_PROPERTY, Throttle, is_int8
 from services.errors import ConfigError, EdgecascadeError, MemoryBudgetError, ModelNotFoundError, ModelNotReadyError
 from services.inference import ModelSignature
 from services.single_flight import SingleFlight
@@ -209,9 +210,28 @@ class ModelCache:
             repository, self.pool, self.batching, self.budget, self._intra_op_threads, self._rss, opener=opener
         )
         shadow._load_lock = self._load_lock  # one load at a time per node: footprints stay measurable
+        shadow.loader.throttle = self.loader.throttle  # a hot node's shadows shrink with its serving models
         shadow._neighbour, self._neighbour = self, shadow
         self._evicts_neighbour = True
         return shadow
+
+    @property
+    def throttle(self) -> Throttle:
+        """The limits in force on this node's engine (shared with its shadow cache)."""
+        return self.loader.throttle
+
+    def throttle_to(self, throttle: Throttle) -> None:
+        """Puts ``throttle``'s limits in force: batch caps from the next batch, run slots from the next run.
+
+        The node's batchers and its shadow cache keep reading the same object, so it is updated in place.
+        """
+        current = self.loader.throttle
+        current.shrink_steps = throttle.shrink_steps
+        current.batch_floor = throttle.batch_floor
+        current.slot_floor = throttle.slot_floor
+        current.prefer_int8 = throttle.prefer_int8
+        current.forward = throttle.forward
+        self.pool.set_limit(current.slots(self.pool.slots))
 
     @property
     def budget_used_bytes(self) -> int:
@@ -259,6 +279,8 @@ class ModelCache:
             MemoryBudgetError: It does not fit in the memory budget now.
         """
         model = self._latest.get(name) if not version else self._loaded.get((name, version))
+        if model is not None and not version and self.loader.throttle.prefer_int8:
+            model = self._int8_of(name) or model
         if model is not None:
             self.stats.hits += 1
             model.last_used = asyncio.get_running_loop().time()
@@ -269,6 +291,15 @@ class ModelCache:
             raise ModelNotReadyError(failure)
         self.stats.misses += 1
         return await self._load(entry)
+
+    def _int8_of(self, name: str) -> LoadedModel | None:
+        """The newest loaded int8 variant of ``name`` (its signed ``edgecascade.variant``), if any."""
+        int8 = [
+            m
+            for (held, _), m in self._loaded.items()
+            if held == name and is_int8(m.entry.properties.get(VARIANT_PROPERTY, ""))
+        ]
+        return max(int8, key=lambda m: int(m.version)) if int8 else None
 
     async def load(self, name: str) -> LoadedModel:
         """Loads (or reloads) the newest version of ``name``; swaps it in once warm.

@@ -41,6 +41,7 @@ from services.engine.model_repository import ModelEntry
 from services.engine.model_stats import ModelStats
 from services.engine.onnx_session import OnnxSession
 from services.engine.run_pool import RunPool
+from services.engine.throttle import Throttle
 from services.errors import ConfigError, EdgecascadeError, ModelNotReadyError
 from services.tensors import DATATYPES
 
@@ -176,6 +177,9 @@ class ModelLoader:
         self._intra_op_threads = intra_op_threads
         self._rss = rss
         self._observers = observers
+        # More observers of each version's runs, made from its entry and whether it generates text.
+        self.run_observers: list[Callable[[ModelEntry, bool], BatchObserver]] = []
+        self.throttle = Throttle()
 
     async def load(self, entry: ModelEntry, admission: Admission) -> PreparedModel:
         """Loads one model version inside ``admission`` for its estimated footprint.
@@ -203,7 +207,8 @@ class ModelLoader:
         footprint = Footprint(estimate, gained, total, measured)
         _checked(self.hooks.measured, entry, footprint)
         config = self.batching_config(entry)
-        observer = self._observers(entry.name, entry.version) if self._observers else None
+        observers = [self._observers(entry.name, entry.version)] if self._observers else []
+        observers += [make(entry, tokenizer is not None) for make in self.run_observers]
         batcher = DynamicBatcher(
             f"'{entry.name}' version {entry.version}",
             config,
@@ -211,7 +216,8 @@ class ModelLoader:
             session.run,
             session.signature.batchable,
             ModelStats(),
-            (observer,) if observer is not None else (),
+            observers,
+            self.throttle,
         )
         batcher.start()
         return PreparedModel(entry, session, tokenizer, batcher, footprint)

@@ -322,7 +322,7 @@ class ShadowRunner:
     def _slot_free(self) -> bool:
         """Whether the node's run pool has a free slot now."""
         pool = self.serving.pool
-        return pool.busy < pool.slots
+        return pool.busy < pool.limit
 
     def _load(self, cache: ModelCache, name: str) -> None:
         """Starts one background load of a shadow (none while another runs, or before its retry time).

@@ -383,7 +383,13 @@ async def _run_until_signal(spec: TierSpec, config: TierConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await serve(spec, config, stop)
+    try:
+        await serve(spec, config, stop)
+    finally:
+        # uvloop does not give the signals back when it closes: a node stuck on its way out
+        # (a thread that will not join) must still stop at a second SIGTERM or Ctrl-C.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
 
 
 __all__ = ["Node", "TierSpec", "main", "serve"]

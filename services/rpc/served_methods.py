@@ -96,27 +96,7 @@ def _guarded(
     untouched; so does :class:`grpc.aio.AbortError` (the handler set its status itself).
     """
     if inspect.isasyncgenfunction(behavior):
-
-        async def stream(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            span = _start_span(tracing, method, attributes, context)
-            token = None if span is None else context_api.attach(trace.set_span_in_context(span))
-            code = grpc.StatusCode.OK
-            try:
-                async for response in behavior(request, context):
-                    yield response
-            except aio.AbortError:
-                code = _code_of(context)
-                raise
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except Exception as exc:
-                code = status_code_of(exc)
-                await abort_for(context, exc, method)
-            finally:
-                _end_span(span, token, code)
-
-        return stream
+        return _guarded_stream(behavior, method, attributes, tracing)
 
     async def call(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
         span = _start_span(tracing, method, attributes, context)
@@ -148,6 +128,50 @@ def _guarded(
     return call
 
 
+def _guarded_stream(
+    behavior: Callable[..., Any], method: str, attributes: Mapping[str, str], tracing: Tracing
+) -> Callable[..., Any]:
+    """A streaming ``behavior`` with the status table applied and, when wanted, a span around it."""
+
+    async def stream(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        span = _start_span(tracing, method, attributes, context)
+        inner = behavior(request, context)
+        code = grpc.StatusCode.OK
+        try:
+            while True:
+                # The span is current only while the handler runs, never across a yield: the
+                # stream may be closed from another task (its caller left), where a context
+                # attached here could not be detached.
+                token = None if span is None else context_api.attach(trace.set_span_in_context(span))
+                try:
+                    response = await inner.__anext__()
+                except StopAsyncIteration:
+                    break
+                finally:
+                    if token is not None:
+                        context_api.detach(token)
+                yield response
+        except aio.AbortError:
+            code = _code_of(context)
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:
+            code = status_code_of(exc)
+            token = None if span is None else context_api.attach(trace.set_span_in_context(span))
+            try:
+                await abort_for(context, exc, method)  # its message names the span's trace
+            finally:
+                if token is not None:
+                    context_api.detach(token)
+        finally:
+            await inner.aclose()
+            _end_span(span, None, code)
+
+    return stream
+
+
 def _start_span(
     tracing: Tracing, method: str, attributes: Mapping[str, str], context: aio.ServicerContext[Any, Any]
 ) -> trace.Span | None:
@@ -169,7 +193,8 @@ def _end_span(span: trace.Span | None, token: object, code: grpc.StatusCode) -> 
     if code in SERVER_FAULTS:
         span.set_status(Status(StatusCode.ERROR, code.name))
     span.end()
-    context_api.detach(token)  # type: ignore[arg-type]
+    if token is not None:
+        context_api.detach(token)  # type: ignore[arg-type]
 
 
 def _code_of(context: aio.ServicerContext[Any, Any]) -> grpc.StatusCode:

@@ -58,6 +58,7 @@ from services.engine.model_repository import (
     check_version,
 )
 from services.engine.onnx_session import OnnxSession
+from services.engine.throttle import VARIANT_PROPERTY
 from services.errors import IntegrityError, InvalidArgumentError, ModelNotReadyError, PreconditionError
 from services.updates.content_encryption import decrypt_artifact
 from services.updates.key_grants import KeyGrant, unwrap_key
@@ -122,6 +123,8 @@ class StoredVersion:
         peak = signed_peak_bytes(self.facts)
         if peak is not None:
             properties.setdefault(PEAK_PROPERTY, str(peak))
+        # Which variant this is, signed: a hot device prefers an int8 one it has loaded (services.engine.throttle).
+        properties[VARIANT_PROPERTY] = self.variant
         threshold = self.facts.get("confidence_threshold")
         if isinstance(threshold, str | int | float) and not isinstance(threshold, bool):
             # The threshold calibrated at publish, signed: what the confidence cascade compares answers with.

@@ -415,14 +415,16 @@ class Traced(Model):
 
 
 async def warm(batcher: DynamicBatcher, model: Traced, rows: int) -> None:
-    """Runs lone requests of ``rows`` rows until one ran on the loop (a first run is slow: numpy warms up too)."""
-    for _ in range(50):
-        await batcher.submit(x(1, rows=rows), (), far())
-        if model.threads[-1] == threading.get_ident():
-            model.threads.clear()
-            model.executions.clear()
-            return
-    raise AssertionError("a 2-row numpy model never ran inline")
+    """Runs lone requests of 1 and of ``rows`` rows until each size ran on the loop (a first run is slow)."""
+    for size in (1, rows):
+        for _ in range(50):
+            await batcher.submit(x(1, rows=size), (), far())
+            if model.threads[-1] == threading.get_ident():
+                break
+        else:
+            raise AssertionError(f"a {size}-row numpy model never ran inline")
+    model.threads.clear()
+    model.executions.clear()
 
 
 async def test_a_tiny_model_runs_on_the_loop_once_timed_and_a_loop_turn_forms_one_batch(pool: RunPool) -> None:
@@ -483,4 +485,48 @@ async def test_a_bug_in_an_inline_run_fails_its_batch_and_the_next_requests_are_
     results = await asyncio.gather(*(batcher.submit(x(i), (), far()) for i in range(3)), return_exceptions=True)
     assert all(isinstance(r, InternalError) for r in results) and model.threads == [threading.get_ident()]
     assert float((await batcher.submit(x(5), (), far()))["y"][0, 0]) == 10.0
+    await batcher.close()
+
+
+async def test_a_request_larger_than_its_timed_runs_goes_to_a_thread(pool: RunPool) -> None:
+    model = Traced()
+    batcher = make(pool, model, max_batch_size=4)
+    await warm(batcher, model, rows=1)
+    await batcher.submit(x(1, rows=2000), (), far())  # larger than max_batch_size: runs alone, whole
+    assert model.threads[-1] != threading.get_ident()
+    await batcher.close()
+
+
+async def test_without_batching_a_request_of_a_shape_never_timed_goes_to_a_thread(pool: RunPool) -> None:
+    model = Traced()
+    batcher = make(pool, model, max_batch_size=1)
+    await warm(batcher, model, rows=1)
+    await batcher.submit(x(1, rows=500), (), far())
+    assert model.threads[-1] != threading.get_ident()
+    await batcher.close()
+
+
+async def test_a_long_drain_lets_answers_out_before_it_goes_on(pool: RunPool) -> None:
+    answered: list[int] = []
+    runs_seen: list[int] = []  # answers out when each run started
+
+    class Counting(Traced):
+        def __call__(self, inputs: Mapping[str, np.ndarray[Any, Any]]) -> dict[str, np.ndarray[Any, Any]]:
+            runs_seen.append(len(answered))
+            return super().__call__(inputs)
+
+    model = Counting()
+    model.delay = 0.002  # 2 ms a run, inline (within 5 ms): a drain may hold the loop for 4 × 5 ms
+    batcher = make(pool, model, max_batch_size=1, inline_run_us=5_000)
+    await warm(batcher, model, rows=1)
+    runs_seen.clear()
+
+    async def one(i: int) -> None:
+        await batcher.submit(x(i), (), far())
+        answered.append(i)
+
+    await asyncio.gather(*(one(i) for i in range(30)))
+    assert set(model.threads) == {threading.get_ident()} and len(runs_seen) == 30
+    # 30 runs of at least 2 ms exceed one drain's 20 ms: answers went out before the last runs.
+    assert runs_seen[0] == 0 and runs_seen[-1] > 0
     await batcher.close()

@@ -55,6 +55,9 @@ def test_rows_of_probabilities_are_used_as_they_are_and_logits_go_through_a_soft
     # No classes, no rows: no confidence; a broken answer: none to speak of.
     assert row_confidence(np.array([[0.3]])) is None and row_confidence(np.zeros((0, 3))) is None
     assert row_confidence(np.array([[np.nan, 0.5, 0.5]])) == 0.0
+    # Rounded probabilities summing to 1 within 1e-3 (+ 1e-5 relative) are probabilities, not logits.
+    assert row_confidence(np.array([[0.9901, 0.01]])) == pytest.approx(0.9901)
+    assert row_confidence(np.array([[0.99, 0.011005]])) == pytest.approx(0.99)  # off by 1.005e-3
 
 
 def test_the_confidence_comes_from_the_named_output_else_the_first_classifier_style_one() -> None:

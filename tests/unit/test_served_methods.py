@@ -5,6 +5,7 @@ A real ``grpc.aio`` server on loopback; spans are read from an in-memory exporte
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator
 from typing import Any
@@ -133,3 +134,37 @@ async def test_errors_become_the_table_s_statuses_without_an_interceptor(exporte
     finally:
         await server.stop()
     assert exporter.get_finished_spans() == ()
+
+
+async def endless(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
+    while True:
+        yield b"x" * 1024
+
+
+async def test_a_traced_stream_its_caller_leaves_ends_cancelled_without_a_context_error(
+    exporter: InMemorySpanExporter, caplog: pytest.LogCaptureFixture
+) -> None:
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {"Endless": grpc.unary_stream_rpc_method_handler(endless)}
+    stream_binding = ServiceBinding(
+        SERVICE, lambda s: s.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    )
+    server = GrpcServer("127.0.0.1", 0, [stream_binding], 1 << 20, 0.1, Tracing(provider.get_tracer("t"), True))
+    port = await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            endless_call: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(f"/{SERVICE}/Endless")
+            call = endless_call(b"")
+            for _ in range(5):
+                await call.read()
+            call.cancel()
+        for _ in range(200):
+            if exporter.get_finished_spans():
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        await server.stop()
+    (span,) = exporter.get_finished_spans()
+    assert span.attributes is not None and span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.CANCELLED.value[0]
+    assert "Failed to detach context" not in caplog.text
