@@ -14,6 +14,7 @@ stops the work at once.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -217,24 +218,31 @@ def decode_prompt(raw: bytes) -> str:
 
 
 def _sampling_weights(probs: np.ndarray[Any, Any], params: GenerationParams) -> np.ndarray[Any, Any] | int:
-    """The normalised distribution :func:`choose` samples from, or the id it picks without sampling."""
+    """The normalised distribution :func:`choose` samples from, or the id it picks without sampling.
+
+    Temperature scales probabilities as ``(p / max p) ** (1 / T)``, which is
+    ``softmax(log p / T)`` without a logarithm and an exponential per token.
+    """
     p = np.array(probs, dtype=np.float64)
     p[PAD_ID] = 0.0
     p[UNK_ID] = 0.0
     if params.temperature == 0:
         return int(np.argmax(p))
+    np.maximum(p, 0.0, out=p)  # NaN stays NaN (and falls back to greedy below)
     if params.top_k and params.top_k < p.size:
         cutoff = np.partition(p, -params.top_k)[-params.top_k]
         p[p < cutoff] = 0.0
-    with np.errstate(divide="ignore"):
-        logits = np.log(p) / params.temperature
-    logits -= logits.max()
-    weights = np.exp(logits)
-    total = weights.sum()
-    if not np.isfinite(total) or total <= 0:
+    top = p.max()
+    if not top > 0 or not math.isfinite(top):
         return int(np.argmax(p))  # nothing left to sample from: fall back to greedy
-    normalised: np.ndarray[Any, Any] = weights / total
-    return normalised
+    p /= top
+    if params.temperature != 1:
+        np.power(p, 1.0 / params.temperature, out=p)
+    total = p.sum()
+    if not math.isfinite(total) or total <= 0:
+        return int(np.argmax(p))
+    p /= total
+    return p
 
 
 def choose(probs: np.ndarray[Any, Any], params: GenerationParams, rng: np.random.Generator) -> int:
@@ -245,7 +253,11 @@ def choose(probs: np.ndarray[Any, Any], params: GenerationParams, rng: np.random
     weights = _sampling_weights(probs, params)
     if isinstance(weights, int):
         return weights
-    return int(rng.choice(weights.size, p=weights))
+    # What Generator.choice(size, p=weights) does, without re-validating p each token: one uniform
+    # draw looked up in the cumulative distribution (the same draws for the same seed).
+    cumulative = np.cumsum(weights)
+    cumulative /= cumulative[-1]
+    return min(int(cumulative.searchsorted(rng.random(), side="right")), weights.size - 1)
 
 
 def sampling_distribution(probs: np.ndarray[Any, Any], params: GenerationParams) -> np.ndarray[Any, Any]:
