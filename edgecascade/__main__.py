@@ -124,7 +124,9 @@ def _parser() -> argparse.ArgumentParser:
         help="show what every node of the running mesh reports",
         description="Show what every node of the running mesh reports (a node the launcher is restarting or gave "
         "up on shows that state; each node's upstream with the state of its circuit breaker — closed, open or "
-        "half-open — how often it opened, its retries and its result-cache hit rate), and warn when the region's "
+        "half-open — how often it opened, its retries and its result-cache hit rate; each device's thermal state "
+        '— normal, hot or critical, with the limits in force — its temperature or "no sensor", its power, measured '
+        "or estimated, and its inferences per joule), and warn when the region's "
         "registry metadata is close to expiry (root or targets within 30 days, snapshot or timestamp within an "
         "hour: the region re-signs those, so that means its re-signer is not running); exits 1 when a node does "
         "not answer or a role has expired.",

@@ -290,6 +290,44 @@ def _updates(info: mesh_pb2.GetTierInfoResponse) -> str:
     return "; ".join(parts or ["nothing assigned"]) + f" · checked in {seen}"
 
 
+_THERMAL_COLOURS = {"normal": "green", "hot": "yellow", "critical": "red"}
+
+
+def _thermal(info: mesh_pb2.GetTierInfoResponse) -> str:
+    """A device's thermal state, temperature, power and its source, and inferences per joule; ``-`` for others."""
+    if not info.HasField("thermal"):
+        return "-"
+    t = info.thermal
+    if not t.enabled:
+        return "off"
+    colour = _THERMAL_COLOURS.get(t.state, "yellow")
+    line = f"[{colour}]{escape(t.state)}[/{colour}]"
+    if t.shrink_steps or t.forwarding:
+        caps = [f"slots {t.run_slots}/{t.configured_run_slots}"]
+        if t.batch_caps:
+            caps.append(f"batch ≤ {max(c.rows for c in t.batch_caps)}")
+        if t.forwarding:
+            caps.append("new work upstream")
+        line += f" ({', '.join(caps)})"
+    if t.HasField("temperature_c"):
+        line += f" · {t.temperature_c:.1f} °C"
+    elif any(key.startswith("temperature.") for key in t.faults_by_sensor):
+        line += " · [yellow]no valid temperature[/yellow]"  # a sensor exists, but what it gives is ignored
+    else:
+        line += " · no sensor"
+    if t.HasField("power_watts"):
+        line += f" · {t.power_watts:.1f} W {escape(t.power_source)}"
+    joules = sum(v.joules for v in t.energy)
+    if joules > 0:
+        inferences = sum(v.inferences for v in t.energy)
+        source = "estimated" if any(v.source == "estimated" for v in t.energy) else "measured"
+        line += f" · {inferences / joules:.3g} inferences/J {source}"
+    faults = sum(t.faults.values())
+    if faults:
+        line += f" · {faults} bad readings ignored"
+    return line
+
+
 def status(console: Console, state_dir: Path, timeout: float) -> int:
     """Prints what every node of the running mesh reports about itself, and the registry's expiry warnings.
 
@@ -297,6 +335,9 @@ def status(console: Console, state_dir: Path, timeout: float) -> int:
     up on is shown with that state (from ``nodes.json``) instead of the RPC error.
     Each node's upstream column shows the circuit breaker to its upstream
     (closed, open or half-open, how often it opened), its retries and result-cache hits.
+    A device's thermal column shows its thermal state (normal, hot or critical, with the
+    limits in force), its temperature (or "no sensor"), its power and whether that was
+    measured (RAPL) or estimated (its power profile), and its inferences per joule.
     Then a warning for each role of the region's registry metadata that expires
     soon: root or targets within 30 days, snapshot or timestamp within an hour
     (the region re-signs those hours ahead, so that means its re-signer is not
@@ -309,7 +350,17 @@ def status(console: Console, state_dir: Path, timeout: float) -> int:
     states = node_states(state_dir)
     addresses = [endpoints["region"], endpoints["edge"], *endpoints["devices"]]
     table = Table(title="edgecascade mesh")
-    columns = ("address", "tier", "node", "upstream", "memory used / budget", "models", "updates", "artifact cache")
+    columns = (
+        "address",
+        "tier",
+        "node",
+        "upstream",
+        "memory used / budget",
+        "models",
+        "updates",
+        "artifact cache",
+        "thermal",
+    )
     for column in columns:
         table.add_column(column)
     failures = 0
@@ -332,7 +383,17 @@ def status(console: Console, state_dir: Path, timeout: float) -> int:
         models = ", ".join(f"{m.name} v{m.version} {m.state}" for m in info.models) or "-"
         memory = f"{megabytes(info.cache.used_bytes)} / {megabytes(info.cache.budget_bytes)}"
         upstream = _upstream(info)
-        table.add_row(address, info.tier_name, info.node_id, upstream, memory, models, _updates(info), _artifacts(info))
+        table.add_row(
+            address,
+            info.tier_name,
+            info.node_id,
+            upstream,
+            memory,
+            models,
+            _updates(info),
+            _artifacts(info),
+            _thermal(info),
+        )
     console.print(table)
     # Registry metadata close to expiry (read from the region's artifact service): warned well ahead,
     # and a failure once a role has expired (every client refresh in the fleet fails on it).

@@ -294,12 +294,12 @@ class Dataplane:
         route = self.check_route(call.route)
         budget = self.budget(call.parameters, call.grpc_remaining)
         ask = self.cascade.ask(call.parameters)
-        throttled = await self._throttled(call, budget, route)
-        if isinstance(throttled, Relayed):
-            return throttled
         served = await self._local_model(call.model_name, call.model_version)
         if isinstance(served, FallbackReason):
             return await self._relay(call, served, self.deadline(budget), route)
+        throttled = await self._throttled(call, budget, route)
+        if isinstance(throttled, Relayed):
+            return throttled
         call.routed(served.name, served.version, "")
         deadline = self.deadline(budget, served)
         request = call.decode()
@@ -307,19 +307,21 @@ class Dataplane:
             result = await self._infer_local(served, request, deadline)
         except QueueFullError as full:
             # The second chance: a full queue here sends the call upward.
-            if self.upstream.available():
+            if self.upstream.available() and throttled is None:
                 return await self._second_chance(call, served, request, deadline, route, full)
             raise
-        answer = await self._cascade(call, served, request, result, ask, deadline, route)
-        if throttled is not None and not throttled.not_held and isinstance(answer, InferResult):
-            answer = _with(answer, {DEGRADED: throttled.reason})  # served here only because the upstream failed
-        return answer
+        if throttled is None:
+            return await self._cascade(call, served, request, result, ask, deadline, route)
+        # Served here only because the upstream just failed: not asked again for a low confidence.
+        result = self._labelled(served, result)[0]
+        return result if throttled.not_held else _with(result, {DEGRADED: throttled.reason})
 
     async def _throttled(self, call: InferCall, budget: TimeBudget, route: Sequence[str]) -> Relayed | _Declined | None:
-        """Sends new work upward while the engine's throttle says so (a critical device), if an upstream is there.
+        """Sends new work for a local model upward while the engine's throttle says so (a critical device).
 
         Returns the upstream's answer; or why it gave none (the call is then served here,
-        marked degraded); or None when the call is not throttled.
+        marked degraded, and not sent upward again); or None when the call is not throttled
+        or no upstream is available (what cannot go up is served here).
         """
         reason = self.cache.throttle.forward
         if reason is None or not self.upstream.available():
@@ -343,8 +345,21 @@ class Dataplane:
             async for message in self._relay_stream(call, served, self.deadline(budget), route):
                 yield message
             return
-        call.routed(served.name, served.version, "")
         deadline = self.deadline(budget, served)
+        reason = self.cache.throttle.forward
+        if reason is not None and self.upstream.available():
+            # A critical device sends new streams upward; one the upstream refuses before its first
+            # message is served here after all.
+            sent = False
+            try:
+                async for message in self._relay_stream(call, reason, deadline, route):
+                    sent = True
+                    yield message
+                return
+            except EdgecascadeError:
+                if sent:
+                    raise
+        call.routed(served.name, served.version, "")
         request = call.decode()
         if served.tokenizer is not None and TEXT_INPUT in request.inputs:
             async for token in self._generate(served, request, deadline, route):

@@ -51,6 +51,24 @@ RESULT_CACHE_LOOKUPS = "edgecascade.upstream.cache.lookups"  # monotonic sum, by
 RESULT_CACHE_HIT_RATE = "edgecascade.upstream.cache.hit_rate"  # gauge in [0, 1], by UPSTREAM (after the first lookup)
 RESULT_CACHE_BYTES = "edgecascade.upstream.cache.bytes"  # gauge, by UPSTREAM: bytes of the cached answers
 
+# Thermal- and power-aware serving (issue 13): a device's own figures (tier0_device.thermal), read by operators
+# and collectors; the region accepts them without storing them.
+SOURCE = "edgecascade.source"  # attribute: measured (a sensor) or estimated (the device class's power profile)
+STATE = "edgecascade.state"  # attribute of THERMAL_STATE: normal, hot or critical
+THERMAL_TRANSITION = "edgecascade.thermal.transition"  # attribute: previous->state, e.g. normal->hot
+FAULT_KIND = "edgecascade.fault.kind"  # attribute: missing, unreadable, non_numeric, absurd or backwards
+THERMAL_STATE = "edgecascade.thermal.state"  # gauge, by STATE: 1 for the device's thermal state now, else 0
+TEMPERATURE = "edgecascade.thermal.temperature"  # gauge in °C, by SOURCE (the hottest valid thermal zone)
+THERMAL_TRANSITIONS = "edgecascade.thermal.transitions"  # monotonic sum, by THERMAL_TRANSITION
+SENSOR_FAULTS = "edgecascade.thermal.sensor_faults"  # monotonic sum, by FAULT_KIND: sensor values left out
+RUN_SLOTS = "edgecascade.thermal.run_slots"  # gauge: onnxruntime runs allowed at once now (fewer while hot)
+CPU_FREQUENCY = "edgecascade.cpu.frequency"  # gauge in MHz: the mean current frequency of the cores
+CPU_UTILIZATION = "edgecascade.cpu.utilization"  # gauge in [0, 1]: this process's share of its usable cores
+POWER = "edgecascade.power.watts"  # gauge in W, by SOURCE: the latest period's mean power
+ENERGY = "edgecascade.energy.joules"  # monotonic sum in J, by model, version, variant and SOURCE
+INFERENCES_PER_JOULE = "edgecascade.energy.inferences_per_joule"  # gauge, by model, version, variant
+JOULES_PER_TOKEN = "edgecascade.energy.joules_per_token"  # gauge, by model, version, variant (generators)
+
 # Log records (OTLP logs): an anomaly is marked so the region keeps it whatever its severity.
 ANOMALY = "edgecascade.anomaly"  # bool true on an anomaly record
 ANOMALY_KIND = "edgecascade.anomaly.kind"  # one of ANOMALY_KINDS

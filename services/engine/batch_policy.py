@@ -209,6 +209,11 @@ class BatchPolicy:
         self.compute_times: dict[Hashable, FastestRuns] = {}
         self.arrivals = Arrivals()
 
+    def capacity(self, per_batch: int, slots: int) -> None:
+        """The rows per batch and the run slots in force now (fewer while the node is throttled)."""
+        self.per_batch = per_batch
+        self.slots = slots
+
     def hopeless(self, request: Queued, now: float) -> bool:
         """Whether ``request`` can no longer be answered by its deadline if it ran now."""
         return now + self.run_times.predict(request.rows) >= request.deadline

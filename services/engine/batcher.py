@@ -268,6 +268,9 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         now = loop.time()
         rows_ahead = sum(self._rows[: level + 1]) if self._size else 0
+        if self._size:
+            # A throttled node runs smaller batches on fewer slots: the wait ahead is longer.
+            self._policy.capacity(self.max_rows if self._batchable else 1, self._pool.limit)
         refusal = self._policy.refusal(self._size, rows_ahead, deadline, now)
         if refusal is not None:
             self._refuse(refusal, rows_ahead)

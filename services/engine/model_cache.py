@@ -211,6 +211,7 @@ class ModelCache:
         )
         shadow._load_lock = self._load_lock  # one load at a time per node: footprints stay measurable
         shadow.loader.throttle = self.loader.throttle  # a hot node's shadows shrink with its serving models
+        shadow.loader.run_observers = self.loader.run_observers  # and their runs count (energy) like any other
         shadow._neighbour, self._neighbour = self, shadow
         self._evicts_neighbour = True
         return shadow

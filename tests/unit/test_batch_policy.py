@@ -176,3 +176,13 @@ def test_the_inline_estimates_keep_a_bounded_number_of_signatures() -> None:
 def test_inline_run_us_is_bounded() -> None:
     with pytest.raises(ConfigError, match="inline_run_us"):
         BatchingConfig(inline_run_us=20_000)
+
+
+def test_a_throttled_capacity_lengthens_the_predicted_wait() -> None:
+    p = policy(max_batch_size=4, slots=2)
+    p.run_times.observe(4, 0.5)
+    p.run_times.observe(1, 0.2)
+    assert p.predicted_wait(8) == 0.5  # two batches of four side by side
+    p.capacity(per_batch=1, slots=1)  # a hot node: batches of one on one slot
+    assert p.predicted_wait(8) == pytest.approx(8 * 0.2)
+    assert p.refusal(queued=8, rows_ahead=8, deadline=11.0, now=10.0) is Refusal.OVERLOADED

@@ -1,4 +1,4 @@
-"""`edgecascade status` shows what the launcher knows about nodes that do not answer."""
+"""`edgecascade status` shows what the launcher knows about nodes that do not answer, and what each node reports."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 
 from rich.console import Console
 
-from edgecascade.client_commands import _updates, status
+from edgecascade.client_commands import _thermal, _updates, status
 from protos.edgecascade.v1 import mesh_pb2
 
 
@@ -102,3 +102,47 @@ def test_the_updates_column_shows_each_model_against_its_desired_version() -> No
     text.print(_updates(info))
     shown = text.export_text()
     assert "shadow lm 2 fp32 committed" in shown and "lm 1 fp32 downloading → 2 fp32" in shown
+
+
+def _shown(markup: str) -> str:
+    text = Console(record=True, width=300)
+    text.print(markup)
+    return text.export_text().strip()
+
+
+def test_the_thermal_column_shows_state_temperature_power_source_and_inferences_per_joule() -> None:
+    info = mesh_pb2.GetTierInfoResponse()
+    assert _thermal(info) == "-"  # an edge or a region
+    info.thermal.SetInParent()
+    assert _thermal(info) == "off"  # a device with [thermal] enabled = false
+    info.thermal.CopyFrom(
+        mesh_pb2.ThermalStatus(enabled=True, state="normal", power_watts=3.25, power_source="estimated")
+    )
+    info.thermal.energy.add(name="lm", version="1", joules=2.0, inferences=900, source="estimated")
+    info.thermal.energy.add(name="lin", version="2", joules=1.0, inferences=300, source="estimated")
+    assert _shown(_thermal(info)) == "normal · no sensor · 3.2 W estimated · 400 inferences/J estimated"
+
+    hot = mesh_pb2.ThermalStatus(
+        enabled=True,
+        state="critical",
+        temperature_c=97.04,
+        temperature_source="measured",
+        power_watts=12.0,
+        power_source="measured",
+        shrink_steps=12,
+        run_slots=1,
+        configured_run_slots=4,
+        forwarding=True,
+        faults={"absurd": 2, "missing": 0},
+    )
+    hot.batch_caps.add(name="lm", version="1", rows=1, configured_rows=32)
+    hot.energy.add(name="lm", version="1", joules=4.0, inferences=10, source="measured")
+    info.thermal.CopyFrom(hot)
+    assert _shown(_thermal(info)) == (
+        "critical (slots 1/4, batch ≤ 1, new work upstream) · 97.0 °C · 12.0 W measured · "
+        "2.5 inferences/J measured · 2 bad readings ignored"
+    )
+    # A sensor that gives only nonsense is not the same as no sensor at all.
+    info.thermal.ClearField("temperature_c")
+    info.thermal.faults_by_sensor["temperature.absurd"] = 2
+    assert "no valid temperature" in _shown(_thermal(info))
