@@ -451,7 +451,8 @@ def main() -> int:  # noqa: PLR0915 - one linear script is the clearest record o
                 for name, spec in models.items():
                     for clients in (1, 16, 64):
                         console.print(f"tier0 batching {label}: {name}, {clients} in flight")
-                        results[name][f"tier0_{label}_{clients}"] = load(
+                        before = engine_counts(address, name)
+                        run = load(
                             args.triton_python,
                             address,
                             name,
@@ -460,6 +461,9 @@ def main() -> int:  # noqa: PLR0915 - one linear script is the clearest record o
                             clients=clients,
                             seconds=seconds,
                         )
+                        after = engine_counts(address, name)
+                        run["server"] = {k: after[k] - before.get(k, 0) for k in after}
+                        results[name][f"tier0_{label}_{clients}"] = run
                     if batching:
                         rate = round(0.7 * results[name]["tier0_on_64"]["throughput"])
                         for mode in ("constant", "poisson"):
@@ -498,6 +502,13 @@ def main() -> int:  # noqa: PLR0915 - one linear script is the clearest record o
     return 0
 
 
+def mean_batch(run: dict[str, Any]) -> str:
+    """Requests per model run the node counted during a load run (its ModelStatistics), or "-"."""
+    server = run.get("server") or {}
+    executions = server.get("executions", 0)
+    return f"{server.get('computed', 0) / executions:.1f}" if executions else "-"
+
+
 def report(r: dict[str, Any]) -> None:
     """Prints the ratios the targets are stated in."""
     table = Table(title="Tier 0 vs its physical limit (requests/s, 64 in flight)")
@@ -511,6 +522,7 @@ def report(r: dict[str, Any]) -> None:
         "tier0 off",
         "on ÷ off",
         "p99 on/off ms",
+        "mean batch on/off",
     ):
         table.add_column(column, justify="right")
     for name in ("charlm", "mlp"):
@@ -522,6 +534,7 @@ def report(r: dict[str, Any]) -> None:
         table.add_row(
             name, f"{echo:.0f}", f"{raw64:.0f}", f"{limit:.0f}", f"{on['throughput']:.0f}", f"{on['throughput'] / limit:.2f}",
             f"{off['throughput']:.0f}", f"{on['throughput'] / off['throughput']:.2f}", f"{on['p99_ms']:.1f} / {off['p99_ms']:.1f}",
+            f"{mean_batch(on)} / {mean_batch(off)}",
         )  # fmt: skip
     console.print(table)
     latency = Table(title="Latency (ms) by requests in flight")

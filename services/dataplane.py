@@ -18,7 +18,7 @@ a cascade) change where answers come from without touching the transport.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any, Protocol
@@ -294,12 +294,12 @@ class Dataplane:
         route = self.check_route(call.route)
         budget = self.budget(call.parameters, call.grpc_remaining)
         ask = self.cascade.ask(call.parameters)
-        served = await self._local_model(call.model_name, call.model_version)
-        if isinstance(served, FallbackReason):
-            return await self._relay(call, served, self.deadline(budget), route)
         throttled = await self._throttled(call, budget, route)
         if isinstance(throttled, Relayed):
             return throttled
+        served = await self._local_model(call.model_name, call.model_version)
+        if isinstance(served, FallbackReason):
+            return await self._relay(call, served, self.deadline(budget), route)
         call.routed(served.name, served.version, "")
         deadline = self.deadline(budget, served)
         request = call.decode()
@@ -312,21 +312,42 @@ class Dataplane:
             raise
         if throttled is None:
             return await self._cascade(call, served, request, result, ask, deadline, route)
-        # Served here only because the upstream just failed: not asked again for a low confidence.
-        result = self._labelled(served, result)[0]
-        return result if throttled.not_held else _with(result, {DEGRADED: throttled.reason})
+        return self._declined_here(served, result, throttled)
+
+    def _declined_here(self, model: LoadedModel, result: InferResult, declined: _Declined) -> InferResult:
+        """A local answer to a call the throttle sent upward in vain: labelled, marked degraded, not sent up again."""
+        result = self._labelled(model, result)[0]
+        return result if declined.not_held else _with(result, {DEGRADED: declined.reason})
+
+    def _forwarding(self, call: InferCall) -> FallbackReason | None:
+        """Why a call for a model held here goes upward first (a critical device), or None.
+
+        Only while an upstream is available, and only for a model this node holds: one it
+        does not hold goes upward anyway, and is not loaded for it.
+        """
+        reason = self.cache.throttle.forward
+        if reason is None or not self.upstream.available() or not self.cache.holds(call.model_name):
+            return None
+        return reason
+
+    def _forward_deadline(self, call: InferCall, budget: TimeBudget) -> float:
+        """The deadline of a call sent upward before a local model was chosen: its loaded model's, if any."""
+        loaded = self.cache.loaded_model(call.model_name)
+        if loaded is not None and call.model_version not in ("", loaded.version):
+            loaded = None
+        return self.deadline(budget, loaded)
 
     async def _throttled(self, call: InferCall, budget: TimeBudget, route: Sequence[str]) -> Relayed | _Declined | None:
-        """Sends new work for a local model upward while the engine's throttle says so (a critical device).
+        """Sends new work for a model held here upward while the engine's throttle says so (a critical device).
 
         Returns the upstream's answer; or why it gave none (the call is then served here,
         marked degraded, and not sent upward again); or None when the call is not throttled
         or no upstream is available (what cannot go up is served here).
         """
-        reason = self.cache.throttle.forward
-        if reason is None or not self.upstream.available():
+        reason = self._forwarding(call)
+        if reason is None:
             return None
-        return await self._ask_upward(call, reason, self.deadline(budget), route)
+        return await self._ask_upward(call, reason, self._forward_deadline(call, budget), route)
 
     async def stream(self, call: InferCall) -> AsyncIterator[InferResult | Relayed]:
         """Answers one call of a stream: a generation token by token, or one inference, here or upward.
@@ -340,26 +361,31 @@ class Dataplane:
         route = self.check_route(call.route)
         budget = self.budget(call.parameters, call.grpc_remaining)
         ask = self.cascade.ask(call.parameters)
+        declined: _Declined | None = None
+        reason = self._forwarding(call)
+        if reason is not None:
+            # A critical device sends new streams upward; one the upstream refuses before its
+            # first answer (an error, or an in-band error message) is served here after all.
+            relayed = self._relay_stream(call, reason, self._forward_deadline(call, budget), route)
+            try:
+                first = await anext(relayed, None)
+            except EdgecascadeError as exc:
+                first, declined = None, _Declined(degraded_reason(exc), exc.message)
+            if first is not None and not _in_band_error(first):
+                yield first
+                async for message in relayed:
+                    yield message
+                return
+            await relayed.aclose()
+            if declined is None:
+                declined = _Declined(DEGRADED_ERROR, "the upstream refused the stream")
         served = await self._local_model(call.model_name, call.model_version)
         if isinstance(served, FallbackReason):
             async for message in self._relay_stream(call, served, self.deadline(budget), route):
                 yield message
             return
-        deadline = self.deadline(budget, served)
-        reason = self.cache.throttle.forward
-        if reason is not None and self.upstream.available():
-            # A critical device sends new streams upward; one the upstream refuses before its first
-            # message is served here after all.
-            sent = False
-            try:
-                async for message in self._relay_stream(call, reason, deadline, route):
-                    sent = True
-                    yield message
-                return
-            except EdgecascadeError:
-                if sent:
-                    raise
         call.routed(served.name, served.version, "")
+        deadline = self.deadline(budget, served)
         request = call.decode()
         if served.tokenizer is not None and TEXT_INPUT in request.inputs:
             async for token in self._generate(served, request, deadline, route):
@@ -369,9 +395,12 @@ class Dataplane:
         try:
             result = await self._infer_local(served, request, deadline)
         except QueueFullError as full:
-            if not self.upstream.available():
+            if not self.upstream.available() or declined is not None:
                 raise
             yield await self._second_chance(call, served, request, deadline, route, full)
+            return
+        if declined is not None:
+            yield self._declined_here(served, result, declined)
             return
         yield await self._cascade(call, served, request, result, ask, deadline, route)
 
@@ -439,7 +468,7 @@ class Dataplane:
 
     async def _relay_stream(
         self, call: InferCall, reason: FallbackReason, deadline: float, route: Sequence[str]
-    ) -> AsyncIterator[Relayed]:
+    ) -> AsyncGenerator[Relayed, None]:
         call.routed(call.model_name, call.model_version, reason)
         async for message in self.upstream.stream(call, reason, self._remaining(deadline), route):
             yield message
@@ -858,6 +887,11 @@ class _Declined:
     reason: str
     why: str
     not_held: bool = False
+
+
+def _in_band_error(message: Relayed) -> bool:
+    """Whether a relayed stream message is an error the upstream sent on an open stream (Triton's way)."""
+    return bool(getattr(message.message, "error_message", ""))
 
 
 def _with(result: InferResult, parameters: Mapping[str, ParamValue]) -> InferResult:

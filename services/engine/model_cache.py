@@ -281,7 +281,12 @@ class ModelCache:
         """
         model = self._latest.get(name) if not version else self._loaded.get((name, version))
         if model is not None and not version and self.loader.throttle.prefer_int8:
-            model = self._int8_of(name) or model
+            preferred = self._int8_of(name)
+            if preferred is not None and preferred is not model:
+                # The newest stays as recently used as the variant serving for it: it serves
+                # again once the node cools, so it must not become the idle one to evict.
+                model.last_used = asyncio.get_running_loop().time()
+                model = preferred
         if model is not None:
             self.stats.hits += 1
             model.last_used = asyncio.get_running_loop().time()

@@ -140,9 +140,12 @@ class Rig:
     async def ask(self, model: str = "lin", inputs: Mapping[str, np.ndarray[Any, Any]] = X) -> dict[str, Any]:
         return params(await self.stub.ModelInfer(infer_request(model, dict(inputs)), timeout=10))
 
-    async def ask_on_a_stream(self, model: str = "lin") -> dict[str, Any]:
+    async def ask_on_a_stream(
+        self, model: str = "lin", inputs: Mapping[str, np.ndarray[Any, Any]] = X
+    ) -> dict[str, Any]:
         """One request on ModelStreamInfer; its one answer's parameters."""
-        answers = [a async for a in self.stub.ModelStreamInfer(iter([infer_request(model, dict(X))]), timeout=10)]
+        request = infer_request(model, dict(inputs))
+        answers = [a async for a in self.stub.ModelStreamInfer(iter([request]), timeout=10)]
         assert len(answers) == 1 and not answers[0].error_message, answers
         return params(answers[0].infer_response)
 
@@ -348,10 +351,15 @@ async def test_a_critical_device_whose_upstream_fails_answers_itself_marked_degr
     assert (await reading(r, 99.0)).state is ThermalState.HARD
     answer = await r.ask()
     assert answer[SERVED_BY] == ON_EDGE and answer[FALLBACK_REASON] == "thermal"
+    # A stream the edge refuses in-band (it does not hold "lm") is answered here, not with the edge's error.
+    streamed = await r.ask_on_a_stream("lm", IDS)
+    assert streamed[SERVED_BY] == ON_DEVICE and FALLBACK_REASON not in streamed
     await r.edge.stop()
     answer = await r.ask()
     assert answer[SERVED_BY] == ON_DEVICE and answer[DEGRADED]  # at the floors, and saying why
     assert FALLBACK_REASON not in answer
+    streamed = await r.ask_on_a_stream()
+    assert streamed[SERVED_BY] == ON_DEVICE and streamed[DEGRADED]
 
 
 async def test_rapl_energy_is_measured_and_shared_among_the_versions_that_ran(rig_factory: Callable[..., Any]) -> None:

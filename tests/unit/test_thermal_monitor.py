@@ -245,3 +245,37 @@ async def test_a_disabled_monitor_does_not_poll(tmp_path: Path) -> None:
     await monitor.stop()
     snap = monitor.snapshot()
     assert (snap.enabled, snap.polls, snap.state) == (False, 0, ThermalState.NORMAL)
+
+
+class StuckSensors:
+    """A read that blocks until released (a wedged controller), then reads 97 °C."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.release = threading.Event()
+        self.reads = 0
+
+    def read(self, now: float) -> PlatformSample:
+        self.reads += 1
+        self.release.wait(10)
+        return PlatformSample(SensorReading(97.0, "celsius", Source.MEASURED, "x86_pkg_temp"), None, None)
+
+
+async def test_a_read_that_never_returns_does_not_freeze_the_policy(tmp_path: Path) -> None:
+    sensors = StuckSensors()
+    section = ThermalSection(sysfs_root=str(tmp_path), period_s=0.05, stale_periods=2)
+    monitor = ThermalMonitor(section, sensors=sensors, cpu=ProcessCpu(cores=1, cpu_seconds=CpuTime()))
+    try:
+        for _ in range(4):  # each poll gives up after a period; no second read starts behind the stuck one
+            snap = await monitor.poll()
+        assert sensors.reads == 1 and snap.sensor_errors == 4 and snap.polls == 4
+        assert snap.ignored_readings == 4
+    finally:
+        sensors.release.set()
+    for _ in range(200):  # once it returns, reads go on
+        snap = await monitor.poll()
+        if snap.temperature is not None:
+            break
+        await asyncio.sleep(0.01)
+    assert snap.temperature is not None and snap.state is ThermalState.HARD and sensors.reads >= 2

@@ -258,3 +258,20 @@ def test_a_platform_without_sensors_reads_nothing_and_faults_nothing(tmp_path: P
     for now in (0.0, 1.0):
         sample = sensors.read(now)
         assert (sample.temperature, sample.energy, sample.frequency, sample.faults) == (None, None, None, ())
+
+
+def test_a_bad_value_from_the_hot_zone_does_not_let_a_cooler_zone_pass_for_the_temperature(tmp_path: Path) -> None:
+    zones = tmp_path / "class" / "thermal"
+    for n, (kind, millidegrees) in enumerate((("x86_pkg_temp", "97000"), ("acpitz", "40000"))):
+        (zones / f"thermal_zone{n}").mkdir(parents=True)
+        (zones / f"thermal_zone{n}" / "type").write_text(kind + "\n")
+        (zones / f"thermal_zone{n}" / "temp").write_text(millidegrees + "\n")
+    reader = ThermalZoneReader(tmp_path, hold_reads=2)
+    first = reader.read().reading
+    assert first is not None and first.value == 97.0
+    (zones / "thermal_zone0" / "temp").write_text("garbage\n")
+    for _ in range(2):  # the hot zone was 97 °C two reads ago: 40 °C is not the device's temperature
+        measurement = reader.read()
+        assert measurement.reading is None and measurement.faults
+    later = reader.read().reading  # past hold_reads, the zones read well speak again
+    assert later is not None and later.value == 40.0

@@ -42,6 +42,16 @@ log = logging.getLogger("edgecascade.thermal")
 
 DecisionListener = Callable[[ThermalDecision], None]
 
+
+def _consume(read: asyncio.Future[PlatformSample]) -> None:
+    """Retrieves the outcome of a read given up on, so that its error is not reported as never retrieved."""
+    if not read.cancelled():
+        read.exception()
+
+
+# stale_periods = 0 keeps the last state for ever: a zone's last value then stands in for ever too.
+HOLD_FOREVER = 1 << 62
+
 # Faulty files are logged once each; past this many distinct ones, only counted (a broken tree can be large).
 _MAX_LOGGED_FAULTS = 256
 
@@ -114,6 +124,8 @@ class ThermalMonitor:
             section.min_plausible_c,
             section.max_plausible_c,
             section.max_plausible_watts,
+            # A zone's last valid value stands in for a bad one as long as a missing reading would hold the state.
+            section.stale_periods or HOLD_FOREVER,
         )
         self.cpu = cpu or ProcessCpu()
         self.accountant = accountant or EnergyAccountant()
@@ -122,6 +134,7 @@ class ThermalMonitor:
         self._clock = clock
         self._listeners: list[DecisionListener] = []
         self._ticker: Ticker | None = None
+        self._stuck: asyncio.Future[PlatformSample] | None = None  # a read given up on that has not returned
         self._latest = PlatformSample(None, None, None)
         self._utilization: SensorReading | None = None
         self._faults: Counter[str] = Counter({kind.value: 0 for kind in FaultKind})
@@ -160,11 +173,30 @@ class ThermalMonitor:
     async def _tick(self) -> None:
         await self.poll()
 
+    async def _read(self, now: float) -> PlatformSample:
+        """Reads the sensors in a worker thread, waiting at most one period for it.
+
+        A read that does not return (a wedged embedded controller, a FIFO where a file
+        should be) must not freeze the policy: the period goes on without readings, and
+        no second read starts while the first is still stuck.
+        """
+        if self._stuck is not None:
+            if not self._stuck.done():
+                raise TimeoutError("the previous sensor read has not returned")
+            self._stuck = None
+        read = asyncio.ensure_future(asyncio.to_thread(self.sensors.read, now))
+        try:
+            return await asyncio.wait_for(asyncio.shield(read), self.section.period_s)
+        except TimeoutError:
+            self._stuck = read
+            read.add_done_callback(_consume)
+            raise
+
     async def poll(self) -> ThermalSnapshot:
         """Runs one period: reads, decides, accounts and notifies; returns the snapshot after it."""
         now = self._clock()
         try:
-            sample = await asyncio.to_thread(self.sensors.read, now)
+            sample = await self._read(now)
         except Exception:
             self._sensor_errors += 1
             if not self._failing:

@@ -151,6 +151,10 @@ def read_integer(path: Path) -> int | FaultKind:
     return int(text)
 
 
+# Zones whose last valid value is kept (a tree can be large; real devices have a handful).
+MAX_ZONES = 256
+
+
 class ThermalZoneReader:
     """Reads the hottest of the device's thermal zones.
 
@@ -159,25 +163,54 @@ class ThermalZoneReader:
         zone_types: The zone types to read (``x86_pkg_temp``, ``cpu-thermal``, ...); empty = every zone.
         min_c: The coldest plausible reading; below it the value is absurd.
         max_c: The hottest plausible reading; above it the value is absurd.
+        hold_reads: How many reads a zone's last valid value stands in for a bad one.
     """
 
-    def __init__(self, root: Path, zone_types: tuple[str, ...] = (), min_c: float = -40.0, max_c: float = 150.0):
+    def __init__(
+        self,
+        root: Path,
+        zone_types: tuple[str, ...] = (),
+        min_c: float = -40.0,
+        max_c: float = 150.0,
+        hold_reads: int = 30,
+    ):
         self.base = root / "class" / "thermal"
         self.zone_types = frozenset(zone_types)
         self.min_c = min_c
         self.max_c = max_c
+        self.hold_reads = hold_reads
+        self._reads = 0
+        self._last: dict[str, tuple[float, int]] = {}  # zone → its last valid °C and the read it came from
 
     def read(self) -> Measurement:
-        """Reads every selected zone; the reading is the hottest valid one."""
+        """Reads every selected zone; the reading is the hottest valid one.
+
+        None (no valid reading) when a zone whose value is bad this time was hotter, within
+        the last ``hold_reads`` reads, than every zone read well: otherwise one bad value from
+        the hot zone would make a cooler zone the device's temperature, and a critical device
+        would pass for a cool one.
+        """
+        self._reads += 1
         faults: list[SensorFault] = []
         hottest: SensorReading | None = None
+        hidden = -math.inf  # the hottest recent value of a zone that failed this time
         for zone in sorted(p for p in self.base.glob("thermal_zone*") if _ZONE.fullmatch(p.name)):
             zone_type = self._zone_type(zone, faults)
             if zone_type is None:
                 continue
             celsius = self._celsius(zone / "temp", faults)
-            if celsius is not None and (hottest is None or celsius > hottest.value):
+            key = zone.name
+            if celsius is None:
+                held = self._last.get(key)
+                if held is not None and self._reads - held[1] <= self.hold_reads:
+                    hidden = max(hidden, held[0])
+                continue
+            if key in self._last or len(self._last) < MAX_ZONES:
+                self._last[key] = (celsius, self._reads)
+            if hottest is None or celsius > hottest.value:
                 hottest = SensorReading(celsius, "celsius", Source.MEASURED, zone_type)
+        if hottest is not None and hidden > hottest.value:
+            return Measurement(None, tuple(faults))  # the zone that matters could not be read
         return Measurement(hottest, tuple(faults))
 
     def _zone_type(self, zone: Path, faults: list[SensorFault]) -> str | None:
@@ -334,6 +367,7 @@ class SysfsSensors:
         min_c: The coldest plausible temperature.
         max_c: The hottest plausible temperature.
         max_plausible_watts: The most the device can draw.
+        hold_reads: How many reads a thermal zone's last valid value stands in for a bad one.
     """
 
     def __init__(
@@ -343,8 +377,9 @@ class SysfsSensors:
         min_c: float = -40.0,
         max_c: float = 150.0,
         max_plausible_watts: float = 500.0,
+        hold_reads: int = 30,
     ) -> None:
-        self.zones = ThermalZoneReader(root, zone_types, min_c, max_c)
+        self.zones = ThermalZoneReader(root, zone_types, min_c, max_c, hold_reads)
         self.rapl = RaplReader(root, max_plausible_watts)
         self.frequency = CpuFreqReader(root)
 
