@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 import pytest
+from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -27,6 +28,9 @@ TRACEPARENT = (("traceparent", f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"),)
 
 
 async def say(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+    if request == b"ids":  # what the handler's logs and records would carry
+        current = trace.get_current_span().get_span_context()
+        return f"{current.trace_id:032x} {int(current.trace_flags.sampled)}".encode()
     if request == b"missing":
         raise errors.ModelNotFoundError("model 'missing' is not here")
     if request == b"bug":
@@ -74,6 +78,9 @@ async def test_an_untraced_call_starts_no_span_and_a_caller_s_trace_gets_a_child
         async with grpc.aio.insecure_channel(address) as channel:
             call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(f"/{SERVICE}/Say")
             assert await call(b"hi") == b"said hi"
+            # Untraced, a call still has ids of its own (unsampled): its records can be found together.
+            first, second = (await call(b"ids")).split(), (await call(b"ids")).split()
+            assert first[1] == b"0" and first[0] != second[0] and int(first[0], 16) != 0
             assert exporter.get_finished_spans() == ()
             assert await call(b"hi", metadata=TRACEPARENT) == b"said hi"
     finally:
