@@ -24,7 +24,8 @@ Sections and their environment variables (``EDGECASCADE_<SECTION>__<KEY>``):
     ``cache_max_entry_bytes``; ``cache_ttl_s``).
 ``[runtime]``
     ``intra_op_threads`` per onnxruntime run and ``max_concurrent_runs``
-    (0 = cores ÷ intra_op_threads); their product may not exceed the cores.
+    (0 = the cores but one, the event loop's, ÷ intra_op_threads, at least 1);
+    their product may not exceed the cores.
 ``[requests]``
     ``max_timeout_us``, the largest ``timeout`` parameter accepted, and
     ``max_hops``, how many times a request may be forwarded before a node
@@ -252,8 +253,14 @@ class RuntimeSection:
 
     @property
     def concurrent_runs(self) -> int:
-        """Runs allowed at once, with 0 resolved against the cores."""
-        return self.max_concurrent_runs or max(1, (os.cpu_count() or 1) // self.intra_op_threads)
+        """Runs allowed at once, with 0 resolved against the cores less the event loop's.
+
+        The event loop (gRPC, decoding, batching) needs a core of its own: on two cores,
+        two runs of a compute-bound model starved it, batches stayed at about 5 rows and
+        the node served a third fewer requests than with one run at a time (bench/README.md).
+        """
+        cores = os.cpu_count() or 1
+        return self.max_concurrent_runs or max(1, (cores - 1) // self.intra_op_threads)
 
 
 @dataclass(frozen=True)

@@ -240,6 +240,8 @@ async def rig_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
             [reader],
             upstream={"address": edge.address, **GUARD},
             batching={"max_batch_size": MAX_ROWS},
+            # Two run slots where the machine has the cores, so that heat has slots to take away.
+            runtime={"max_concurrent_runs": min(2, os.cpu_count() or 1)},
             thermal={**THERMAL, "sysfs_root": str(sysfs.root), **thermal},
         )
         nodes.insert(0, device)

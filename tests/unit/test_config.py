@@ -8,7 +8,7 @@ import pytest
 
 from services.config import env_name, load_config
 from services.errors import ConfigError
-from services.tier_config import TierConfig
+from services.tier_config import RuntimeSection, TierConfig
 
 
 def test_defaults_are_loopback_and_sane() -> None:
@@ -76,3 +76,12 @@ def test_missing_file_is_an_error(tmp_path: Path) -> None:
 def test_unrelated_environment_is_ignored() -> None:
     config = load_config(TierConfig, env={"EDGECASCADE_BATCHING__MAX_BATCH_SIZE": "1", "PATH": "/bin"})
     assert config.server.port == 0
+
+
+@pytest.mark.parametrize(("cores", "intra_op_threads", "runs"), [(1, 1, 1), (2, 1, 1), (8, 1, 7), (8, 2, 3)])
+def test_by_default_onnxruntime_leaves_the_event_loop_a_core(
+    monkeypatch: pytest.MonkeyPatch, cores: int, intra_op_threads: int, runs: int
+) -> None:
+    monkeypatch.setattr("os.cpu_count", lambda: cores)
+    assert RuntimeSection(intra_op_threads=intra_op_threads).concurrent_runs == runs
+    assert RuntimeSection(max_concurrent_runs=1).concurrent_runs == 1  # what is configured is what runs
