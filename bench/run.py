@@ -36,7 +36,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,7 +196,10 @@ def engine_counts(address: str, model: str) -> dict[str, int]:
     return counts
 
 
-def tier0(repo: Path, work: Path, batching: bool) -> tuple[list[str], dict[str, str], Path]:
+def tier0(
+    repo: Path, work: Path, batching: bool, settings: Mapping[str, str] | None = None
+) -> tuple[list[str], dict[str, str], Path]:
+    """The command, environment and port file of a Tier 0 process (``settings``: more ``EDGECASCADE_*``)."""
     port_file = work / ("on.json" if batching else "off.json")
     env = {
         **os.environ,
@@ -206,6 +209,7 @@ def tier0(repo: Path, work: Path, batching: bool) -> tuple[list[str], dict[str, 
         "EDGECASCADE_LOG__LEVEL": "WARNING",
         "EDGECASCADE_BATCHING__MAX_BATCH_SIZE": "64" if batching else "1",
         "EDGECASCADE_BATCHING__MAX_QUEUE_SIZE": "4096",
+        **(settings or {}),
     }
     env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
     return [sys.executable, "-m", "tier0_device"], env, port_file

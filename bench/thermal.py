@@ -43,6 +43,7 @@ import onnxruntime as ort
 from rich.console import Console
 from rich.table import Table
 
+from bench import run
 from bench.run import ROOT, load, process, session
 from protos.edgecascade.v1 import mesh_pb2, mesh_pb2_grpc
 from services.engine.model_repository import ModelRepository
@@ -123,20 +124,12 @@ def measured_run(
 
 def tier0(repo: Path, sysfs: Path, work: Path, batching: bool) -> tuple[list[str], dict[str, str], Path]:
     """The command, environment and port file of a Tier 0 process reading its sensors under ``sysfs``."""
-    port_file = work / ("on.json" if batching else "off.json")
-    env = {
-        **os.environ,
-        "EDGECASCADE_SERVER__PORT_FILE": str(port_file),
-        "EDGECASCADE_SERVER__PORT": "0",
-        "EDGECASCADE_REPOSITORY__PATH": str(repo),
-        "EDGECASCADE_LOG__LEVEL": "WARNING",
-        "EDGECASCADE_BATCHING__MAX_BATCH_SIZE": "64" if batching else "1",
-        "EDGECASCADE_BATCHING__MAX_QUEUE_SIZE": "4096",
-        "EDGECASCADE_THERMAL__SYSFS_ROOT": str(sysfs),
-        "EDGECASCADE_THERMAL__PERIOD_S": str(PERIOD_S),
-    }
-    env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
-    return [sys.executable, "-m", "tier0_device"], env, port_file
+    return run.tier0(
+        repo,
+        work,
+        batching,
+        {"EDGECASCADE_THERMAL__SYSFS_ROOT": str(sysfs), "EDGECASCADE_THERMAL__PERIOD_S": str(PERIOD_S)},
+    )
 
 
 def at_floors(status: mesh_pb2.ThermalStatus) -> bool:
