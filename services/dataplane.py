@@ -18,6 +18,7 @@ a cascade) change where answers come from without touching the transport.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
@@ -63,6 +64,7 @@ from services.errors import (
     ModelNotFoundError,
     ModelNotReadyError,
     QueueFullError,
+    UpstreamUnavailableError,
 )
 from services.hard_examples import HardExampleSink
 from services.inference import (
@@ -299,6 +301,8 @@ class Dataplane:
             return throttled
         served = await self._local_model(call.model_name, call.model_version)
         if isinstance(served, FallbackReason):
+            if throttled is not None:
+                raise _nowhere(call, served, throttled)
             return await self._relay(call, served, self.deadline(budget), route)
         call.routed(served.name, served.version, "")
         deadline = self.deadline(budget, served)
@@ -326,9 +330,10 @@ class Dataplane:
         does not hold goes upward anyway, and is not loaded for it.
         """
         reason = self.cache.throttle.forward
-        if reason is None or not self.upstream.available() or not self.cache.holds(call.model_name):
+        if reason is None or not self.upstream.available():
             return None
-        return reason
+        held = self.cache.loaded_model(call.model_name) is not None or self.cache.holds(call.model_name)
+        return reason if held else None
 
     def _forward_deadline(self, call: InferCall, budget: TimeBudget) -> float:
         """The deadline of a call sent upward before a local model was chosen: its loaded model's, if any."""
@@ -361,26 +366,20 @@ class Dataplane:
         route = self.check_route(call.route)
         budget = self.budget(call.parameters, call.grpc_remaining)
         ask = self.cascade.ask(call.parameters)
-        declined: _Declined | None = None
+        refusals: list[_Declined] = []
         reason = self._forwarding(call)
         if reason is not None:
-            # A critical device sends new streams upward; one the upstream refuses before its
-            # first answer (an error, or an in-band error message) is served here after all.
-            relayed = self._relay_stream(call, reason, self._forward_deadline(call, budget), route)
-            try:
-                first = await anext(relayed, None)
-            except EdgecascadeError as exc:
-                first, declined = None, _Declined(degraded_reason(exc), exc.message)
-            if first is not None and not _in_band_error(first):
-                yield first
-                async for message in relayed:
-                    yield message
+            sent = False
+            async for message in self._forward_stream(call, budget, route, reason, refusals):
+                sent = True
+                yield message
+            if sent:
                 return
-            await relayed.aclose()
-            if declined is None:
-                declined = _Declined(DEGRADED_ERROR, "the upstream refused the stream")
+        declined = refusals[0] if refusals else None
         served = await self._local_model(call.model_name, call.model_version)
         if isinstance(served, FallbackReason):
+            if declined is not None:
+                raise _nowhere(call, served, declined)
             async for message in self._relay_stream(call, served, self.deadline(budget), route):
                 yield message
             return
@@ -466,12 +465,58 @@ class Dataplane:
         call.routed(call.model_name, call.model_version, reason)
         return await self.upstream.infer(call, reason, self._remaining(deadline), route)
 
+    async def _forward_stream(
+        self,
+        call: InferCall,
+        budget: TimeBudget,
+        route: Sequence[str],
+        reason: FallbackReason,
+        refusals: list[_Declined],
+    ) -> AsyncIterator[Relayed]:
+        """A critical device's new stream call, sent upward; yields nothing and adds to ``refusals`` if refused.
+
+        One answer goes as ModelInfer (keeping a reserve of the deadline to answer here, and
+        remembering an upstream that does not hold the model); a generation is relayed as a
+        stream, and one the upstream refuses before its first token (an error, or an in-band
+        error message) is left to be served here.
+        """
+        request = call.decode()
+        if TEXT_INPUT not in request.inputs:
+            answer = await self._throttled(call, budget, route)
+            if isinstance(answer, Relayed):
+                yield answer
+            elif answer is not None:
+                refusals.append(answer)
+            return
+        forwarded = self._forward_deadline(call, budget)
+        remaining = forwarded - asyncio.get_running_loop().time()
+        async with contextlib.aclosing(
+            self._relay_stream(call, reason, forwarded - reserve(remaining), route)
+        ) as relayed:
+            try:
+                first = await anext(relayed, None)
+            except EdgecascadeError as exc:
+                refusals.append(_Declined(degraded_reason(exc), exc.message))
+                return
+            if first is None or _in_band_error(first):
+                refusals.append(_Declined(DEGRADED_ERROR, "the upstream refused the stream"))
+                return
+            yield first
+            async for message in relayed:
+                yield message
+
     async def _relay_stream(
         self, call: InferCall, reason: FallbackReason, deadline: float, route: Sequence[str]
     ) -> AsyncGenerator[Relayed, None]:
         call.routed(call.model_name, call.model_version, reason)
-        async for message in self.upstream.stream(call, reason, self._remaining(deadline), route):
-            yield message
+        messages = self.upstream.stream(call, reason, self._remaining(deadline), route)
+        try:
+            async for message in messages:
+                yield message
+        finally:
+            close = getattr(messages, "aclose", None)
+            if close is not None:
+                await close()  # at once, not when the garbage collector gets to it
 
     async def _cascade(
         self,
@@ -887,6 +932,17 @@ class _Declined:
     reason: str
     why: str
     not_held: bool = False
+
+
+def _nowhere(call: InferCall, local: FallbackReason, declined: _Declined) -> EdgecascadeError:
+    """The error of a call a critical device sent upward in vain and cannot serve itself either."""
+    what = f"model '{call.model_name}'" + (f" version {call.model_version}" if call.model_version else "")
+    if declined.not_held:
+        return ModelNotFoundError(f"{what} is held neither here ({local.value}) nor upstream")
+    return UpstreamUnavailableError(
+        f"{what}: this device is too hot to take new work, the upstream did not answer ({declined.why}) "
+        f"and it cannot be served here ({local.value})"
+    )
 
 
 def _in_band_error(message: Relayed) -> bool:

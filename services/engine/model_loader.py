@@ -7,8 +7,8 @@ nothing it made is kept):
    budgeted at that many rows, and the batcher needs at least one).
 2. Estimate the footprint from the stored size (:func:`~services.engine.memory.estimate_footprint`).
 3. Inside the caller's *admission* for that estimate (the cache reserves the
-   memory, evicting if it must, and loads one model at a time), take a run slot
-   and, in the run pool: open the session (from the :class:`SessionOpener`),
+   memory, evicting if it must, and loads one model at a time), in a thread of
+   its own (not a run slot: serving goes on meanwhile): open the session (from the :class:`SessionOpener`),
    build the tokenizer of a generator, warm the model up on zeros, then call
    :meth:`LoadHooks.opened`. The process's resident memory is read before and
    after, so the hook's runs (golden vectors) count in the footprint too.
@@ -27,6 +27,7 @@ one (so the cache records the version as failed and callers go upstream).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -195,13 +196,12 @@ class ModelLoader:
         stored = self.opener.size(entry)
         estimate = estimate_footprint(stored, entry.properties)
         async with admission(entry, estimate):
-            await self._pool.acquire()
-            try:
-                before = self._rss()
-                session, tokenizer = await self._pool.run(lambda: self._open(entry))
-                gained = self._rss() - before
-            finally:
-                self._pool.release()
+            # In a thread of its own, not in a run slot: a load (and its warm-up and golden
+            # vectors) can take seconds, and on a device with one slot every model's requests
+            # would wait behind it. The admission lock keeps loads one at a time.
+            before = self._rss()
+            session, tokenizer = await asyncio.to_thread(self._open, entry)
+            gained = self._rss() - before
         measured = gained >= stored
         total = (gained if measured else estimate) + activation_bytes(session.signature, entry.max_batch_size)
         footprint = Footprint(estimate, gained, total, measured)

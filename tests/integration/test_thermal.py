@@ -355,8 +355,14 @@ async def test_a_critical_device_whose_upstream_fails_answers_itself_marked_degr
     assert answer[SERVED_BY] == ON_EDGE and answer[FALLBACK_REASON] == "thermal"
     # A stream the edge refuses in-band (it does not hold "lm") is answered here, not with the edge's error.
     streamed = await r.ask_on_a_stream("lm", IDS)
-    assert streamed[SERVED_BY] == ON_DEVICE and FALLBACK_REASON not in streamed
+    assert streamed[SERVED_BY] == ON_DEVICE and FALLBACK_REASON not in streamed and DEGRADED not in streamed
     await r.edge.stop()
+    # Sent upward in vain and not servable here either (no such version): an error naming both, no second try.
+    request = infer_request("lin", dict(X))
+    request.model_version = "9"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await r.stub.ModelInfer(request, timeout=10)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE and "too hot" in (caught.value.details() or "")
     answer = await r.ask()
     assert answer[SERVED_BY] == ON_DEVICE and answer[DEGRADED]  # at the floors, and saying why
     assert FALLBACK_REASON not in answer

@@ -220,7 +220,8 @@ class Refuse:
         self.calls: list[str] = []
 
     def opened(self, entry: ModelEntry, session: OnnxSession) -> None:
-        self.calls.append(f"opened {entry.name} v{entry.version} in {threading.current_thread().name[:11]}")
+        where = "the loop" if threading.current_thread() is threading.main_thread() else "a worker thread"
+        self.calls.append(f"opened {entry.name} v{entry.version} in {where}")
         if self.at == "opened":
             session.run({"x": np.ones((1, 4), np.float32)})  # a hook may run the session (golden vectors)
             raise self.error
@@ -241,7 +242,7 @@ async def test_a_load_hook_that_refuses_fails_the_load_and_leaks_nothing(tmp_pat
     try:
         with pytest.raises(ModelNotReadyError, match="golden vectors do not match"):
             await cache.get("m")
-        assert hooks.calls[0] == "opened m v1 in onnxruntime"  # in the run pool, after warm-up
+        assert hooks.calls[0] == "opened m v1 in a worker thread"  # off the loop, after warm-up
         assert cache.used_bytes == 0 and pool.busy == 0 and cache.loaded() == []
         assert cache.index()[0].state == ModelState.UNAVAILABLE
         assert cache.index()[0].reason == "golden vectors do not match"
@@ -288,5 +289,42 @@ async def test_the_source_of_a_model_is_pluggable(tmp_path: Path) -> None:
         assert opened == ["m v1 threads=1"]
         assert (await cache.run(model, X))["y"].shape == (1, 3)
     finally:
+        await cache.close()
+        pool.close()
+
+
+class SlowToOpen:
+    """Load hooks whose golden-vector check of model "slow" takes as long as the test holds it."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def opened(self, entry: ModelEntry, session: OnnxSession) -> None:
+        if entry.name == "slow":
+            self.release.wait(10)
+
+    def measured(self, entry: ModelEntry, footprint: Footprint) -> None:
+        pass
+
+
+async def test_a_load_does_not_hold_a_run_slot_while_models_serve(tmp_path: Path) -> None:
+    repo = ModelRepository(tmp_path / "repo")
+    repo.add("fast", linear_model(tmp_path / "fast.onnx", seed=1))
+    repo.add("slow", linear_model(tmp_path / "slow.onnx", seed=2))
+    pool = RunPool(1)  # one slot, as on a 2-core device by default
+    hooks = SlowToOpen()
+    cache = ModelCache(repo, pool, BatchingConfig(inline_run_us=0), 1 << 40, rss=FakeRss(), hooks=hooks)
+    try:
+        fast = await cache.get("fast")
+        loading = asyncio.create_task(cache.get("slow"))
+        await asyncio.sleep(0.05)
+        assert not loading.done()
+        deadline = asyncio.get_running_loop().time() + 2
+        answer = await asyncio.wait_for(cache.run(fast, X, deadline=deadline), 2)  # served while the load runs
+        assert answer["y"].shape == (1, 3) and not loading.done()
+        hooks.release.set()
+        assert (await loading).name == "slow"
+    finally:
+        hooks.release.set()
         await cache.close()
         pool.close()

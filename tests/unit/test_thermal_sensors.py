@@ -275,3 +275,19 @@ def test_a_bad_value_from_the_hot_zone_does_not_let_a_cooler_zone_pass_for_the_t
         assert measurement.reading is None and measurement.faults
     later = reader.read().reading  # past hold_reads, the zones read well speak again
     assert later is not None and later.value == 40.0
+
+
+def test_a_hot_zone_that_disappears_for_a_while_does_not_let_a_cooler_one_pass(tmp_path: Path) -> None:
+    import shutil
+
+    zones = tmp_path / "class" / "thermal"
+    for n, (kind, millidegrees) in enumerate((("x86_pkg_temp", "97000"), ("acpitz", "40000"))):
+        (zones / f"thermal_zone{n}").mkdir(parents=True)
+        (zones / f"thermal_zone{n}" / "type").write_text(kind + "\n")
+        (zones / f"thermal_zone{n}" / "temp").write_text(millidegrees + "\n")
+    reader = ThermalZoneReader(tmp_path, hold_reads=1)
+    assert reader.read().reading is not None
+    shutil.rmtree(zones / "thermal_zone0")  # a driver reload
+    assert reader.read().reading is None
+    later = reader.read().reading
+    assert later is not None and later.value == 40.0

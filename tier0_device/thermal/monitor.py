@@ -15,8 +15,10 @@ are counted by kind, and each faulty file is logged once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -41,6 +43,16 @@ from tier0_device.thermal.sensors import (
 log = logging.getLogger("edgecascade.thermal")
 
 DecisionListener = Callable[[ThermalDecision], None]
+
+
+def _settle(read: asyncio.Future[PlatformSample], outcome: PlatformSample | BaseException) -> None:
+    """Completes a read with what the sensor thread got (unless the read was given up and cancelled)."""
+    if read.done():
+        return
+    if isinstance(outcome, BaseException):
+        read.set_exception(outcome)
+    else:
+        read.set_result(outcome)
 
 
 def _consume(read: asyncio.Future[PlatformSample]) -> None:
@@ -174,23 +186,35 @@ class ThermalMonitor:
         await self.poll()
 
     async def _read(self, now: float) -> PlatformSample:
-        """Reads the sensors in a worker thread, waiting at most one period for it.
+        """Reads the sensors in a daemon thread, waiting at most one period for it.
 
         A read that does not return (a wedged embedded controller, a FIFO where a file
         should be) must not freeze the policy: the period goes on without readings, and
-        no second read starts while the first is still stuck.
+        no second read starts while the first is still stuck. The thread is a daemon's,
+        not the loop's default executor, so a stuck read cannot hold the process at exit.
         """
         if self._stuck is not None:
             if not self._stuck.done():
                 raise TimeoutError("the previous sensor read has not returned")
             self._stuck = None
-        read = asyncio.ensure_future(asyncio.to_thread(self.sensors.read, now))
+        loop = asyncio.get_running_loop()
+        read: asyncio.Future[PlatformSample] = loop.create_future()
+
+        def work() -> None:
+            try:
+                outcome: PlatformSample | BaseException = self.sensors.read(now)
+            except BaseException as exc:  # handed to the loop, which counts it
+                outcome = exc
+            with contextlib.suppress(RuntimeError):  # the loop closed while this read was stuck
+                loop.call_soon_threadsafe(_settle, read, outcome)
+
+        threading.Thread(target=work, name="thermal-sensors", daemon=True).start()
         try:
             return await asyncio.wait_for(asyncio.shield(read), self.section.period_s)
-        except TimeoutError:
-            self._stuck = read
-            read.add_done_callback(_consume)
-            raise
+        finally:
+            if not read.done():
+                self._stuck = read
+                read.add_done_callback(_consume)
 
     async def poll(self) -> ThermalSnapshot:
         """Runs one period: reads, decides, accounts and notifies; returns the snapshot after it."""

@@ -201,14 +201,15 @@ class ThermalZoneReader:
             celsius = self._celsius(zone / "temp", faults)
             key = zone.name
             if celsius is None:
-                held = self._last.get(key)
-                if held is not None and self._reads - held[1] <= self.hold_reads:
-                    hidden = max(hidden, held[0])
                 continue
             if key in self._last or len(self._last) < MAX_ZONES:
                 self._last[key] = (celsius, self._reads)
             if hottest is None or celsius > hottest.value:
                 hottest = SensorReading(celsius, "celsius", Source.MEASURED, zone_type)
+        for celsius, read in self._last.values():
+            # A zone read well before but not now (bad value, unreadable type, gone for a driver reload).
+            if read != self._reads and self._reads - read <= self.hold_reads:
+                hidden = max(hidden, celsius)
         if hottest is not None and hidden > hottest.value:
             return Measurement(None, tuple(faults))  # the zone that matters could not be read
         return Measurement(hottest, tuple(faults))
