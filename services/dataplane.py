@@ -482,10 +482,10 @@ class Dataplane:
         """
         request = call.decode()
         if TEXT_INPUT not in request.inputs:
-            answer = await self._throttled(call, budget, route)
+            answer = await self._ask_upward(call, reason, self._forward_deadline(call, budget), route)
             if isinstance(answer, Relayed):
                 yield answer
-            elif answer is not None:
+            else:
                 refusals.append(answer)
             return
         forwarded = self._forward_deadline(call, budget)

@@ -379,15 +379,11 @@ class DynamicBatcher:
 
     def _run_here(self, batch: list[_Request]) -> None:
         """Runs a formed batch on the loop (its slot held) instead of in a thread: it is predicted to be tiny."""
-        loop = asyncio.get_running_loop()
         try:
-            now = loop.time()
+            now = asyncio.get_running_loop().time()
             live = [r for r in batch if not self._dead(r, now)]
             if live:
                 self._run_inline(live)
-        except Exception:
-            log.exception("model %s failed to run a batch on the loop", self.name)
-            self._fail(batch, InternalError(f"model {self.name} failed to run"), loop.time())
         finally:
             self._pool.release()
             self._progress.set()
@@ -556,9 +552,9 @@ class DynamicBatcher:
                     self._run_inline(batch)
                     batch = []
         except Exception:
-            # A bug here must not leave callers waiting for ever.
-            log.exception("model %s failed to run a batch on the loop", self.name)
-            self._fail(batch, InternalError(f"model {self.name} failed to run"), loop.time())
+            # A bug in the scheduling here must not leave callers waiting for ever (runs catch their own).
+            log.exception("model %s failed to schedule a batch on the loop", self.name)
+            self._fail(batch, InternalError(f"model {self.name} failed to schedule a request"), loop.time())
             self._arrived.set()
         finally:
             self._progress.set()
@@ -580,6 +576,11 @@ class DynamicBatcher:
             return
         except EdgecascadeError as exc:
             self._fail(batch, exc, started)
+            return
+        except Exception:
+            # Every waiting caller must get an answer, even for a bug (as in a thread's run).
+            log.exception("model %s failed to run a batch of %d on the loop", self.name, len(batch))
+            self._fail(batch, InternalError(f"model {self.name} failed to run"), started)
             return
         self._answer(batch, outputs, started, loop.time(), time.perf_counter() - begun)
 
