@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
@@ -227,11 +227,8 @@ class ModelCache:
         The node's batchers and its shadow cache keep reading the same object, so it is updated in place.
         """
         current = self.loader.throttle
-        current.shrink_steps = throttle.shrink_steps
-        current.batch_floor = throttle.batch_floor
-        current.slot_floor = throttle.slot_floor
-        current.prefer_int8 = throttle.prefer_int8
-        current.forward = throttle.forward
+        for limit in fields(Throttle):  # every field, so a new limit cannot be forgotten here
+            setattr(current, limit.name, getattr(throttle, limit.name))
         self.pool.set_limit(current.slots(self.pool.slots))
 
     @property

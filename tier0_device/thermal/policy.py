@@ -32,6 +32,7 @@ from collections import Counter
 from dataclasses import dataclass
 from enum import StrEnum
 
+from services.engine.throttle import Throttle
 from services.errors import ConfigError
 
 log = logging.getLogger("edgecascade.thermal")
@@ -131,11 +132,15 @@ class ThermalDecision:
 
     def batch_cap(self, configured: int) -> int:
         """The batch cap in force for a model configured with ``configured`` (never above it)."""
-        return min(configured, max(self.batch_floor, configured >> self.shrink_steps))
+        return self._limits().rows(configured)
 
     def thread_cap(self, configured: int) -> int:
-        """The onnxruntime threads in force for a session configured with ``configured`` (never above it)."""
-        return min(configured, max(self.thread_floor, configured >> self.shrink_steps))
+        """The run slots in force for a pool configured with ``configured`` (never above it)."""
+        return self._limits().slots(configured)
+
+    def _limits(self) -> Throttle:
+        # The engine's own arithmetic, so that what is reported is what the engine applies.
+        return Throttle(shrink_steps=self.shrink_steps, batch_floor=self.batch_floor, slot_floor=self.thread_floor)
 
 
 @dataclass(frozen=True)
