@@ -37,8 +37,6 @@ from services.errors import ConfigError
 
 log = logging.getLogger("edgecascade.thermal")
 
-# The fallback reason of work forwarded upstream because the device is critical.
-FALLBACK_REASON = "thermal"
 # Halvings after which every cap is at its floor: [batching] max_batch_size is at most 4096 = 2**12.
 MAX_SHRINK_STEPS = 12
 
@@ -114,7 +112,8 @@ class ThermalDecision:
         batch_floor: The smallest batch cap.
         thread_floor: The fewest onnxruntime threads.
         prefer_int8: Serve a model's int8 variant where one is installed.
-        forward_new_work: Send new work upstream (fallback reason :data:`FALLBACK_REASON`); serve
+        forward_new_work: Send new work upstream (fallback reason ``thermal``,
+            :attr:`services.inference.FallbackReason.THERMAL`); serve
             locally only what cannot go up.
     """
 
